@@ -1,0 +1,77 @@
+"""Classifier backbones by timm name: build, pooled feature + logits, architecture description.
+
+Every network in MoMA-FL is a plain timm model created with ``pretrained=False``; the pooled
+feature is ``forward_head(forward_features(x), pre_logits=True)`` and the logits are the model's
+own classifier applied to it, so any timm backbone is swappable by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import timm
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What is needed to rebuild a classifier: timm name, class names, input geometry."""
+
+    model_name: str
+    classes: tuple[str, ...]
+    image_size: int = 64
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    drop_rate: float = 0.2
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["classes"] = list(self.classes)
+        d["mean"] = list(self.mean)
+        d["std"] = list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Architecture:
+        return cls(
+            model_name=d["model_name"],
+            classes=tuple(d["classes"]),
+            image_size=int(d.get("image_size", 64)),
+            mean=tuple(d.get("mean", (0.485, 0.456, 0.406))),
+            std=tuple(d.get("std", (0.229, 0.224, 0.225))),
+            drop_rate=float(d.get("drop_rate", 0.2)),
+            extra=dict(d.get("extra", {})),
+        )
+
+
+def create_classifier(model_name: str, num_classes: int, drop_rate: float = 0.2) -> nn.Module:
+    """A timm classifier with a fresh head of ``num_classes`` (never downloads weights)."""
+    try:
+        return timm.create_model(
+            model_name, pretrained=False, num_classes=num_classes, drop_rate=drop_rate
+        )
+    except RuntimeError as exc:  # timm raises RuntimeError for unknown names
+        raise ValueError(f"unknown timm model {model_name!r}: {exc}") from exc
+
+
+def build_model(arch: Architecture) -> nn.Module:
+    """The classifier described by ``arch``."""
+    return create_classifier(arch.model_name, arch.num_classes, arch.drop_rate)
+
+
+def feature_dim(model: nn.Module) -> int:
+    """Dimension of the pooled (pre-logits) feature."""
+    return int(model.num_features)
+
+
+def features_and_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled feature ``f`` (B×d) and logits ``z`` (B×C) in one forward pass."""
+    f = model.forward_head(model.forward_features(x), pre_logits=True)
+    z = model.get_classifier()(f)
+    return f, z

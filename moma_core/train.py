@@ -1,0 +1,150 @@
+"""The one local-training loop of MoMA-FL.
+
+Used alike by the standalone commands, the simulated federation and a deployed site: given a
+student, an objective (CE-only, KD or MoMA, with its site-private state), a data loader and a
+:class:`TrainConfig`, it trains and returns the new student state, metrics and example count.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from moma_core.objectives import Objective
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TrainConfig:
+    """Local optimisation settings (defaults: the MoMA reference, SGD + cosine)."""
+
+    epochs: int = 1
+    max_steps: int | None = None  # stop after this many steps (over all epochs)
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    optimizer: str = "sgd"  # "sgd" | "adamw"
+    cosine: bool = True  # cosine decay per epoch to lr·1e-3
+    proximal_mu: float = 0.0  # FedProx: μ/2·‖w − w_global‖²
+    amp: bool = False  # mixed precision on CUDA
+    seed: int | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class TrainResult:
+    """What a local training call returns."""
+
+    state: dict[str, torch.Tensor]
+    num_examples: int
+    metrics: dict[str, float]
+    history: list[dict[str, float]] = field(default_factory=list)  # one entry per epoch
+
+
+ProgressFn = Callable[[int, int, dict[str, float]], None]  # (step, total_steps, running metrics)
+
+
+def train_local(student: nn.Module, objective: Objective, loader: DataLoader,
+                cfg: TrainConfig, device: str | torch.device = "cpu",
+                progress: ProgressFn | None = None) -> TrainResult:
+    """Train ``student`` (in place) with ``objective`` on ``loader``; see module docstring.
+
+    ``num_examples`` counts the examples actually seen (epochs × dataset, or fewer with
+    ``max_steps``). Raises :class:`TrainingDiverged` on a non-finite loss.
+    """
+    if cfg.seed is not None:
+        torch.manual_seed(cfg.seed)
+    device = torch.device(device)
+    student.to(device).train()
+    objective.to(device).train()
+    params = list(student.parameters()) + list(objective.trainable_parameters())
+    optimizer = _make_optimizer(params, cfg)
+    steps_per_epoch = len(loader) if cfg.max_steps is None else min(len(loader), cfg.max_steps)
+    total_steps = cfg.epochs * len(loader)
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, cfg.max_steps)
+    scheduler = _make_scheduler(optimizer, cfg, total_steps, max(steps_per_epoch, 1))
+    anchor = ([p.detach().clone() for p in student.parameters()]
+              if cfg.proximal_mu > 0 else None)
+    use_amp = cfg.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+    step, seen, history = 0, 0, []
+    while step < total_steps:
+        sums: dict[str, float] = {}
+        count = 0
+        for x, y in loader:
+            if step >= total_steps:
+                break
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with torch.autocast(device.type, enabled=use_amp):
+                loss, parts = objective.loss(student, x, y)
+                if anchor is not None:
+                    loss = loss + _proximal_term(student, anchor, cfg.proximal_mu)
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(f"non-finite loss at step {step}: {float(loss)}")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            objective.after_step(student)
+            step += 1
+            seen += len(y)
+            count += 1
+            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            if progress is not None:
+                progress(step, total_steps, {k: v / count for k, v in sums.items()})
+        if count == 0:
+            raise ValueError("the training loader is empty")
+        history.append({k: v / count for k, v in sums.items()})
+    metrics = dict(history[-1])
+    metrics["steps"] = float(step)
+    state = {k: v.detach().cpu().clone() for k, v in student.state_dict().items()}
+    return TrainResult(state=state, num_examples=seen, metrics=metrics, history=history)
+
+
+def _make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose sgd or adamw")
+
+
+def _make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int,
+                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """Cosine to lr·1e-3, stepped per epoch as in the reference (constant within an epoch)."""
+    if not cfg.cosine or total_steps <= steps_per_epoch:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    epochs = math.ceil(total_steps / steps_per_epoch)
+
+    def factor(step: int) -> float:
+        epoch = step // steps_per_epoch
+        cos = 0.5 * (1 + math.cos(math.pi * min(epoch, epochs) / epochs))
+        return 1e-3 + (1 - 1e-3) * cos
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _proximal_term(model: nn.Module, anchor: list[torch.Tensor], mu: float) -> torch.Tensor:
+    sq = [((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True)]
+    return 0.5 * mu * torch.stack(sq).sum()
