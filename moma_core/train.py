@@ -97,7 +97,7 @@ def train_local(student: nn.Module, objective: Objective, loader: DataLoader,
                 if anchor is not None:
                     loss = loss + _proximal_term(student, anchor, cfg.proximal_mu)
             if not torch.isfinite(loss):
-                raise TrainingDiverged(f"non-finite loss at step {step}: {float(loss)}")
+                raise TrainingDiverged(f"non-finite loss at step {step}: {float(loss.detach())}")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)

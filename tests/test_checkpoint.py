@@ -1,0 +1,80 @@
+"""Checkpoints: safetensors round trip, refusal of pickles, mismatched teachers, tampering."""
+
+import json
+
+import pytest
+import torch
+
+from moma_core.checkpoint import CheckpointError, load_model, save_checkpoint, sidecar_path
+from moma_core.models import Architecture, build_model
+
+ARCH = Architecture("test_efficientnet", ("a", "b", "c", "d"), image_size=32)
+
+
+def _saved(tmp_path, arch=ARCH):
+    torch.manual_seed(0)
+    model = build_model(arch)
+    path = tmp_path / "teacher.safetensors"
+    digest = save_checkpoint(path, model.state_dict(), arch, {"note": "x"})
+    return model, path, digest
+
+
+def test_round_trip_is_exact(tmp_path):
+    model, path, digest = _saved(tmp_path)
+    loaded, arch, sidecar = load_model(path, expect=ARCH)
+    assert arch == ARCH and sidecar["sha256"] == digest and sidecar["meta"] == {"note": "x"}
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k])
+
+
+def test_refuses_torch_pickle(tmp_path):
+    model = build_model(ARCH)
+    for name in ("teacher.pt", "teacher.safetensors"):
+        path = tmp_path / name
+        torch.save(model.state_dict(), path)  # a pickle, whatever the name says
+        sidecar_path(path).write_text(json.dumps({"architecture": ARCH.to_dict()}))
+        with pytest.raises(CheckpointError, match="refusing to load a pickle"):
+            load_model(path)
+
+
+def test_mismatched_teacher_names_the_tensor(tmp_path):
+    _, path, _ = _saved(tmp_path)
+    side = json.loads(sidecar_path(path).read_text())
+    side["architecture"]["classes"] = ["a", "b", "c"]  # sidecar claims 3 classes
+    sidecar_path(path).write_text(json.dumps(side))
+    with pytest.raises(CheckpointError, match=r"classifier\.weight: shape \(4, 256\)"):
+        load_model(path)
+
+
+def test_wrong_architecture_is_named(tmp_path):
+    _, path, _ = _saved(tmp_path)
+    with pytest.raises(CheckpointError, match="'test_resnet' expected"):
+        load_model(path, expect=Architecture("test_resnet", ARCH.classes))
+    side = json.loads(sidecar_path(path).read_text())
+    side["architecture"]["model_name"] = "test_resnet"
+    sidecar_path(path).write_text(json.dumps(side))
+    with pytest.raises(CheckpointError, match="missing tensor"):
+        load_model(path)
+
+
+def test_tampered_weights_fail_the_hash(tmp_path):
+    _, path, _ = _saved(tmp_path)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        load_model(path)
+
+
+def test_missing_sidecar_and_file(tmp_path):
+    _, path, _ = _saved(tmp_path)
+    sidecar_path(path).unlink()
+    with pytest.raises(CheckpointError, match="sidecar"):
+        load_model(path)
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        load_model(tmp_path / "absent.safetensors")
+
+
+def test_only_safetensors_are_written(tmp_path):
+    with pytest.raises(CheckpointError):
+        save_checkpoint(tmp_path / "x.pt", {}, ARCH)
