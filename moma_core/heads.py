@@ -15,7 +15,8 @@ class L2Normalize(nn.Module):
 
 
 def projection_head(in_dim: int, out_dim: int = 512, kind: str = "mlp") -> nn.Sequential:
-    """Reference heads: ``mlp`` Linear(d,d)-ReLU-Linear(d,out)-L2, ``linear`` Linear-L2, ``none`` L2.
+    """Reference heads: ``mlp`` Linear(d,d)-ReLU-Linear(d,out)-L2, ``linear`` Linear-L2,
+    ``none`` L2 only.
 
     With ``none`` the embedding dimension is ``in_dim`` (no projection).
     """

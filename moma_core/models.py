@@ -75,3 +75,14 @@ def features_and_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor
     f = model.forward_head(model.forward_features(x), pre_logits=True)
     z = model.get_classifier()(f)
     return f, z
+
+
+def norm_state_keys(model: nn.Module) -> set[str]:
+    """State-dict keys of normalisation layers (kept local by FedBN)."""
+    norms = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+    keys = set()
+    for name, module in model.named_modules():
+        if isinstance(module, norms):
+            prefix = f"{name}." if name else ""
+            keys |= {prefix + k for k in module.state_dict()}
+    return keys

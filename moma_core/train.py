@@ -57,13 +57,17 @@ class TrainResult:
 
 
 ProgressFn = Callable[[int, int, dict[str, float]], None]  # (step, total_steps, running metrics)
+EpochEndFn = Callable[[int, dict[str, float]], None]  # (epoch index, epoch's mean losses)
 
 
 def train_local(student: nn.Module, objective: Objective, loader: DataLoader,
                 cfg: TrainConfig, device: str | torch.device = "cpu",
-                progress: ProgressFn | None = None) -> TrainResult:
+                progress: ProgressFn | None = None,
+                on_epoch_end: EpochEndFn | None = None) -> TrainResult:
     """Train ``student`` (in place) with ``objective`` on ``loader``; see module docstring.
 
+    ``on_epoch_end`` is called after each epoch (evaluation, checkpoints) with the student in
+    train mode; it may switch modes, the loop restores train mode.
     ``num_examples`` counts the examples actually seen (epochs × dataset, or fewer with
     ``max_steps``). Raises :class:`TrainingDiverged` on a non-finite loss.
     """
@@ -88,6 +92,7 @@ def train_local(student: nn.Module, objective: Objective, loader: DataLoader,
     while step < total_steps:
         sums: dict[str, float] = {}
         count = 0
+        student.train()
         for x, y in loader:
             if step >= total_steps:
                 break
@@ -115,6 +120,8 @@ def train_local(student: nn.Module, objective: Objective, loader: DataLoader,
         if count == 0:
             raise ValueError("the training loader is empty")
         history.append({k: v / count for k, v in sums.items()})
+        if on_epoch_end is not None:
+            on_epoch_end(len(history) - 1, history[-1])
     metrics = dict(history[-1])
     metrics["steps"] = float(step)
     state = {k: v.detach().cpu().clone() for k, v in student.state_dict().items()}

@@ -1,0 +1,72 @@
+"""A site's own settings, read from its SuperNode's node config — never from the coordinator.
+
+Keys (``flower-supernode --node-config 'data-path="/data/kather" cache-dir="/var/moma"'``):
+``data-path`` (ImageFolder dir, .csv, .npz, or ``synthetic:target``), ``cache-dir`` (teacher
+cache and site state), ``device`` (auto/cpu/cuda), ``site-name``; for synthetic data
+``site-index``, ``num-sites``, ``n``; ``skip-bad-images`` (true/false).
+In a simulated federation Flower sets ``partition-id``/``num-partitions`` instead: the site is
+then synthetic site ``partition-id`` (or a partition described by ``MOMA_SIM_SITES``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class SiteConfigError(ValueError):
+    """The node config of a site is incomplete or wrong."""
+
+
+@dataclass(frozen=True)
+class SiteSettings:
+    data_path: str
+    cache_dir: Path
+    device: str = "auto"
+    site_name: str = "site"
+    site_index: int | None = None
+    num_sites: int = 1
+    n: int = 800
+    skip_bad_images: bool = False
+    class_probs: tuple[float, ...] | None = None
+    data_seed: int = 0
+
+
+def site_settings(node_config: dict) -> SiteSettings:
+    """Validate and type a node config (see module docstring)."""
+    cfg = dict(node_config)
+    if "data-path" not in cfg and "partition-id" in cfg:
+        cfg = {**_simulated_site(int(cfg["partition-id"]), int(cfg["num-partitions"])), **cfg}
+    missing = [k for k in ("data-path", "cache-dir") if not cfg.get(k)]
+    if missing:
+        raise SiteConfigError(f"node config lacks {', '.join(missing)}: start the SuperNode "
+                              "with --node-config 'data-path=\"…\" cache-dir=\"…\"'")
+    probs = cfg.get("class-probs")
+    return SiteSettings(
+        data_path=str(cfg["data-path"]),
+        cache_dir=Path(str(cfg["cache-dir"])).expanduser(),
+        device=str(cfg.get("device", "auto")),
+        site_name=str(cfg.get("site-name", f"site-{cfg.get('site-index', 0)}")),
+        site_index=None if cfg.get("site-index") in (None, "") else int(cfg["site-index"]),
+        num_sites=int(cfg.get("num-sites", 1)),
+        n=int(cfg.get("n", 800)),
+        skip_bad_images=str(cfg.get("skip-bad-images", "false")).lower() == "true",
+        class_probs=tuple(float(p) for p in str(probs).split(",")) if probs else None,
+        data_seed=int(cfg.get("data-seed", 0)),
+    )
+
+
+def _simulated_site(partition: int, num_partitions: int) -> dict:
+    """Site config of a simulated node: from the file named by MOMA_SIM_SITES, else synthetic."""
+    path = os.environ.get("MOMA_SIM_SITES")
+    if path:
+        sites = json.loads(Path(path).read_text())
+        if partition >= len(sites):
+            raise SiteConfigError(f"{path} describes {len(sites)} sites, not {partition + 1}")
+        return sites[partition]
+    cache = Path(os.environ.get("MOMA_SIM_CACHE", ".moma-sim-cache"))
+    return {"data-path": "synthetic:target", "cache-dir": str(cache / f"site-{partition}"),
+            "site-index": partition, "num-sites": num_partitions,
+            "site-name": f"site-{partition}", "device": "cpu"}

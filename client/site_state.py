@@ -1,0 +1,102 @@
+"""What a site keeps on its own disk: the teacher cache and the MoMA state between rounds.
+
+``<cache-dir>/teachers/<sha256>.safetensors`` (+ sidecar): teachers received, verified by hash.
+``<cache-dir>/runs/<run-name>/``: ``objective.safetensors`` (momentum teacher, key/query
+heads, attention, queue and its pointer), ``local.safetensors`` (layers kept local, FedBN) and
+``state.json`` (last round trained, teacher hash). None of it is ever sent to the coordinator.
+Kept on disk rather than in Flower's ``Context.state``, which does not survive large models in
+deployment, nor SuperNode restarts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from moma_core.checkpoint import CheckpointError, _atomic, load_model, sha256_file
+from moma_core.models import Architecture
+
+_SHA = re.compile(r"^[0-9a-f]{64}$")
+_NAME = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
+
+
+class TeacherCache:
+    """Teachers by SHA-256 in ``<cache-dir>/teachers``."""
+
+    def __init__(self, cache_dir: Path) -> None:
+        self.dir = Path(cache_dir) / "teachers"
+
+    def path(self, sha: str) -> Path:
+        if not _SHA.match(sha):
+            raise CheckpointError(f"not a SHA-256 hex digest: {sha!r}")
+        return self.dir / f"{sha}.safetensors"
+
+    def has(self, sha: str) -> bool:
+        p = self.path(sha)
+        return p.is_file() and p.with_suffix(".json").is_file() and sha256_file(p) == sha
+
+    def store(self, data: bytes, sidecar: dict, sha: str) -> Path:
+        """Verify and write a teacher received from the coordinator."""
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != sha:
+            raise CheckpointError(f"teacher received with SHA-256 {actual[:12]}…, "
+                                  f"announced {sha[:12]}…: refused")
+        if sidecar.get("sha256") != sha:
+            raise CheckpointError("teacher sidecar names another SHA-256: refused")
+        path = self.path(sha)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic(path, lambda tmp: Path(tmp).write_bytes(data))
+        _atomic(path.with_suffix(".json"),
+                lambda tmp: Path(tmp).write_text(json.dumps(sidecar, indent=2)))
+        return path
+
+    def load(self, sha: str) -> tuple[nn.Module, Architecture]:
+        model, arch, _ = load_model(self.path(sha))
+        return model, arch
+
+
+class SiteState:
+    """The objective's private state and the local layers of one run, on the site's disk."""
+
+    def __init__(self, cache_dir: Path, run_name: str) -> None:
+        if not _NAME.match(run_name):
+            raise ValueError(f"run name {run_name!r}: use letters, digits, '.', '_', '-'")
+        self.dir = Path(cache_dir) / "runs" / run_name
+
+    @property
+    def meta_path(self) -> Path:
+        return self.dir / "state.json"
+
+    def meta(self) -> dict:
+        return json.loads(self.meta_path.read_text()) if self.meta_path.is_file() else {}
+
+    def load(self, teacher_sha: str) -> tuple[dict[str, torch.Tensor] | None,
+                                              dict[str, torch.Tensor]]:
+        """Objective state and local layers, or (None, {}) for a new run or another teacher."""
+        meta = self.meta()
+        if meta.get("teacher_sha256") != teacher_sha:
+            return None, {}
+        obj = self.dir / "objective.safetensors"
+        local = self.dir / "local.safetensors"
+        return (load_file(str(obj)) if obj.is_file() else None,
+                load_file(str(local)) if local.is_file() else {})
+
+    def local_layers(self) -> dict[str, torch.Tensor]:
+        """The layers kept local (FedBN) from the last round trained, if any."""
+        local = self.dir / "local.safetensors"
+        return load_file(str(local)) if local.is_file() else {}
+
+    def save(self, objective_state: dict[str, torch.Tensor], local: dict[str, torch.Tensor],
+             meta: dict) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for name, tensors in (("objective", objective_state), ("local", local)):
+            clean = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+            _atomic(self.dir / f"{name}.safetensors",
+                    lambda tmp, t=clean: save_file(t, str(tmp)))
+        _atomic(self.meta_path, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))

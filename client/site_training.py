@@ -1,0 +1,100 @@
+"""One site's part of a round, in plain PyTorch: the ClientApp is thin glue around this.
+
+Train: load the cached teacher and this run's private MoMA state, put the global student in,
+run moma_core's one loop (:func:`train_local`), save the private state back to the site's disk,
+return the student's floating-point tensors and aggregate metrics. Evaluate: the global student
+on the site's validation split.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import torch
+from torch import nn
+
+from client.protocol import wire_state
+from client.site_config import SiteSettings
+from client.site_state import SiteState, TeacherCache
+from moma_core.checkpoint import CheckpointError
+from moma_core.config import RunConfig
+from moma_core.evaluate import evaluate
+from moma_core.models import Architecture, build_model, norm_state_keys
+from moma_core.objectives import build_objective
+from moma_core.sources import SiteData, make_loader, open_site_data
+from moma_core.standalone import resolve_device
+from moma_core.train import train_local
+
+
+class MissingTeacher(RuntimeError):
+    """The site's cache lacks the teacher the coordinator named."""
+
+
+@functools.lru_cache(maxsize=4)
+def site_data(settings: SiteSettings, image_size: int, augment: str) -> SiteData:
+    """The site's datasets (cached in-process between rounds of one run)."""
+    return open_site_data(settings.data_path, image_size=image_size, augment=augment,
+                          seed=settings.data_seed, n=settings.n,
+                          site_index=settings.site_index, num_sites=settings.num_sites,
+                          class_probs=settings.class_probs,
+                          on_error="skip" if settings.skip_bad_images else "raise")
+
+
+def student_for(run: RunConfig, data: SiteData, global_state: dict[str, torch.Tensor],
+                local: dict[str, torch.Tensor]) -> nn.Module:
+    """The global student on this site's label space, with FedBN's local layers if kept."""
+    student = build_model(Architecture(run.student_model, tuple(data.classes), run.image_size))
+    expected = wire_state(student.state_dict())
+    bad = [k for k in expected if k not in global_state
+           or tuple(global_state[k].shape) != tuple(expected[k].shape)]
+    if bad:
+        raise CheckpointError(f"global student does not fit {run.student_model} with "
+                              f"{len(data.classes)} classes at this site: {bad[:3]}")
+    student.load_state_dict(global_state, strict=False)
+    if run.fedbn and local:
+        student.load_state_dict(local, strict=False)
+    return student
+
+
+def train_round(settings: SiteSettings, run: RunConfig, server_round: int,
+                global_state: dict[str, torch.Tensor], teacher_sha: str
+                ) -> tuple[dict[str, torch.Tensor], int, dict[str, float]]:
+    """Train the global student locally; returns (student tensors, examples, metrics)."""
+    start = time.time()
+    device = resolve_device(settings.device)
+    cache = TeacherCache(settings.cache_dir)
+    if run.objective != "ce" and not cache.has(teacher_sha):
+        raise MissingTeacher(f"teacher {teacher_sha[:12]}… is not in {cache.dir}")
+    state = SiteState(settings.cache_dir, run.run_name)
+    saved, local = state.load(teacher_sha)
+    data = site_data(settings, run.image_size, run.augment)
+    student = student_for(run, data, global_state, local)
+    teacher = cache.load(teacher_sha)[0] if run.objective != "ce" else None
+    objective = build_objective(run.objective_config(), student, teacher)
+    if saved is not None:
+        objective.load_state_dict(saved)
+    cfg = run.train_config(server_round)
+    loader = make_loader(data.train, run.batch_size, train=True,
+                         seed=cfg.seed or 0, device=device)
+    result = train_local(student, objective, loader, cfg, device)
+    keep = norm_state_keys(student) if run.fedbn else set()
+    state.save(objective.state_dict(), {k: v for k, v in result.state.items() if k in keep},
+               {"teacher_sha256": teacher_sha, "round": server_round, "run": run.run_name,
+                "site": settings.site_name})
+    metrics = {f"train-{k}": float(v) for k, v in result.metrics.items()}
+    metrics["train-time-s"] = time.time() - start
+    return wire_state(result.state), result.num_examples, metrics
+
+
+def evaluate_round(settings: SiteSettings, run: RunConfig,
+                   global_state: dict[str, torch.Tensor]) -> tuple[int, dict[str, float]]:
+    """Metrics of the global student on this site's validation split."""
+    device = resolve_device(settings.device)
+    data = site_data(settings, run.image_size, run.augment)
+    local = SiteState(settings.cache_dir, run.run_name).local_layers()
+    student = student_for(run, data, global_state, local)
+    loader = make_loader(data.val, run.batch_size * 2, train=False, device=device)
+    m = evaluate(student, loader, len(data.classes), device)
+    return m["num_examples"], {"loss": m["loss"], "accuracy": m["accuracy"],
+                               "macro-f1": m["macro_f1"], "kappa": m["kappa"]}

@@ -1,0 +1,1 @@
+"""Command-line entry points of moma_core (moma-teacher, moma-distill)."""

@@ -1,0 +1,52 @@
+"""Arguments shared by the command-line tools, and their clean failure."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from moma_core.checkpoint import CheckpointError
+from moma_core.data.datasets import DataError
+from moma_core.train import TrainingDiverged
+
+
+def add_training_args(p: argparse.ArgumentParser, epochs: int, lr: float) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=epochs)
+    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--lr", type=float, default=lr)
+    g.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
+    g.add_argument("--weight-decay", type=float, default=1e-4)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 …")
+    g.add_argument("--amp", action="store_true", help="mixed precision on CUDA")
+
+
+def add_data_args(p: argparse.ArgumentParser, source: str, n: int) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--source", default=source,
+                   help="synthetic:source | synthetic:target | ImageFolder dir | .csv | .npz")
+    g.add_argument("--n", type=int, default=n, help="synthetic: training images")
+    g.add_argument("--site-index", type=int, default=None,
+                   help="synthetic: simulated hospital style (default: none)")
+    g.add_argument("--num-sites", type=int, default=3)
+    g.add_argument("--image-size", type=int, default=64)
+    g.add_argument("--augment", choices=["randaugment", "flip", "none"], default="randaugment")
+    g.add_argument("--stain-jitter", type=float, default=0.0, help="HED jitter strength")
+    g.add_argument("--skip-bad-images", action="store_true",
+                   help="skip unreadable images (counted) instead of failing")
+
+
+def run_cli(main: Callable[[], int]) -> Callable[[], int]:
+    """Turn the project's own errors into one clear line and exit code 2."""
+    def wrapper() -> int:
+        try:
+            return main()
+        except (DataError, CheckpointError, TrainingDiverged, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+    return wrapper

@@ -1,0 +1,124 @@
+"""``runs/<name>/``: results.json (documented in docs/results.md), curves, report, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from moma_core.checkpoint import load_checkpoint, save_checkpoint
+from moma_core.models import Architecture
+from moma_core.report import markdown_table, plot_curves, write_json
+
+SCHEMA_VERSION = 1
+
+
+class RunResults:
+    """The results of a federation run, written after every round (a crash loses one round)."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.dir = Path(out_dir)
+        self.path = self.dir / "results.json"
+        self.data: dict = {}
+
+    def start(self, config: dict, teacher_sha: str | None, resume: bool) -> int:
+        """Begin or resume; returns the first round to run."""
+        if resume and self.path.is_file():
+            self.data = json.loads(self.path.read_text())
+            return len(self.data.get("rounds", [])) + 1
+        if self.path.is_file() and not resume:
+            raise FileExistsError(f"{self.path} exists: use --resume to continue that run or "
+                                  "choose another --name")
+        self.data = {"schema_version": SCHEMA_VERSION, "config": config,
+                     "teacher_sha256": teacher_sha, "started": time.time(), "rounds": [],
+                     "final": None}
+        return 1
+
+    def checkpoint_path(self, server_round: int) -> Path:
+        return self.dir / "checkpoints" / f"global-round-{server_round:03d}.safetensors"
+
+    def last_checkpoint(self) -> tuple[dict[str, torch.Tensor], str] | None:
+        rounds = self.data.get("rounds", [])
+        if not rounds:
+            return None
+        path = Path(rounds[-1]["checkpoint"])
+        state, _, side = load_checkpoint(path)
+        return state, side["sha256"]
+
+    def add_round(self, entry: dict, state: dict[str, torch.Tensor], arch: Architecture,
+                  server_state: dict) -> None:
+        path = self.checkpoint_path(entry["round"])
+        entry["checkpoint"] = str(path)
+        entry["checkpoint_sha256"] = save_checkpoint(path, state, arch,
+                                                     {"round": entry["round"]})
+        self.data["rounds"].append(entry)
+        self.data["server_state"] = server_state
+        write_json(self.path, self.data)
+
+    def finish(self) -> dict:
+        rounds = self.data["rounds"]
+        key = "server_eval" if any(r.get("server_eval") for r in rounds) else "federated_eval"
+        scored = [r for r in rounds if r.get(key)]
+        best = max(scored, key=lambda r: r[key]["accuracy"]) if scored else rounds[-1]
+        self.data["final"] = {"best_round": best["round"], "best_by": key,
+                              "best_checkpoint": best["checkpoint"],
+                              "last_checkpoint": rounds[-1]["checkpoint"],
+                              "metrics": best.get(key)}
+        write_json(self.path, self.data)
+        self.plot()
+        return self.data["final"]
+
+    def plot(self) -> Path:
+        rounds = self.data["rounds"]
+        xs = [r["round"] for r in rounds]
+
+        def series(key: str, metric: str) -> list:
+            return [(r.get(key) or {}).get(metric) for r in rounds]
+
+        per_site: dict[str, list] = {}
+        for i, r in enumerate(rounds):
+            for node, m in (r.get("federated_eval_sites") or {}).items():
+                per_site.setdefault(f"site {m.get('site-name', node)}",
+                                    [None] * len(rounds))[i] = m.get("accuracy")
+        panels = {
+            "global accuracy": {"server test": series("server_eval", "accuracy"),
+                                "federated val": series("federated_eval", "accuracy")},
+            "global macro-F1 / kappa": {"F1": series("server_eval", "macro_f1"),
+                                        "kappa": series("server_eval", "kappa")},
+            "per-site val accuracy": per_site,
+            "bytes on the wire (MB)": {
+                "down": [r["bytes_down"] / 1e6 for r in rounds],
+                "up": [r["bytes_up"] / 1e6 for r in rounds]},
+        }
+        return plot_curves(self.dir / "curves.png", xs, panels, "round",
+                           self.data["config"].get("run-name", ""))
+
+    def write_report(self, extra_sections: list[str] | None = None) -> Path:
+        rows = []
+        for r in self.data["rounds"]:
+            s = r.get("server_eval") or {}
+            f = r.get("federated_eval") or {}
+            rows.append({"round": r["round"], "test acc": s.get("accuracy", ""),
+                         "test F1": s.get("macro_f1", ""), "test kappa": s.get("kappa", ""),
+                         "site val acc": f.get("accuracy", ""),
+                         "sites ok": sum(v.get("status") == "ok" for v in r["sites"].values()),
+                         "MB down": r["bytes_down"] / 1e6, "MB up": r["bytes_up"] / 1e6,
+                         "wall s": r["wall_s"]})
+        cfg = self.data["config"]
+        text = [f"# MoMA-FL run `{cfg.get('run-name')}`", "",
+                f"Objective `{cfg.get('objective')}`, student `{cfg.get('student-model')}`, "
+                f"aggregation `{cfg.get('aggregation')}`, {cfg.get('num-rounds')} rounds; "
+                f"teacher SHA-256 `{(self.data.get('teacher_sha256') or '-')[:16]}…`.", "",
+                "## Per round", "",
+                markdown_table(rows, list(rows[0]) if rows else ["round"]), "",
+                "![curves](curves.png)", ""]
+        final = self.data.get("final") or {}
+        if final:
+            text += [f"Best round: {final['best_round']} (by {final['best_by']}); checkpoint "
+                     f"`{final['best_checkpoint']}`.", ""]
+        text += extra_sections or []
+        path = self.dir / "report.md"
+        path.write_text("\n".join(text) + "\n")
+        return path

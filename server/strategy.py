@@ -1,0 +1,181 @@
+"""MoMA-FL's Flower strategy: FedAvg's message flow plus teacher shipping and update checks.
+
+* configure_train: asks each sampled site whether it holds the teacher (``query.teacher-status``)
+  and attaches the teacher only to the sites that lack it; every train message names the
+  teacher's SHA-256.
+* aggregate_train: rejects replies whose tensors are non-finite or mis-shaped, then aggregates
+  with the run's method (weighted FedAvg/FedProx, coordinate median, trimmed mean).
+* Per round it records, per site, what was sent and received (bytes), examples and metrics, and
+  which sites failed and why, in ``self.round_log`` for the results file.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Iterable
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from client import protocol as P
+from moma_core.config import RunConfig
+from server.aggregation import aggregate, check_update
+from server.teacher_package import TeacherPackage
+
+log = logging.getLogger("moma.server")
+
+
+def record_nbytes(content: RecordDict) -> int:
+    """Bytes of the arrays in a message plus the size of its config/metric values."""
+    total = 0
+    for rec in content.values():
+        if isinstance(rec, ArrayRecord):
+            total += sum(len(a.data) for a in rec.values())
+        else:
+            total += sum(len(str(k)) + len(str(v)) for k, v in rec.items())
+    return total
+
+
+def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
+    """Connected node ids, waiting up to ``timeout`` seconds for ``minimum`` of them."""
+    deadline = time.time() + timeout
+    nodes = list(grid.get_node_ids())
+    while len(nodes) < minimum and time.time() < deadline:
+        time.sleep(1.0)
+        nodes = list(grid.get_node_ids())
+    return nodes
+
+
+class MomaStrategy(FedAvg):
+    """See module docstring."""
+
+    def __init__(self, run: RunConfig, teacher: TeacherPackage | None) -> None:
+        super().__init__(fraction_train=run.fraction_train,
+                         fraction_evaluate=run.fraction_evaluate,
+                         min_train_nodes=run.min_train_nodes,
+                         min_evaluate_nodes=min(run.min_train_nodes, run.min_available_nodes),
+                         min_available_nodes=run.min_available_nodes,
+                         weighted_by_key=P.NUM_EXAMPLES)
+        self.run = run
+        self.teacher = teacher
+        self.rng = random.Random(run.seed)
+        self.round_log: dict[int, dict] = {}
+        self.sent_to: dict[int, dict] = {}
+        self._reference: dict[str, torch.Tensor] | None = None
+
+    # -- training ---------------------------------------------------------------------------
+    def _sample(self, fraction: float) -> list[int]:
+        nodes = wait_for_nodes(self._grid, self.run.min_available_nodes, self.run.round_timeout)
+        size = min(len(nodes), max(int(len(nodes) * fraction), self.run.min_train_nodes))
+        return sorted(self.rng.sample(nodes, size)) if nodes else []
+
+    def teacher_status(self, grid: Grid, nodes: list[int]) -> dict[int, bool]:
+        """Ask sites whether their cache holds the teacher (unanswered: assume not)."""
+        if self.teacher is None or not nodes:
+            return {n: True for n in nodes}
+        content = RecordDict({P.CONFIG: ConfigRecord({P.TEACHER_SHA: self.teacher.sha256})})
+        msgs = [Message(content, dst_node_id=n, message_type=P.TEACHER_STATUS) for n in nodes]
+        status = {n: False for n in nodes}
+        for reply in grid.send_and_receive(msgs, timeout=min(120.0, self.run.round_timeout)):
+            if not reply.has_error():
+                status[reply.metadata.src_node_id] = bool(
+                    reply.content[P.METRICS]["has-teacher"])
+        return status
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self._grid = grid
+        self._reference = arrays.to_torch_state_dict()
+        nodes = self._sample(self.run.fraction_train)
+        has_teacher = self.teacher_status(grid, nodes)
+        config = ConfigRecord({**dict(config), **self.run.to_flat(),
+                               "server-round": server_round,
+                               P.TEACHER_SHA: self.teacher.sha256 if self.teacher else ""})
+        messages, self.sent_to = [], {}
+        for node in nodes:
+            records = {P.ARRAYS: arrays, P.CONFIG: config}
+            if not has_teacher[node] and self.teacher is not None:
+                records.update(self.teacher.records())
+            content = RecordDict(records)
+            self.sent_to[node] = {"bytes_down": record_nbytes(content),
+                                  "teacher_sent": P.TEACHER in records}
+            messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
+        log.info("round %d: training on %d sites (teacher sent to %d)", server_round,
+                 len(nodes), sum(v["teacher_sent"] for v in self.sent_to.values()))
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        sites = {n: {**info, "status": "no reply"} for n, info in self.sent_to.items()}
+        updates, weights, metrics = [], [], []
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            site = sites.setdefault(node, {})
+            if reply.has_error():
+                site.update(status="failed", reason=reply.error.reason)
+                continue
+            site["bytes_up"] = record_nbytes(reply.content)
+            update = reply.content[P.ARRAYS].to_torch_state_dict()
+            problem = check_update(update, self._reference or {})
+            m = dict(reply.content[P.METRICS])
+            site["metrics"] = m
+            site["num_examples"] = int(m.get(P.NUM_EXAMPLES, 0))
+            if problem or site["num_examples"] <= 0:
+                problem = problem or "no training examples"
+                site.update(status="rejected", reason=problem)
+                log.warning("round %d: update of node %d rejected: %s", server_round, node,
+                            problem)
+                continue
+            site["status"] = "ok"
+            updates.append(update)
+            weights.append(float(site["num_examples"]))
+            metrics.append(m)
+        for node, site in sites.items():
+            if site["status"] != "ok":
+                log.warning("round %d: node %d %s%s", server_round, node, site["status"],
+                            f": {site.get('reason')}" if site.get("reason") else "")
+        self.round_log[server_round] = {"sites": sites}
+        if not updates:
+            return None, None
+        new = aggregate(updates, weights, self.run.aggregation, self.run.trim_fraction)
+        total = sum(weights)
+        avg = {k: sum(float(m[k]) * w for m, w in zip(metrics, weights, strict=True)) / total
+               for k in metrics[0] if k != P.NUM_EXAMPLES}
+        avg[P.NUM_EXAMPLES] = total
+        return ArrayRecord(new), MetricRecord(avg)
+
+    # -- evaluation -------------------------------------------------------------------------
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        if self.run.fraction_evaluate <= 0:
+            return []
+        nodes = sorted(grid.get_node_ids())
+        config = ConfigRecord({**dict(config), **self.run.to_flat(),
+                               "server-round": server_round})
+        content = RecordDict({P.ARRAYS: arrays, P.CONFIG: config})
+        return [Message(content, dst_node_id=n, message_type=MessageType.EVALUATE)
+                for n in nodes]
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
+                           ) -> MetricRecord | None:
+        per_site, total, sums = {}, 0.0, {}
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                per_site[node] = {"status": "failed", "reason": reply.error.reason}
+                continue
+            m = dict(reply.content[P.METRICS])
+            per_site[node] = m
+            n = float(m.get(P.NUM_EXAMPLES, 0))
+            total += n
+            for k, v in m.items():
+                if k != P.NUM_EXAMPLES:
+                    sums[k] = sums.get(k, 0.0) + float(v) * n
+        self.round_log.setdefault(server_round, {})["evaluate"] = per_site
+        if total <= 0:
+            return None
+        return MetricRecord({**{k: v / total for k, v in sums.items()}, P.NUM_EXAMPLES: total})

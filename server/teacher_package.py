@@ -1,0 +1,39 @@
+"""The teacher as shipped: its safetensors bytes, sidecar and SHA-256, checked before sending."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from flwr.app import Array, ArrayRecord, ConfigRecord
+
+from client import protocol as P
+from moma_core.checkpoint import load_model
+from moma_core.models import Architecture
+
+
+@dataclass(frozen=True)
+class TeacherPackage:
+    path: Path
+    sha256: str
+    sidecar: dict
+    data: bytes
+
+    @property
+    def architecture(self) -> Architecture:
+        return Architecture.from_dict(self.sidecar["architecture"])
+
+    def records(self) -> dict:
+        """The two records that carry the teacher to a site."""
+        return {
+            P.TEACHER: ArrayRecord({P.TEACHER_FILE: Array(P.bytes_to_array(self.data))}),
+            P.TEACHER_META: ConfigRecord({"sidecar": json.dumps(self.sidecar)}),
+        }
+
+
+def package_teacher(path: str | Path) -> TeacherPackage:
+    """Load and verify (safetensors only, hash, shapes) the teacher file to ship."""
+    path = Path(path)
+    _, _, sidecar = load_model(path)  # refuses pickles, checks the hash and tensor shapes
+    return TeacherPackage(path, sidecar["sha256"], sidecar, path.read_bytes())
