@@ -27,8 +27,9 @@ app = ClientApp()
 def teacher_status(msg: Message, context: Context) -> Message:
     settings = site_settings(context.node_config)
     sha = str(msg.content[P.CONFIG][P.TEACHER_SHA])
-    has = TeacherCache(settings.cache_dir).has(sha)
-    return Message(RecordDict({P.METRICS: MetricRecord({"has-teacher": int(has)})}),
+    has = bool(sha) and TeacherCache(settings.cache_dir).has(sha)
+    return Message(RecordDict({P.METRICS: MetricRecord({"has-teacher": int(has)}),
+                               P.CONFIG: ConfigRecord({"site-name": settings.site_name})}),
                    reply_to=msg)
 
 

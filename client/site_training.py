@@ -21,7 +21,7 @@ from moma_core.checkpoint import CheckpointError
 from moma_core.config import RunConfig
 from moma_core.evaluate import evaluate
 from moma_core.models import Architecture, build_model, norm_state_keys
-from moma_core.objectives import build_objective
+from moma_core.objectives import build_objective, same_task
 from moma_core.sources import SiteData, make_loader, open_site_data
 from moma_core.standalone import resolve_device
 from moma_core.train import train_local
@@ -70,8 +70,9 @@ def train_round(settings: SiteSettings, run: RunConfig, server_round: int,
     saved, local = state.load(teacher_sha)
     data = site_data(settings, run.image_size, run.augment)
     student = student_for(run, data, global_state, local)
-    teacher = cache.load(teacher_sha)[0] if run.objective != "ce" else None
-    objective = build_objective(run.objective_config(), student, teacher)
+    teacher, t_arch = cache.load(teacher_sha) if run.objective != "ce" else (None, None)
+    objective = build_objective(run.objective_config(), student, teacher,
+                                same_task(t_arch.classes, data.classes) if t_arch else None)
     if saved is not None:
         objective.load_state_dict(saved)
     cfg = run.train_config(server_round)

@@ -219,7 +219,11 @@ class MoMA(_TeacherObjective):
 def build_objective(cfg: ObjectiveConfig, student: nn.Module,
                     teacher: nn.Module | None = None, same_task: bool | None = None
                     ) -> Objective:
-    """The objective ``cfg.kind`` for ``student``; ``same_task`` decides whether KL is used."""
+    """The objective ``cfg.kind`` for ``student``; ``same_task`` decides whether KL is used.
+
+    Pass ``same_task`` from the class *names* of teacher and student (:func:`same_task`); when
+    omitted it falls back to comparing class counts, which cannot tell two 4-class tasks apart.
+    """
     if cfg.kind == "ce":
         return CrossEntropyOnly(cfg)
     if teacher is None:
@@ -239,6 +243,12 @@ def _check_momentum_pairs(teacher: nn.Module, student: nn.Module) -> None:
             "teacher_update='momentum' needs teacher and student backbones with identical "
             "parameters; use teacher_update='frozen' for a different teacher architecture"
         )
+
+
+def same_task(teacher_classes: tuple[str, ...] | list[str],
+              student_classes: tuple[str, ...] | list[str]) -> bool:
+    """Teacher and student share the label space (same names, same order): KL applies."""
+    return tuple(teacher_classes) == tuple(student_classes)
 
 
 def _num_classes(model: nn.Module) -> int:

@@ -27,7 +27,7 @@ from moma_core.models import Architecture, build_model
 from moma_core.objectives import init_student_from_teacher
 from moma_core.sources import SYNTHETIC, make_loader, open_eval_data
 from server.results import RunResults
-from server.strategy import MomaStrategy
+from server.strategy import MomaStrategy, exchange
 from server.teacher_package import TeacherPackage, package_teacher
 
 log = logging.getLogger("moma.server")
@@ -93,7 +93,7 @@ def run_federation(grid: Grid, run: RunConfig, out_dir: Path, teacher_path: str 
         start = time.time()
         arrays = ArrayRecord(state)
         msgs = strategy.configure_train(rnd, arrays, ConfigRecord(), grid)
-        replies = list(grid.send_and_receive(msgs, timeout=run.round_timeout))
+        replies = exchange(grid, list(msgs), run.round_timeout)
         new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
         if new_arrays is not None:
             state = new_arrays.to_torch_state_dict()
@@ -101,7 +101,7 @@ def run_federation(grid: Grid, run: RunConfig, out_dir: Path, teacher_path: str 
             log.warning("round %d: no acceptable update; the global student is unchanged", rnd)
         ev_msgs = strategy.configure_evaluate(rnd, ArrayRecord(state), ConfigRecord(), grid)
         fed_eval = strategy.aggregate_evaluate(
-            rnd, list(grid.send_and_receive(ev_msgs, timeout=run.round_timeout)))
+            rnd, exchange(grid, list(ev_msgs), run.round_timeout))
         entry = _round_entry(rnd, strategy, train_metrics, fed_eval)
         if eval_set is not None:
             model = build_model(arch)

@@ -50,6 +50,30 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
     return nodes
 
 
+def exchange(grid: Grid, messages: list[Message], timeout: float, poll: float = 0.2
+             ) -> list[tuple[int, Message]]:
+    """Send and collect replies as (destination node, reply), polling every ``poll`` s.
+
+    An error reply made by the SuperLink for a vanished node carries the SuperLink as its
+    source, so replies are matched to nodes by the id of the message they answer. A node that
+    does not answer within ``timeout`` is simply absent from the result.
+    """
+    if not messages:
+        return []
+    ids = list(grid.push_messages(messages))
+    node_of = {mid: m.metadata.dst_node_id for mid, m in zip(ids, messages, strict=True)}
+    pending, out, deadline = set(ids), [], time.time() + timeout
+    while pending and time.time() < deadline:
+        for reply in grid.pull_messages(list(pending)):
+            mid = reply.metadata.reply_to_message_id
+            if mid in pending:
+                pending.discard(mid)
+                out.append((node_of[mid], reply))
+        if pending:
+            time.sleep(poll)
+    return out
+
+
 class MomaStrategy(FedAvg):
     """See module docstring."""
 
@@ -65,6 +89,7 @@ class MomaStrategy(FedAvg):
         self.rng = random.Random(run.seed)
         self.round_log: dict[int, dict] = {}
         self.sent_to: dict[int, dict] = {}
+        self.site_names: dict[int, str] = {}
         self._reference: dict[str, torch.Tensor] | None = None
 
     # -- training ---------------------------------------------------------------------------
@@ -75,15 +100,15 @@ class MomaStrategy(FedAvg):
 
     def teacher_status(self, grid: Grid, nodes: list[int]) -> dict[int, bool]:
         """Ask sites whether their cache holds the teacher (unanswered: assume not)."""
-        if self.teacher is None or not nodes:
-            return {n: True for n in nodes}
-        content = RecordDict({P.CONFIG: ConfigRecord({P.TEACHER_SHA: self.teacher.sha256})})
+        sha = self.teacher.sha256 if self.teacher is not None else ""
+        content = RecordDict({P.CONFIG: ConfigRecord({P.TEACHER_SHA: sha})})
         msgs = [Message(content, dst_node_id=n, message_type=P.TEACHER_STATUS) for n in nodes]
         status = {n: False for n in nodes}
-        for reply in grid.send_and_receive(msgs, timeout=min(120.0, self.run.round_timeout)):
+        for node, reply in exchange(grid, msgs, timeout=min(120.0, self.run.round_timeout)):
             if not reply.has_error():
-                status[reply.metadata.src_node_id] = bool(
-                    reply.content[P.METRICS]["has-teacher"])
+                status[node] = bool(reply.content[P.METRICS]["has-teacher"])
+                if P.CONFIG in reply.content:
+                    self.site_names[node] = str(reply.content[P.CONFIG].get("site-name", node))
         return status
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -98,22 +123,23 @@ class MomaStrategy(FedAvg):
         messages, self.sent_to = [], {}
         for node in nodes:
             records = {P.ARRAYS: arrays, P.CONFIG: config}
-            if not has_teacher[node] and self.teacher is not None:
+            if self.teacher is not None and not has_teacher[node]:
                 records.update(self.teacher.records())
             content = RecordDict(records)
-            self.sent_to[node] = {"bytes_down": record_nbytes(content),
+            self.sent_to[node] = {"site_name": self.site_names.get(node, str(node)),
+                                  "bytes_down": record_nbytes(content),
                                   "teacher_sent": P.TEACHER in records}
             messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
         log.info("round %d: training on %d sites (teacher sent to %d)", server_round,
                  len(nodes), sum(v["teacher_sent"] for v in self.sent_to.values()))
         return messages
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+    def aggregate_train(self, server_round: int, replies: Iterable[tuple[int, Message]]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Aggregate the acceptable updates among ``(node, reply)`` pairs (see :func:`exchange`)."""
         sites = {n: {**info, "status": "no reply"} for n, info in self.sent_to.items()}
         updates, weights, metrics = [], [], []
-        for reply in replies:
-            node = reply.metadata.src_node_id
+        for node, reply in replies:
             site = sites.setdefault(node, {})
             if reply.has_error():
                 site.update(status="failed", reason=reply.error.reason)
@@ -153,23 +179,24 @@ class MomaStrategy(FedAvg):
                            grid: Grid) -> Iterable[Message]:
         if self.run.fraction_evaluate <= 0:
             return []
-        nodes = sorted(grid.get_node_ids())
+        trained = self.round_log.get(server_round, {}).get("sites", {})
+        nodes = sorted(n for n, s in trained.items() if s.get("status") == "ok") \
+            or sorted(grid.get_node_ids())
         config = ConfigRecord({**dict(config), **self.run.to_flat(),
                                "server-round": server_round})
         content = RecordDict({P.ARRAYS: arrays, P.CONFIG: config})
         return [Message(content, dst_node_id=n, message_type=MessageType.EVALUATE)
                 for n in nodes]
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[tuple[int, Message]]
                            ) -> MetricRecord | None:
         per_site, total, sums = {}, 0.0, {}
-        for reply in replies:
-            node = reply.metadata.src_node_id
+        for node, reply in replies:
             if reply.has_error():
                 per_site[node] = {"status": "failed", "reason": reply.error.reason}
                 continue
             m = dict(reply.content[P.METRICS])
-            per_site[node] = m
+            per_site[node] = {**m, "site-name": self.site_names.get(node, str(node))}
             n = float(m.get(P.NUM_EXAMPLES, 0))
             total += n
             for k, v in m.items():

@@ -17,6 +17,7 @@ from moma_core.objectives import (
     ObjectiveConfig,
     build_objective,
     init_student_from_teacher,
+    same_task,
 )
 from moma_core.progress import console
 from moma_core.report import plot_curves, write_json
@@ -63,7 +64,8 @@ def distill(args: argparse.Namespace) -> dict:
         init_student_from_teacher(student, teacher)
     obj_cfg = ObjectiveConfig(kind=args.objective, teacher_update=args.teacher_update,
                               attention_keys=args.attention_keys, queue_size=args.queue_size)
-    objective = build_objective(obj_cfg, student, teacher)
+    objective = build_objective(obj_cfg, student, teacher,
+                                same_task(arch.classes, data.classes) if arch else None)
     cfg = TrainConfig(epochs=args.epochs, lr=args.lr, optimizer=args.optimizer,
                       weight_decay=args.weight_decay, seed=args.seed, amp=args.amp)
     test = None
