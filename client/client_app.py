@@ -1,6 +1,6 @@
 """The site's Flower ClientApp: thin glue from messages to :mod:`client.site_training`.
 
-Handlers: ``query.teacher-status`` (does the cache hold the named teacher?), ``train`` (store the
+Handlers: ``query.teacher_status`` (does the cache hold the named teacher?), ``train`` (store the
 teacher if it came along, train, reply with the student and aggregate metrics), ``evaluate``
 (global student on the site's validation split). Site settings come from the node config only.
 """
@@ -23,7 +23,7 @@ log = logging.getLogger("moma.client")
 app = ClientApp()
 
 
-@app.query("teacher-status")
+@app.query("teacher_status")
 def teacher_status(msg: Message, context: Context) -> Message:
     settings = site_settings(context.node_config)
     sha = str(msg.content[P.CONFIG][P.TEACHER_SHA])

@@ -21,7 +21,7 @@ TEACHER = "teacher"
 TEACHER_META = "teacher-meta"
 TEACHER_FILE = "teacher.safetensors"
 TEACHER_SHA = "teacher-sha256"
-TEACHER_STATUS = "query.teacher-status"
+TEACHER_STATUS = "query.teacher_status"
 NUM_EXAMPLES = "num-examples"
 
 

@@ -11,6 +11,7 @@ Run-config keys besides :class:`RunConfig`'s: ``teacher-path``, ``output-dir`` (
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from pathlib import Path
@@ -91,6 +92,7 @@ def run_federation(grid: Grid, run: RunConfig, out_dir: Path, teacher_path: str 
     eval_set = server_eval_set(eval_source, run, eval_sites)
     for rnd in range(first, run.num_rounds + 1):
         start = time.time()
+        start_digest = state_digest(state)
         arrays = ArrayRecord(state)
         msgs = strategy.configure_train(rnd, arrays, ConfigRecord(), grid)
         replies = exchange(grid, list(msgs), run.round_timeout)
@@ -103,6 +105,8 @@ def run_federation(grid: Grid, run: RunConfig, out_dir: Path, teacher_path: str 
         fed_eval = strategy.aggregate_evaluate(
             rnd, exchange(grid, list(ev_msgs), run.round_timeout))
         entry = _round_entry(rnd, strategy, train_metrics, fed_eval)
+        entry["start_digest"] = start_digest
+        entry["end_digest"] = state_digest(state)
         if eval_set is not None:
             model = build_model(arch)
             model.load_state_dict(state, strict=False)
@@ -115,6 +119,16 @@ def run_federation(grid: Grid, run: RunConfig, out_dir: Path, teacher_path: str 
     final = results.finish()
     results.write_report()
     return final
+
+
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the tensors of a model state (names, dtypes, shapes and values)."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        t = state[k].detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
 
 
 def _round_entry(rnd: int, strategy: MomaStrategy, train_metrics, fed_eval) -> dict:

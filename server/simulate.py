@@ -41,6 +41,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--local-epochs", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--optimizer", choices=["sgd", "adamw"], default=None)
+    p.add_argument("--augment", choices=["randaugment", "flip", "none"], default=None)
     p.add_argument("--queue-size", type=int, default=None)
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--n", type=int, default=None, help="synthetic: training images per site")
@@ -55,10 +57,11 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-DEMO = {"rounds": 4, "local_epochs": 1, "lr": 0.02, "queue_size": 1024, "image_size": 48,
-        "n": 320, "student_model": "test_efficientnet"}
-DEFAULT = {"rounds": 10, "local_epochs": 1, "lr": 0.01, "queue_size": 4096, "image_size": 64,
-           "n": 800, "student_model": None}
+DEMO = {"rounds": 5, "local_epochs": 2, "lr": 0.003, "optimizer": "adamw", "augment": "flip",
+        "queue_size": 1024, "image_size": 48, "n": 240, "student_model": "test_efficientnet"}
+DEFAULT = {"rounds": 10, "local_epochs": 1, "lr": 0.01, "optimizer": "sgd",
+           "augment": "randaugment", "queue_size": 4096, "image_size": 64, "n": 800,
+           "student_model": None}
 
 
 def settings(args: argparse.Namespace) -> argparse.Namespace:
@@ -87,7 +90,8 @@ def ensure_teacher(args: argparse.Namespace, out_dir: Path) -> Path:
     console.print("training the demo teacher on the synthetic source task …")
     targs = teacher_parser().parse_args([
         "--model", args.student_model, "--out", str(path), "--n", "800", "--epochs", "6",
-        "--image-size", str(args.image_size), "--lr", "0.05", "--batch-size", "32",
+        "--image-size", str(args.image_size), "--lr", "0.003", "--optimizer", "adamw",
+        "--augment", "flip", "--batch-size", "32",
         "--seed", str(args.seed), "--device", "cpu"])
     train_teacher(targs)
     return path
@@ -160,7 +164,8 @@ def simulate(args: argparse.Namespace) -> dict:
     run = RunConfig(run_name=args.name, num_rounds=args.rounds, student_model=args.student_model,
                     classes=",".join(classes), image_size=args.image_size,
                     objective=args.objective, local_epochs=args.local_epochs,
-                    batch_size=args.batch_size, lr=args.lr, queue_size=args.queue_size,
+                    batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
+                    augment=args.augment, queue_size=args.queue_size,
                     aggregation=args.aggregation, fedbn=args.fedbn,
                     min_train_nodes=args.sites, min_available_nodes=args.sites,
                     seed=args.seed)
@@ -184,14 +189,19 @@ def simulate(args: argparse.Namespace) -> dict:
 
 
 def run_simulated(run: RunConfig, runs_dir: Path, teacher: Path | None, eval_source: str,
-                  resume: bool, num_sites: int) -> dict:
-    """Run :func:`run_federation` as a ServerApp in Flower's simulation engine."""
+                  resume: bool, num_sites: int, client_app=None) -> dict:
+    """Run :func:`run_federation` as a ServerApp in Flower's simulation engine.
+
+    ``client_app`` defaults to the product's ClientApp (tests wrap it to observe messages).
+    """
     from flwr.app import Context
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
 
-    from client.client_app import app as client_app
+    from client.client_app import app as default_client_app
     from server.server_app import run_federation
+
+    client_app = client_app or default_client_app
 
     final: dict = {}
     server_app = ServerApp()
@@ -213,6 +223,11 @@ def run_simulated(run: RunConfig, runs_dir: Path, teacher: Path | None, eval_sou
 
 @run_cli
 def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("moma").setLevel(logging.INFO)
     simulate(parser().parse_args())
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

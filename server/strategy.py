@@ -1,6 +1,6 @@
 """MoMA-FL's Flower strategy: FedAvg's message flow plus teacher shipping and update checks.
 
-* configure_train: asks each sampled site whether it holds the teacher (``query.teacher-status``)
+* configure_train: asks each sampled site whether it holds the teacher (``query.teacher_status``)
   and attaches the teacher only to the sites that lack it; every train message names the
   teacher's SHA-256.
 * aggregate_train: rejects replies whose tensors are non-finite or mis-shaped, then aggregates

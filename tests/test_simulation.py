@@ -1,0 +1,173 @@
+"""Simulated federation through Flower's simulation engine, with the product's ClientApp.
+
+A recording mod wraps the real handlers (in the Ray actors) and writes down every message a
+site sends: the message audit. A poisoning mod turns one site's update into NaN.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.clientapp import ClientApp
+from safetensors.torch import load_file
+
+import client.client_app as product
+from moma_core.models import Architecture, build_model
+from server.simulate import run_simulated
+from tests.helpers import IMAGE_SIZE, synthetic_sites, tiny_run, tiny_teacher
+
+pytestmark = pytest.mark.slow
+
+
+def _app(*mods) -> ClientApp:
+    app = ClientApp(mods=list(mods))
+    app.train()(product.train)
+    app.evaluate()(product.evaluate)
+    app.query("teacher_status")(product.teacher_status)
+    return app
+
+
+def _recorder(folder: str):
+    def record(msg, context, call_next):
+        reply = call_next(msg, context)
+        summary = {"type": msg.metadata.message_type, "records": {}}
+        for name, rec in reply.content.items():
+            if isinstance(rec, ArrayRecord):
+                summary["records"][name] = {
+                    "kind": "arrays",
+                    "arrays": {k: [list(a.shape), a.dtype] for k, a in rec.items()}}
+            elif isinstance(rec, MetricRecord):
+                summary["records"][name] = {"kind": "metrics", "values": dict(rec)}
+            elif isinstance(rec, ConfigRecord):
+                summary["records"][name] = {"kind": "config", "values": dict(rec)}
+            else:
+                summary["records"][name] = {"kind": type(rec).__name__}
+        Path(folder, f"{uuid.uuid4().hex}.json").write_text(json.dumps(summary, default=str))
+        return reply
+    return record
+
+
+def _poison_site_0(msg, context, call_next):
+    reply = call_next(msg, context)
+    if msg.metadata.message_type == "train" and context.node_config["partition-id"] == 0:
+        state = reply.content["arrays"].to_torch_state_dict()
+        for v in state.values():
+            v.fill_(float("nan"))
+        reply.content["arrays"] = ArrayRecord(state)
+    return reply
+
+
+def _simulate(tmp_path, run, n_sites, app):
+    sites = synthetic_sites(tmp_path / "cache", n_sites)
+    (tmp_path / "sites.json").write_text(json.dumps(sites))
+    os.environ["MOMA_SIM_SITES"] = str(tmp_path / "sites.json")
+    teacher = tiny_teacher(tmp_path / "teacher.safetensors")
+    final = run_simulated(run, tmp_path / "runs", teacher, "synthetic:target", False, n_sites,
+                          client_app=app)
+    results = json.loads((tmp_path / "runs" / run.run_name / "results.json").read_text())
+    return final, results, sites
+
+
+def test_three_site_simulation_and_message_audit(tmp_path):
+    audit = tmp_path / "audit"
+    audit.mkdir()
+    run = tiny_run(run_name="sim3", min_train_nodes=3, min_available_nodes=3)
+    final, results, sites = _simulate(tmp_path, run, 3, _app(_recorder(str(audit))))
+    rounds = results["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2] and final["best_round"] in (1, 2)
+    # the teacher crossed the wire once per site: round 1 carries it, round 2 does not
+    first, second = rounds[0]["sites"].values(), rounds[1]["sites"].values()
+    assert [s["teacher_sent"] for s in first] == [True] * 3
+    assert [s["teacher_sent"] for s in second] == [False] * 3
+    teacher_bytes = (tmp_path / "teacher.safetensors").stat().st_size
+    assert min(s["bytes_down"] for s in first) > teacher_bytes
+    assert max(s["bytes_down"] for s in second) < min(s["bytes_down"] for s in first) - \
+        teacher_bytes * 0.9
+    # the global student changed every round and the metrics are recorded
+    assert all(r["start_digest"] != r["end_digest"] for r in rounds)
+    assert rounds[1]["start_digest"] == rounds[0]["end_digest"]
+    for r in rounds:
+        assert 0.0 <= r["server_eval"]["accuracy"] <= 1.0
+        assert r["federated_eval"]["num_examples"] > 0
+        assert sorted(r["examples"].values()) == [48, 48, 48]  # one local epoch of 48 images
+    # private MoMA state persisted at every site, and nothing of it was sent
+    for site in sites:
+        state_dir = Path(site["cache-dir"]) / "runs" / "sim3"
+        meta = json.loads((state_dir / "state.json").read_text())
+        assert meta["round"] == 2
+        private = load_file(str(state_dir / "objective.safetensors"))
+        assert "queue.queue" in private and "teacher.conv_stem.weight" in private
+    _check_audit(audit, run)
+
+
+def _check_audit(audit: Path, run) -> None:
+    student = build_model(Architecture(run.student_model, run.class_names, IMAGE_SIZE))
+    allowed = {k: [list(v.shape), str(v.dtype).replace("torch.", "")]
+               for k, v in student.state_dict().items() if v.is_floating_point()}
+    summaries = [json.loads(p.read_text()) for p in audit.glob("*.json")]
+    kinds = {s["type"] for s in summaries}
+    assert {"train", "evaluate", "query.teacher_status"} <= kinds
+    for s in summaries:
+        for name, rec in s["records"].items():
+            assert rec["kind"] in ("arrays", "metrics", "config"), rec
+            if rec["kind"] == "arrays":
+                assert name == "arrays" and s["type"] == "train"
+                assert set(rec["arrays"]) == set(allowed)  # the student's tensors, nothing else
+                for k, (shape, dtype) in rec["arrays"].items():
+                    assert shape == allowed[k][0] and dtype.endswith(allowed[k][1]), k
+            elif rec["kind"] == "metrics":
+                for k, v in rec["values"].items():
+                    assert isinstance(v, int | float), (k, v)  # scalars: no per-sample lists
+            else:
+                assert set(rec["values"]) == {"site-name"}
+                assert "/" not in str(rec["values"]["site-name"])  # no path leaves the site
+
+
+def test_nan_update_is_rejected_and_not_averaged(tmp_path):
+    run = tiny_run(run_name="nan", num_rounds=1)
+    _, results, _ = _simulate(tmp_path, run, 2, _app(_poison_site_0))
+    sites = results["rounds"][0]["sites"].values()
+    statuses = sorted(s["status"] for s in sites)
+    assert statuses == ["ok", "rejected"]
+    rejected = next(s for s in sites if s["status"] == "rejected")
+    assert "NaN" in rejected["reason"] and rejected["site_name"] == "site-0"
+    assert results["rounds"][0]["failed_sites"]
+    state = load_file(results["rounds"][0]["checkpoint"])
+    assert all(np.isfinite(v.numpy()).all() for v in state.values())
+
+
+def test_killed_simulation_resumes_from_the_saved_round(tmp_path):
+    teacher = tiny_teacher(tmp_path / "teacher.safetensors")
+    cmd = [sys.executable, "-m", "server.simulate", "--name", "res", "--runs-dir",
+           str(tmp_path / "runs"), "--teacher", str(teacher), "--sites", "2", "--rounds", "3",
+           "--image-size", str(IMAGE_SIZE), "--n", "48", "--queue-size", "64",
+           "--batch-size", "16", "--local-epochs", "1", "--optimizer", "adamw", "--lr", "0.003",
+           "--augment", "flip"]
+    results_path = tmp_path / "runs" / "res" / "results.json"
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if results_path.exists() and json.loads(results_path.read_text())["rounds"]:
+            break
+        assert proc.poll() is None, "the simulation ended before its first round"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = json.loads(results_path.read_text())["rounds"]
+    assert 1 <= len(done) < 3, "kill came too late to test a resume"
+    last = done[-1]
+    subprocess.run(cmd + ["--resume"], check=True, timeout=300, stdout=subprocess.DEVNULL)
+    rounds = json.loads(results_path.read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    resumed = rounds[len(done)]
+    assert resumed["start_digest"] == last["end_digest"]  # continued from the saved weights
+    assert rounds[len(done) - 1] == last  # the completed rounds are kept as they were
