@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from deploy.runtime import executable, flower_env, stop
+from deploy.runtime import executable, exit_on_sigterm, flower_env, stop
 from moma_core.cli.common import run_cli
 from moma_core.progress import console
 from moma_core.sources import open_site_data
@@ -92,7 +92,7 @@ def start(args: argparse.Namespace) -> int:
         cmd += ["--max-wait-time", str(args.max_wait_time)]
     env = flower_env(args.cache_dir / "flwr-home")
     console.print(f"connecting to {args.server} as {args.site_name or args.cache_dir.name}")
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    proc = subprocess.Popen(cmd, env=env)  # same process group: dies with moma-client
     try:
         return proc.wait()
     except KeyboardInterrupt:
@@ -103,6 +103,7 @@ def start(args: argparse.Namespace) -> int:
 
 @run_cli
 def main() -> int:
+    exit_on_sigterm()
     try:
         return start(parser().parse_args())
     except FileNotFoundError as exc:

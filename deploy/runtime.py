@@ -62,19 +62,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def exit_on_sigterm() -> None:
+    """SIGTERM ends the command through its ``finally`` blocks (children are stopped)."""
+    def handler(signum, frame):  # noqa: ARG001
+        raise SystemExit(128 + signum)
+    signal.signal(signal.SIGTERM, handler)
+
+
 def stop(proc: subprocess.Popen | None, grace: float = 10.0) -> None:
-    """SIGTERM, then SIGKILL after ``grace`` seconds; the process group when it has one."""
+    """SIGTERM, then SIGKILL after ``grace`` seconds."""
     if proc is None or proc.poll() is not None:
         return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except (ProcessLookupError, PermissionError):
-        proc.terminate()
+    proc.terminate()
     try:
         proc.wait(grace)
     except subprocess.TimeoutExpired:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            proc.kill()
+        proc.kill()
         proc.wait(5)

@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from deploy.runtime import executable, flower_env, stop, wait_for_port
+from deploy.runtime import executable, exit_on_sigterm, flower_env, stop, wait_for_port
 from moma_core.cli.common import run_cli
 from moma_core.config import RunConfig
 from moma_core.progress import console
@@ -105,7 +105,7 @@ def serve(args: argparse.Namespace) -> int:
                 [executable("flower-superlink"), *tls, "--host", args.host, "--port",
                  str(args.port), "--database", str(out_dir / "superlink.db"),
                  "--disable-runtime-dependency-installation"],
-                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                env=env, stdout=log, stderr=subprocess.STDOUT)
         wait_for_port(address.split(":")[0], args.port, args.startup_timeout, link)
         console.print(f"SuperLink listening on {args.host}:{args.port} (log: {log_path})")
         cmd = [executable("flwr"), "run", str(app), "moma", "--stream",
@@ -146,6 +146,7 @@ def _parse_kv(text: str) -> dict:
 @run_cli
 def main() -> int:
     logging.basicConfig(level=logging.INFO)
+    exit_on_sigterm()
     try:
         return serve(parser().parse_args())
     except (FileNotFoundError, TimeoutError, RuntimeError) as exc:

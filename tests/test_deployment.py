@@ -1,0 +1,141 @@
+"""Real deployment on loopback: moma-server (SuperLink + ServerApp) and moma-client sites
+(SuperNodes) as separate processes talking gRPC; every process is stopped by PID at the end.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from deploy.runtime import free_port
+from tests.helpers import IMAGE_SIZE, tiny_teacher
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+SMALL = (f"image-size={IMAGE_SIZE} batch-size=16 queue-size=64 optimizer=\"adamw\" "
+         "lr=0.003 augment=\"flip\"")
+
+
+class Federation:
+    """Processes of one test federation, stopped (process groups) when the test ends."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = free_port()
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, cmd: list[str]) -> subprocess.Popen:
+        log = open(self.root / f"{name}.log", "wb")
+        env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+        self.procs[name] = proc
+        return proc
+
+    def server(self, teacher: Path, rounds: int, sites: int, timeout: float) -> None:
+        self.start("server", [
+            str(BIN / "moma-server"), "--teacher", str(teacher), "--name", "dep",
+            "--runs-dir", str(self.root / "runs"), "--port", str(self.port), "--insecure",
+            "--rounds", str(rounds), "--eval-source", "synthetic:target",
+            "--eval-sites", str(sites), "--run-config",
+            f"{SMALL} min-train-nodes={min(sites, 2)} min-available-nodes={sites} "
+            f"round-timeout={timeout}"])
+
+    def site(self, i: int, sites: int) -> None:
+        self.start(f"site-{i}", [
+            str(BIN / "moma-client"), "--server", f"127.0.0.1:{self.port}",
+            "--data", "synthetic:target", "--site-index", str(i), "--num-sites", str(sites),
+            "--n", "48", "--cache-dir", str(self.root / f"site-{i}"), "--site-name",
+            f"site-{i}", "--insecure", "--clientappio-port", str(free_port())])
+
+    def kill(self, name: str, sig=signal.SIGKILL) -> None:
+        proc = self.procs.pop(name)
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        proc.wait(30)
+
+    def wait_server(self, timeout: float) -> int:
+        try:
+            return self.procs["server"].wait(timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail("moma-server did not finish:\n" + self.log("server")[-4000:])
+
+    def log(self, name: str) -> str:
+        return (self.root / f"{name}.log").read_text(errors="replace")
+
+    def results(self) -> dict:
+        return json.loads((self.root / "runs" / "dep" / "results.json").read_text())
+
+    def stop_all(self) -> None:
+        for name in list(self.procs):
+            self.kill(name, signal.SIGTERM)
+
+
+@pytest.fixture
+def federation(tmp_path):
+    fed = Federation(tmp_path)
+    yield fed
+    fed.stop_all()
+
+
+def test_two_sites_two_rounds_over_grpc(federation, tmp_path):
+    teacher = tiny_teacher(tmp_path / "teacher.safetensors")
+    federation.server(teacher, rounds=2, sites=2, timeout=120)
+    for i in range(2):
+        federation.site(i, 2)
+    rc = federation.wait_server(400)
+    assert rc == 0, federation.log("server")[-4000:]
+    results = federation.results()
+    r1, r2 = results["rounds"]
+    teacher_size = teacher.stat().st_size
+    # the teacher crossed the wire once per site (round 1), never again
+    assert sorted(s["site_name"] for s in r1["sites"].values()) == ["site-0", "site-1"]
+    assert all(s["teacher_sent"] and s["bytes_down"] > teacher_size
+               for s in r1["sites"].values())
+    assert not any(s["teacher_sent"] for s in r2["sites"].values())
+    first_down = min(s["bytes_down"] for s in r1["sites"].values())
+    assert all(s["bytes_down"] < first_down - 0.9 * teacher_size for s in r2["sites"].values())
+    # the global student changed; metrics are in results.json
+    assert r1["start_digest"] != r1["end_digest"] != r2["end_digest"]
+    assert r2["server_eval"]["num_examples"] > 0 and r2["federated_eval"]["accuracy"] >= 0
+    assert results["final"]["best_round"] in (1, 2)
+    # each site verified and cached the teacher, and persisted its private state
+    for i in range(2):
+        site = tmp_path / f"site-{i}"
+        assert len(list((site / "teachers").glob("*.safetensors"))) == 1
+        assert json.loads((site / "runs" / "dep" / "state.json").read_text())["round"] == 2
+        assert "queue.queue_ptr" in load_file(str(site / "runs" / "dep" /
+                                                   "objective.safetensors"))
+
+
+def test_killed_site_does_not_stop_the_round_and_rejoins(federation, tmp_path):
+    teacher = tiny_teacher(tmp_path / "teacher.safetensors")
+    federation.server(teacher, rounds=2, sites=3, timeout=90)
+    for i in range(3):
+        federation.site(i, 3)
+    cached = tmp_path / "site-2" / "teachers"
+    deadline = time.time() + 180
+    while not (cached.exists() and any(cached.glob("*.safetensors"))):
+        assert time.time() < deadline, federation.log("server")[-3000:]
+        time.sleep(0.2)
+    federation.kill("site-2")  # dies mid-round: it received the train message
+    federation.site(2, 3)  # and comes back, with its cache, for the next round
+    rc = federation.wait_server(700)
+    assert rc == 0, federation.log("server")[-4000:]
+    r1, r2 = federation.results()["rounds"]
+    status1 = {s["site_name"]: s["status"] for s in r1["sites"].values()}
+    assert status1["site-0"] == status1["site-1"] == "ok"
+    assert list(status1.values()).count("no reply") == 1
+    assert len(r1["failed_sites"]) == 1 and r1["start_digest"] != r1["end_digest"]
+    ok2 = [s for s in r2["sites"].values() if s["status"] == "ok"]
+    assert sorted(s["site_name"] for s in ok2) == ["site-0", "site-1", "site-2"]
+    rejoined = next(s for s in ok2 if s["site_name"] == "site-2")
+    assert not rejoined["teacher_sent"]  # its cache already held the teacher
