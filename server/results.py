@@ -29,7 +29,7 @@ class RunResults:
             self.data = json.loads(self.path.read_text())
             return len(self.data.get("rounds", [])) + 1
         if self.path.is_file() and not resume:
-            raise FileExistsError(f"{self.path} exists: use --resume to continue that run or "
+            raise ValueError(f"{self.path} exists: use --resume to continue that run or "
                                   "choose another --name")
         self.data = {"schema_version": SCHEMA_VERSION, "config": config,
                      "teacher_sha256": teacher_sha, "started": time.time(), "rounds": [],

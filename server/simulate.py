@@ -14,6 +14,7 @@ import csv
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -154,6 +155,9 @@ def _domains(path: str) -> list[str]:
 def simulate(args: argparse.Namespace) -> dict:
     args = settings(args)
     out_dir = (args.runs_dir / args.name).resolve()
+    if args.demo and not args.resume and out_dir.exists():
+        console.print(f"replacing the previous demo run {out_dir}")
+        shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     teacher = ensure_teacher(args, out_dir) if args.objective != "ce" else None
     if args.student_model is None:

@@ -133,7 +133,7 @@ def test_killed_site_does_not_stop_the_round_and_rejoins(federation, tmp_path):
     r1, r2 = federation.results()["rounds"]
     status1 = {s["site_name"]: s["status"] for s in r1["sites"].values()}
     assert status1["site-0"] == status1["site-1"] == "ok"
-    assert list(status1.values()).count("no reply") == 1
+    assert status1["site-2"] in ("no reply", "failed")  # killed: timeout or node unavailable
     assert len(r1["failed_sites"]) == 1 and r1["start_digest"] != r1["end_digest"]
     ok2 = [s for s in r2["sites"].values() if s["status"] == "ok"]
     assert sorted(s["site_name"] for s in ok2) == ["site-0", "site-1", "site-2"]
