@@ -36,6 +36,7 @@ def plot_curves(path: str | Path, x: Sequence[float], panels: dict[str, dict[str
             if pts:
                 ax.plot(*zip(*pts, strict=True), marker="o", markersize=3, label=label)
         ax.set_xlabel(xlabel)
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_title(name)
         ax.grid(alpha=0.3)
         if series:

@@ -8,14 +8,16 @@ on the coordinator's held-out set, for the report's comparison.
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 from client.site_config import site_settings
+from client.site_state import TeacherCache
 from client.site_training import train_round
 from moma_core.config import RunConfig
 from moma_core.evaluate import evaluate
 from moma_core.models import Architecture, build_model
-from moma_core.report import markdown_table
+from moma_core.report import markdown_table, write_json
 from moma_core.sources import make_loader
 from server.server_app import initial_student, server_eval_set
 from server.teacher_package import package_teacher
@@ -32,8 +34,6 @@ def local_only(run: RunConfig, sites: list[dict], teacher: Path | None, eval_sou
     for node_config in sites:
         settings = site_settings(node_config)
         if package is not None:
-            from client.site_state import TeacherCache
-
             TeacherCache(settings.cache_dir).store(package.data, package.sidecar,
                                                    package.sha256)
         state = initial_student(run, arch, package)
@@ -51,15 +51,13 @@ def local_only(run: RunConfig, sites: list[dict], teacher: Path | None, eval_sou
 def local_only_section(run: RunConfig, sites: list[dict], teacher: Path | None,
                        eval_source: str, out_dir: Path) -> str:
     """Markdown comparing the federated student with each site's local-only student."""
-    import json
-
     rows = local_only(run, sites, teacher, eval_source)
     data = json.loads((out_dir / "results.json").read_text())
     fed = data["rounds"][-1].get("server_eval") or {}
     rows.insert(0, {"model": "federated (last round)", "accuracy": fed.get("accuracy"),
                     "macro_f1": fed.get("macro_f1"), "kappa": fed.get("kappa")})
     data["local_only"] = rows[1:]
-    (out_dir / "results.json").write_text(json.dumps(data, indent=2))
+    write_json(out_dir / "results.json", data)
     return "\n".join(["## Federation vs local-only training", "",
                       "Same objective, rounds and local epochs; scored on the coordinator's "
                       "held-out set (all site styles).", "",

@@ -80,7 +80,7 @@ class RunResults:
         per_site: dict[str, list] = {}
         for i, r in enumerate(rounds):
             for node, m in (r.get("federated_eval_sites") or {}).items():
-                per_site.setdefault(f"site {m.get('site-name', node)}",
+                per_site.setdefault(str(m.get("site-name", f"node {node}")),
                                     [None] * len(rounds))[i] = m.get("accuracy")
         panels = {
             "global accuracy": {"server test": series("server_eval", "accuracy"),

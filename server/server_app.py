@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
+from safetensors.torch import load as load_safetensors
 from torch.utils.data import ConcatDataset, Dataset
 
 from client import protocol as P
@@ -65,8 +66,7 @@ def initial_student(run: RunConfig, arch: Architecture,
     if teacher is not None and run.init_from_teacher and \
             teacher.architecture.model_name == arch.model_name:
         t_model = build_model(teacher.architecture)
-        from safetensors.torch import load as load_bytes
-        t_model.load_state_dict(load_bytes(teacher.data))
+        t_model.load_state_dict(load_safetensors(teacher.data))
         init_student_from_teacher(model, t_model)
     return P.wire_state(model.state_dict())
 

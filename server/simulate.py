@@ -24,6 +24,8 @@ from moma_core.config import AGGREGATIONS, RunConfig
 from moma_core.data.synthetic import TARGET_CLASSES
 from moma_core.partition import PARTITIONERS, partition
 from moma_core.progress import console
+from server.baseline import local_only_section
+from server.results import RunResults
 
 
 def parser() -> argparse.ArgumentParser:
@@ -180,11 +182,8 @@ def simulate(args: argparse.Namespace) -> dict:
                   f"({args.student_model}, {args.aggregation}) → {out_dir}")
     final = run_simulated(run, out_dir.parent, teacher, eval_source, args.resume, args.sites)
     if args.demo and not args.no_local_baseline and args.data is None:
-        from server.baseline import local_only_section
-
+        console.print("local-only baseline: each site alone, same objective and budget …")
         section = local_only_section(run, sites, teacher, eval_source, out_dir)
-        from server.results import RunResults
-
         results = RunResults(out_dir)
         results.data = json.loads(results.path.read_text())
         results.write_report([section])
