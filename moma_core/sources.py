@@ -8,6 +8,7 @@ transforms: training augmentation for train, deterministic preprocessing for val
 
 from __future__ import annotations
 
+import csv
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,8 +75,9 @@ def open_site_data(source: str, image_size: int = 64, augment: str = "randaugmen
     """Train/val datasets of a source (see module docstring).
 
     Synthetic: ``n`` training and ``n·val_fraction`` validation images drawn with the site's
-    style (and label skew ``class_probs``). A path: its ``train``/``val`` sub-splits when it has
-    them, else a stratified split of ``val_fraction`` for validation (seeded).
+    style (and label skew ``class_probs``). A path: its ``train``/``val`` splits when it has them
+    (sub-folders, NPZ keys or a CSV ``split`` column), else a stratified split of
+    ``val_fraction`` for validation (seeded).
     """
     train_tf = build_transform(image_size, train=True, augment=augment, stain_jitter=stain_jitter)
     eval_tf = build_transform(image_size, train=False)
@@ -145,4 +147,8 @@ def _optional_split(path: Path, split: str, on_error: str, classes: list[str]):
         with np.load(path) as z:
             if f"{split}_images" in z:
                 return load_dataset(path, split=split)
+    if path.suffix == ".csv":
+        with open(path, newline="") as f:
+            if any(row.get("split") == split for row in csv.DictReader(f)):
+                return load_dataset(path, split=split, on_error=on_error, classes=classes)
     return None

@@ -1,0 +1,77 @@
+"""A user's own files: site data checks before connecting, CSV splits, partitioned simulation."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from moma_core.data.synthetic import TARGET_CLASSES, generate
+from moma_core.sources import open_site_data
+
+BIN = Path(sys.executable).parent
+
+
+def _image_folder(root: Path, per_class: int = 12) -> Path:
+    images, labels = generate("target", per_class * 4, seed=3, image_size=32)
+    for i, (img, y) in enumerate(zip(images, labels, strict=True)):
+        folder = root / TARGET_CLASSES[y]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(folder / f"{i}.png")
+    return root
+
+
+def test_moma_client_checks_data_and_reports_counts(tmp_path):
+    root = _image_folder(tmp_path / "slides")
+    r = subprocess.run([BIN / "moma-client", "--server", "127.0.0.1:1", "--data", root,
+                        "--cache-dir", tmp_path / "cache", "--check-only"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "benign=" in r.stderr and "grade_3=" in r.stderr and "36 train / 12 val" in r.stderr
+    (root / "grade_1" / "broken.png").write_bytes(b"not an image")
+    r = subprocess.run([BIN / "moma-client", "--server", "127.0.0.1:1", "--data", root,
+                        "--cache-dir", tmp_path / "cache", "--insecure"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "broken.png" in r.stderr  # refused before connecting
+    assert "connecting" not in r.stderr
+
+
+def test_csv_split_column_gives_the_validation_set(tmp_path):
+    root = _image_folder(tmp_path / "slides", per_class=6)
+    manifest = tmp_path / "m.csv"
+    with open(manifest, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "split"])
+        for i, p in enumerate(sorted(root.rglob("*.png"))):
+            w.writerow([p.relative_to(tmp_path), p.parent.name, "val" if i % 3 == 0 else "train"])
+    data = open_site_data(str(manifest), image_size=32, augment="none")
+    assert (len(data.train), len(data.val)) == (16, 8)
+    assert data.classes == list(TARGET_CLASSES)
+
+
+@pytest.mark.slow
+def test_simulation_on_a_partitioned_user_dataset(tmp_path):
+    from tests.helpers import tiny_teacher
+
+    root = _image_folder(tmp_path / "slides")
+    teacher = tiny_teacher(tmp_path / "teacher.safetensors")
+    r = subprocess.run([sys.executable, "-m", "server.simulate", "--name", "user", "--runs-dir",
+                        tmp_path / "runs", "--teacher", teacher, "--sites", "2", "--rounds", "1",
+                        "--data", root, "--partitioner", "dirichlet", "--alpha", "1.0",
+                        "--image-size", "32", "--queue-size", "64", "--batch-size", "8",
+                        "--optimizer", "adamw", "--lr", "0.003", "--augment", "flip"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    sites = json.loads((tmp_path / "runs" / "user" / "sites.json").read_text())
+    counts = []
+    for site in sites:
+        with open(site["data-path"], newline="") as f:
+            counts.append(sum(1 for _ in csv.DictReader(f)))
+    assert sum(counts) == 48
+    results = json.loads((tmp_path / "runs" / "user" / "results.json").read_text())
+    sites_ok = [s for s in results["rounds"][0]["sites"].values() if s["status"] == "ok"]
+    assert len(sites_ok) == 2
+    assert sorted(s["num_examples"] for s in sites_ok) != [0, 0]
