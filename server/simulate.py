@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -228,7 +229,11 @@ def run_simulated(run: RunConfig, runs_dir: Path, teacher: Path | None, eval_sou
 def main() -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("moma").setLevel(logging.INFO)
-    simulate(parser().parse_args())
+    try:
+        simulate(parser().parse_args())
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -44,7 +44,11 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
     """Connected node ids, waiting up to ``timeout`` seconds for ``minimum`` of them."""
     deadline = time.time() + timeout
     nodes = list(grid.get_node_ids())
+    last_report = 0.0
     while len(nodes) < minimum and time.time() < deadline:
+        if time.time() - last_report > 30:
+            log.info("waiting for sites: %d of %d connected", len(nodes), minimum)
+            last_report = time.time()
         time.sleep(1.0)
         nodes = list(grid.get_node_ids())
     return nodes
@@ -95,6 +99,11 @@ class MomaStrategy(FedAvg):
     # -- training ---------------------------------------------------------------------------
     def _sample(self, fraction: float) -> list[int]:
         nodes = wait_for_nodes(self._grid, self.run.min_available_nodes, self.run.round_timeout)
+        if len(nodes) < self.run.min_train_nodes:
+            raise RuntimeError(
+                f"only {len(nodes)} site(s) connected after {self.run.round_timeout:.0f} s; "
+                f"the run needs at least {self.run.min_train_nodes} (min-train-nodes). The "
+                "completed rounds are saved: start again with --resume")
         size = min(len(nodes), max(int(len(nodes) * fraction), self.run.min_train_nodes))
         return sorted(self.rng.sample(nodes, size)) if nodes else []
 

@@ -171,3 +171,10 @@ def test_killed_simulation_resumes_from_the_saved_round(tmp_path):
     resumed = rounds[len(done)]
     assert resumed["start_digest"] == last["end_digest"]  # continued from the saved weights
     assert rounds[len(done) - 1] == last  # the completed rounds are kept as they were
+
+
+def test_too_few_sites_stop_the_run_with_a_clear_error(tmp_path):
+    run = tiny_run(run_name="few", num_rounds=1, min_train_nodes=3, min_available_nodes=3,
+                   round_timeout=3.0)
+    with pytest.raises(RuntimeError, match=r"only 2 site\(s\) connected .* at least 3"):
+        _simulate(tmp_path, run, 2, _app())
