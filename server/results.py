@@ -27,6 +27,10 @@ class RunResults:
         """Begin or resume; returns the first round to run."""
         if resume and self.path.is_file():
             self.data = json.loads(self.path.read_text())
+            if self.data.get("teacher_sha256") != teacher_sha:
+                raise ValueError(f"{self.path}: the run was started with teacher "
+                                 f"{str(self.data.get('teacher_sha256'))[:12]}…, not "
+                                 f"{str(teacher_sha)[:12]}…; resume with the same teacher")
             return len(self.data.get("rounds", [])) + 1
         if self.path.is_file() and not resume:
             raise ValueError(f"{self.path} exists: use --resume to continue that run or "

@@ -64,3 +64,4 @@ def test_site_settings_from_node_config(tmp_path):
     assert s.site_index == 1 and s.class_probs == (0.7, 0.1, 0.1, 0.1)
     with pytest.raises(SiteConfigError, match="cache-dir"):
         site_settings({"data-path": "/data"})
+
