@@ -149,6 +149,12 @@ class MoMA(_TeacherObjective):
     ``attention_keys = "trained"`` lets A_k and A_enq learn; the reference leaves them at their
     random initialisation. The reference applies its third attention to the whole queue each
     step (K tokens, a K×K matrix); here it maps the batch keys as they are enqueued (B×B).
+
+    Observed with the reference defaults on the synthetic benchmark: because q is not
+    re-normalised after A_q and positives (A_k) and negatives (A_enq) come from different
+    random maps, the NCE term falls to ~0 within a few epochs and adds little; and a momentum
+    teacher next to a randomly initialised student drifts towards noise, so start the student
+    from the teacher (as the paper does) or use ``teacher_update="frozen"``.
     """
 
     name = "moma"
