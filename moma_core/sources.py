@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from moma_core.data.datasets import (
+    ArrayImageDataset,
     DataError,
     class_counts,
     load_dataset,
@@ -133,8 +134,6 @@ def make_loader(ds: Dataset, batch_size: int, train: bool, seed: int = 0,
 
 
 def _synthetic(task, n, seed, image_size, style, class_probs):
-    from moma_core.data.datasets import ArrayImageDataset
-
     images, labels = generate(task, n, seed, image_size=image_size, style=style,
                               class_probs=class_probs)
     return ArrayImageDataset(images, labels, list(TASKS[task]))

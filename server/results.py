@@ -43,13 +43,10 @@ class RunResults:
     def checkpoint_path(self, server_round: int) -> Path:
         return self.dir / "checkpoints" / f"global-round-{server_round:03d}.safetensors"
 
-    def last_checkpoint(self) -> tuple[dict[str, torch.Tensor], str] | None:
+    def last_checkpoint(self) -> dict[str, torch.Tensor] | None:
+        """The global student after the last completed round (hash-checked)."""
         rounds = self.data.get("rounds", [])
-        if not rounds:
-            return None
-        path = Path(rounds[-1]["checkpoint"])
-        state, _, side = load_checkpoint(path)
-        return state, side["sha256"]
+        return load_checkpoint(Path(rounds[-1]["checkpoint"]))[0] if rounds else None
 
     def add_round(self, entry: dict, state: dict[str, torch.Tensor], arch: Architecture,
                   server_state: dict) -> None:

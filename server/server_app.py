@@ -82,8 +82,8 @@ def run_federation(grid: Grid, run: RunConfig, out_dir: Path, teacher_path: str 
     first = results.start(run.to_flat(), teacher.sha256 if teacher else None, resume)
     strategy = MomaStrategy(run, teacher)
     last = results.last_checkpoint() if first > 1 else None
-    state = last[0] if last else initial_student(run, arch, teacher)
-    if last:
+    state = last if last is not None else initial_student(run, arch, teacher)
+    if last is not None:
         log.info("resuming after round %d from %s", first - 1, results.data["rounds"][-1]
                  ["checkpoint"])
         saved_rng = results.data.get("server_state", {}).get("rng")

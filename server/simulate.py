@@ -76,7 +76,7 @@ def settings(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def ensure_teacher(args: argparse.Namespace, out_dir: Path) -> Path:
+def ensure_teacher(args: argparse.Namespace) -> Path:
     """The given teacher, or (demo) one trained on the synthetic source task."""
     if args.teacher is not None:
         if not args.teacher.is_file():
@@ -162,7 +162,7 @@ def simulate(args: argparse.Namespace) -> dict:
         console.print(f"replacing the previous demo run {out_dir}")
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    teacher = ensure_teacher(args, out_dir) if args.objective != "ce" else None
+    teacher = ensure_teacher(args) if args.objective != "ce" else None
     if args.student_model is None:
         from moma_core.checkpoint import read_sidecar
 

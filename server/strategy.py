@@ -97,8 +97,8 @@ class MomaStrategy(FedAvg):
         self._reference: dict[str, torch.Tensor] | None = None
 
     # -- training ---------------------------------------------------------------------------
-    def _sample(self, fraction: float) -> list[int]:
-        nodes = wait_for_nodes(self._grid, self.run.min_available_nodes, self.run.round_timeout)
+    def _sample(self, grid: Grid, fraction: float) -> list[int]:
+        nodes = wait_for_nodes(grid, self.run.min_available_nodes, self.run.round_timeout)
         if len(nodes) < self.run.min_train_nodes:
             raise RuntimeError(
                 f"only {len(nodes)} site(s) connected after {self.run.round_timeout:.0f} s; "
@@ -122,9 +122,8 @@ class MomaStrategy(FedAvg):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        self._grid = grid
         self._reference = arrays.to_torch_state_dict()
-        nodes = self._sample(self.run.fraction_train)
+        nodes = self._sample(grid, self.run.fraction_train)
         has_teacher = self.teacher_status(grid, nodes)
         config = ConfigRecord({**dict(config), **self.run.to_flat(),
                                "server-round": server_round,
