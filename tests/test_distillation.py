@@ -15,6 +15,7 @@ from moma_core.sources import make_loader, open_eval_data, open_site_data
 from moma_core.train import TrainConfig, train_local
 
 SIZE = 40
+EPOCHS = 50  # 200 steps: short runs leave both students undertrained and the gap noisy
 
 
 def _train(kind, data, teacher, seed, epochs):
@@ -35,11 +36,13 @@ def test_moma_student_beats_ce_only_on_held_out_data():
     test = make_loader(open_eval_data("synthetic:target", SIZE, seed=0, n=400), 128, False)
     teacher_acc = evaluate(teacher, test, 4)["accuracy"]
     gains = []
-    for seed in (0, 1):
+    for seed in (0, 1, 2):
         site = open_site_data("synthetic:target", SIZE, "randaugment", seed=seed, n=64)
-        ce = evaluate(_train("ce", site, None, seed, 15), test, 4)["accuracy"]
-        moma = evaluate(_train("moma", site, teacher, seed, 15), test, 4)["accuracy"]
+        ce = evaluate(_train("ce", site, None, seed, EPOCHS), test, 4)["accuracy"]
+        moma = evaluate(_train("moma", site, teacher, seed, EPOCHS), test, 4)["accuracy"]
         print(f"seed {seed}: teacher {teacher_acc:.3f} CE-only {ce:.3f} MoMA {moma:.3f}")
         gains.append(moma - ce)
     assert teacher_acc > 0.65
-    assert min(gains) > 0.0 and np.mean(gains) > 0.03
+    # Measured gains are ~0.10-0.14 per seed; float results differ between CPUs by a few
+    # points, so the bar sits well below the measured gain and well above zero.
+    assert min(gains) > 0.02 and np.mean(gains) > 0.05
