@@ -207,7 +207,7 @@ class MoMA(_TeacherObjective):
                 k = self.attn_k(k_in)
         logits, labels = self.queue.logits(q, k)
         nce = F.cross_entropy(logits, labels)
-        self._pending_keys = k.detach()
+        self._pending_keys = k.detach().float()  # after_step runs outside autocast (AMP)
         total = cfg.ce_weight * ce + cfg.kl_weight * kl + cfg.nce_weight * nce
         return total, {"ce": ce.detach(), "kl": kl.detach(), "nce": nce.detach()}
 

@@ -108,6 +108,22 @@ def test_keys_are_enqueued_after_the_step():
     assert int(obj.queue.queue_ptr) == 8
 
 
+@pytest.mark.parametrize("update", ["momentum", "frozen"])
+def test_a_step_under_mixed_precision_autocast(update):
+    """The CUDA AMP path (``TrainConfig.amp``) computes keys in half precision inside autocast
+    and enqueues them outside it; CPU bfloat16 autocast exercises the same dtype mixing."""
+    teacher, student = _pair()
+    obj = build_objective(ObjectiveConfig(**SMALL, teacher_update=update), student, teacher)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, parts = obj.loss(student, torch.randn(8, 3, 32, 32), torch.randint(0, 4, (8,)))
+    assert obj._pending_keys.dtype == torch.float32
+    loss.backward()
+    obj.after_step(student)
+    assert torch.isfinite(loss) and parts["kl"] > 0 and parts["nce"] > 0
+    assert int(obj.queue.queue_ptr) == 8 and obj.queue.queue.dtype == torch.float32
+    assert torch.isfinite(obj.queue.queue).all()
+
+
 def test_student_starts_from_teacher_backbone():
     teacher, student = _pair(4, 3)
     copied = init_student_from_teacher(student, teacher)
