@@ -225,10 +225,21 @@ def run_simulated(run: RunConfig, runs_dir: Path, teacher: Path | None, eval_sou
     return final
 
 
+def _quiet_flower_logs() -> None:
+    """Flower logs through its own console handler (INFO and up): stop its records also reaching
+    the root handler (DEBUG lines, warnings twice), and drop the notice that ``run_simulation``
+    is deprecated in favour of ``flwr run``: the in-process engine is used on purpose, so that
+    a failing ServerApp fails this command (see docs/federation.md)."""
+    flwr_log = logging.getLogger("flwr")
+    flwr_log.propagate = False
+    flwr_log.addFilter(lambda r: "`run_simulation` function is deprecated" not in r.getMessage())
+
+
 @run_cli
 def main() -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("moma").setLevel(logging.INFO)
+    _quiet_flower_logs()
     try:
         simulate(parser().parse_args())
     except RuntimeError as exc:
