@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -225,21 +226,27 @@ def run_simulated(run: RunConfig, runs_dir: Path, teacher: Path | None, eval_sou
     return final
 
 
-def _quiet_flower_logs() -> None:
-    """Flower logs through its own console handler (INFO and up): stop its records also reaching
-    the root handler (DEBUG lines, warnings twice), and drop the notice that ``run_simulation``
-    is deprecated in favour of ``flwr run``: the in-process engine is used on purpose, so that
-    a failing ServerApp fails this command (see docs/federation.md)."""
+def _quiet_engine_logs() -> None:
+    """Show the engines' messages once and only those that matter to a user.
+
+    Flower logs through its own console handler (INFO and up): its records no longer also reach
+    the root handler (DEBUG lines, warnings twice). Dropped: the notice that ``run_simulation``
+    is deprecated in favour of ``flwr run`` (the in-process engine is used on purpose, so that a
+    failing ServerApp fails this command; see docs/federation.md) and Ray's tip on GPU
+    visibility (simulated sites train on the CPU).
+    """
     flwr_log = logging.getLogger("flwr")
     flwr_log.propagate = False
     flwr_log.addFilter(lambda r: "`run_simulation` function is deprecated" not in r.getMessage())
+    warnings.filterwarnings("ignore", message="Tip: In future versions of Ray",
+                            category=FutureWarning)
 
 
 @run_cli
 def main() -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("moma").setLevel(logging.INFO)
-    _quiet_flower_logs()
+    _quiet_engine_logs()
     try:
         simulate(parser().parse_args())
     except RuntimeError as exc:
