@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -157,6 +158,7 @@ def _domains(path: str) -> list[str]:
 
 
 def simulate(args: argparse.Namespace) -> dict:
+    started = time.perf_counter()
     args = settings(args)
     out_dir = (args.runs_dir / args.name).resolve()
     if args.demo and not args.resume and out_dir.exists():
@@ -189,7 +191,8 @@ def simulate(args: argparse.Namespace) -> dict:
         results = RunResults(out_dir)
         results.data = json.loads(results.path.read_text())
         results.write_report([section])
-    console.print(f"done: {out_dir}/results.json, report.md, curves.png")
+    console.print(f"done in {time.perf_counter() - started:.0f} s: "
+                  f"{out_dir}/results.json, report.md, curves.png")
     return final
 
 
