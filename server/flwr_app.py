@@ -1,8 +1,8 @@
 """The Flower app folder that ``moma-server`` hands to ``flwr run``: a pyproject.toml only.
 
 It names the ServerApp/ClientApp of the installed ``moma-fl`` package and lists every
-overridable run-config key with its default. Holding no code, the app bundle cannot make a
-site run anything but the moma-fl it installed.
+overridable run-config key with its default. It holds no code; every site checks that (see
+:mod:`deploy.app_bundle`) before it runs anything, so a site runs only the moma-fl it installed.
 """
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from deploy.app_bundle import COMPONENTS, PUBLISHER, installed_version
 from moma_core.config import RunConfig
 
 #: Run-config keys read by the ServerApp besides RunConfig's.
 SERVER_KEYS = {"teacher-path": "", "output-dir": "", "eval-source": "", "resume": False,
-               "eval-sites": 1}
-COMPONENTS = {"serverapp": "server.server_app:app", "clientapp": "client.client_app:app"}
+               "eval-sites": 1, "site-registry": ""}
 
 
 def default_run_config() -> dict:
@@ -35,15 +35,15 @@ def run_config_arg(values: dict) -> str:
     return " ".join(f"{k}={toml_value(v)}" for k, v in values.items())
 
 
-def write_app(folder: Path, version: str = "0.1.0") -> Path:
+def write_app(folder: Path) -> Path:
     """Write ``folder/pyproject.toml``; returns the folder."""
     folder.mkdir(parents=True, exist_ok=True)
     lines = ["[build-system]", 'requires = ["setuptools>=68"]',
              'build-backend = "setuptools.build_meta"', "", "[project]",
-             'name = "moma-fl-app"', f'version = "{version}"',
+             'name = "moma-fl-app"', f'version = "{installed_version()}"',
              'description = "MoMA-FL federation (code from the installed moma-fl package)"',
              'license = "Apache-2.0"', "dependencies = []", "", "[tool.flwr.app]",
-             'publisher = "moma-fl"', "", "[tool.flwr.app.components]"]
+             f'publisher = "{PUBLISHER}"', "", "[tool.flwr.app.components]"]
     lines += [f'{k} = "{v}"' for k, v in COMPONENTS.items()]
     lines += ["", "[tool.flwr.app.config]"]
     lines += [f"{k} = {toml_value(v)}" for k, v in default_run_config().items()]

@@ -1,0 +1,103 @@
+"""Flower's SuperLink with everything but the sites' API closed to the network.
+
+Flower 1.41 serves the Fleet API (sites), the Control API (run submission, node registration)
+and the Runtime API (the ServerApp's link) on one ``--host/--port``; without Flower's
+enterprise account login, anyone who reaches that port could submit a run, and its ServerApp
+would execute on the coordinator and push code to every site. This launcher runs the unchanged
+``flower-superlink`` command with one ASGI gate in front of Flower's app: requests from other
+hosts reach only ``/v1/fleet/*`` (and ``/health``); everything else answers 403 unless it comes
+from this host's loopback, where ``moma-server`` submits its own run.
+
+Usage: ``python -m deploy.superlink <flower-superlink arguments>``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import sys
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+log = logging.getLogger("moma.superlink")
+
+Scope = MutableMapping[str, Any]
+ASGIApp = Callable[[Scope, Callable, Callable], Awaitable[None]]
+
+#: Paths any host may reach: the sites' Fleet API and the health probe.
+PUBLIC_PREFIXES = ("/v1/fleet/",)
+PUBLIC_PATHS = frozenset({"/health"})
+
+
+def is_loopback(host: str | None) -> bool:
+    if not host:
+        return False
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def allowed(path: str, client_host: str | None) -> bool:
+    """Whether a request for ``path`` from ``client_host`` may pass the gate."""
+    if path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES):
+        return True
+    return is_loopback(client_host)
+
+
+class SiteGate:
+    """ASGI middleware: only the Fleet API is reachable from other hosts."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Callable, send: Callable) -> None:
+        if scope.get("type") in ("http", "websocket"):
+            path = str(scope.get("path", ""))
+            client = scope.get("client")
+            host = client[0] if client else None
+            if not allowed(path, host):
+                log.warning("refused %s from %s: only the coordinator host may use it",
+                            path, host)
+                if scope["type"] == "websocket":
+                    await send({"type": "websocket.close", "code": 1008})
+                    return
+                body = json.dumps({"detail": "forbidden: only the coordinator host may use "
+                                             "this API"}).encode()
+                await send({"type": "http.response.start", "status": 403,
+                            "headers": [(b"content-type", b"application/json"),
+                                        (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+
+def _install_gate() -> None:
+    import flwr.superlink.main as flower_main
+
+    create_app = flower_main.create_app
+
+    def gated_create_app(*args: Any, **kwargs: Any):
+        app = create_app(*args, **kwargs)
+        app.add_middleware(SiteGate)  # outermost: runs before any Flower middleware
+        return app
+
+    flower_main.create_app = gated_create_app
+
+
+def main() -> None:
+    from flwr.superlink.cli import flower_superlink
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    _install_gate()
+    sys.argv[0] = "flower-superlink"
+    flower_superlink()
+
+
+if __name__ == "__main__":
+    main()
