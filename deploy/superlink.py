@@ -16,6 +16,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import posixpath
 import sys
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -41,9 +42,13 @@ def is_loopback(host: str | None) -> bool:
 
 def allowed(path: str, client_host: str | None) -> bool:
     """Whether a request for ``path`` from ``client_host`` may pass the gate."""
+    if is_loopback(client_host):
+        return True
+    if posixpath.normpath(path) != path or "\\" in path:
+        return False  # no dot segments, doubled or trailing slashes from other hosts
     if path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES):
         return True
-    return is_loopback(client_host)
+    return False
 
 
 class SiteGate:
