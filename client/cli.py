@@ -1,17 +1,28 @@
 """``moma-client``: check this site's data, then start a Flower SuperNode for it.
 
+Secure by default: ``--kit`` is the folder the coordinator made for this site with
+``moma-deploy`` (CA certificate, the site's node-authentication key, the coordinator's
+teacher-signing key, ``site.toml`` with the site name and server address). Connections are TLS,
+the SuperLink admits the site only by its registered key, teachers must carry the coordinator's
+signature, and the SuperNode runs only this installed moma-fl (:mod:`client.app_guard`).
+Plaintext without authentication only with ``--insecure`` (local trials).
+
 The data path, cache directory and device are this site's own settings; they go into the
 SuperNode's node config and are never taken from the coordinator. The data is validated (and
-its class counts shown) before anything connects.
+its class counts shown) before anything connects. No child process outlives this command; a
+second ``moma-client`` on the same cache folder or port is refused.
 """
 
 from __future__ import annotations
 
 import argparse
-import subprocess
+import os
 import sys
+import tomllib
 from pathlib import Path
 
+from client.app_guard import LOG_ENV, write_launcher
+from deploy.lifecycle import BusyError, InstanceLock, check_port_free, kill_tagged, spawn
 from deploy.runtime import executable, exit_on_sigterm, flower_env, stop
 from moma_core.cli.common import run_cli
 from moma_core.progress import console
@@ -20,17 +31,21 @@ from moma_core.sources import open_site_data
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moma-client", description=__doc__.splitlines()[0])
-    p.add_argument("--server", required=True, help="coordinator address host:port")
-    p.add_argument("--data", required=True,
-                   help="ImageFolder dir, .csv manifest, .npz, or synthetic:target")
-    p.add_argument("--cache-dir", type=Path, required=True,
-                   help="teacher cache and private site state (never sent)")
-    p.add_argument("--site-name", default=None)
+    p.add_argument("--kit", type=Path,
+                   help="this site's kit from the coordinator (moma-deploy): TLS + site auth")
+    p.add_argument("--server", help="coordinator address host:port (default: the kit's)")
+    p.add_argument("--data", help="ImageFolder dir, .csv manifest, .npz, or synthetic:target "
+                                  "(default: the kit's site.toml 'data')")
+    p.add_argument("--cache-dir", type=Path,
+                   help="teacher cache and private site state, never sent (default: the "
+                        "kit's site.toml 'cache-dir')")
+    p.add_argument("--site-name", default=None,
+                   help="--insecure only: with a kit the name is the registered one")
     p.add_argument("--device", default="auto")
-    p.add_argument("--insecure", action="store_true", help="plaintext gRPC (testing only)")
-    p.add_argument("--root-certificates", type=Path, help="CA certificate of the coordinator")
+    p.add_argument("--insecure", action="store_true",
+                   help="plaintext, no site authentication, unsigned teachers (local trials)")
     p.add_argument("--clientappio-port", type=int, default=9094,
-                   help="local port of this SuperNode's app runtime (one per SuperNode)")
+                   help="local port (127.0.0.1) of this SuperNode's app runtime")
     p.add_argument("--max-retries", type=int, default=None,
                    help="give up after this many reconnection attempts (default: forever)")
     p.add_argument("--max-wait-time", type=float, default=None)
@@ -43,12 +58,46 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def resolve(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill server, data, cache dir and name from the kit; check the mode's requirements."""
+    args.kit_info = None
+    if args.kit is not None:
+        from deploy.federation import SiteKit
+
+        kit = SiteKit.load(args.kit)
+        args.kit_info = kit
+        site_toml = tomllib.loads((kit.root / "site.toml").read_text())
+        args.server = args.server or kit.server
+        if args.data is None and site_toml.get("data"):
+            args.data = str(site_toml["data"])
+        if args.cache_dir is None and site_toml.get("cache-dir"):
+            args.cache_dir = Path(str(site_toml["cache-dir"]))
+        if args.site_name and args.site_name != kit.site_name:
+            raise ValueError(f"--site-name {args.site_name!r}: this kit belongs to "
+                             f"{kit.site_name!r} (a site's name is its registered key's)")
+        args.site_name = kit.site_name
+        if args.insecure:
+            raise ValueError("--insecure and --kit exclude each other")
+    elif not args.insecure and not args.check_only:
+        raise ValueError("give --kit (the folder the coordinator made for this site with "
+                         "moma-deploy), or --insecure for a plaintext local trial")
+    if not args.data:
+        raise ValueError("no data: give --data (or 'data' in the kit's site.toml)")
+    if args.cache_dir is None:
+        raise ValueError("no cache folder: give --cache-dir (or 'cache-dir' in site.toml)")
+    if not args.check_only and not args.server:
+        raise ValueError("no coordinator address: give --server host:port")
+    return args
+
+
 def node_config(args: argparse.Namespace) -> str:
     data = args.data if args.data.startswith("synthetic:") else str(Path(args.data).resolve())
     values = {"data-path": data, "cache-dir": str(args.cache_dir.resolve()),
               "device": args.device, "site-name": args.site_name or args.cache_dir.name,
               "num-sites": args.num_sites, "n": args.n,
               "skip-bad-images": "true" if args.skip_bad_images else "false"}
+    if args.kit_info is not None:
+        values["teacher-signer"] = str(args.kit_info.teacher_signer.resolve())
     if args.site_index is not None:
         values["site-index"] = args.site_index
     return " ".join(f'{k}="{v}"' if isinstance(v, str) else f"{k}={v}"
@@ -69,36 +118,57 @@ def check_data(args: argparse.Namespace) -> dict:
     return counts
 
 
+def transport_args(args: argparse.Namespace) -> list[str]:
+    if args.insecure:
+        console.print("[yellow]warning: --insecure: traffic to the coordinator is not "
+                      "encrypted, this site is not authenticated and teachers are not "
+                      "signature-checked (local trials only)")
+        return ["--insecure"]
+    from deploy.pki import check_certificate
+
+    kit = args.kit_info
+    warning = check_certificate(kit.ca_cert)
+    if warning:
+        console.print(f"[yellow]warning: {warning}")
+    return ["--root-certificates", str(kit.ca_cert.resolve()),
+            "--auth-supernode-private-key", str(kit.node_key.resolve())]
+
+
 def start(args: argparse.Namespace) -> int:
+    resolve(args)
     check_data(args)
     if args.check_only:
         return 0
-    if args.insecure:
-        console.print("[yellow]warning: --insecure: traffic to the coordinator is not encrypted")
-        tls = ["--insecure"]
-    elif args.root_certificates is not None:
-        if not args.root_certificates.is_file():
-            raise ValueError(f"{args.root_certificates}: no such file")
-        tls = ["--root-certificates", str(args.root_certificates)]
-    else:
-        raise ValueError("TLS needs --root-certificates (or --insecure for a plaintext test)")
-    args.cache_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [executable("flower-supernode"), *tls, "--superlink", args.server,
-           "--port", str(args.clientappio_port),
-           "--node-config", node_config(args)]
-    if args.max_retries is not None:
-        cmd += ["--max-retries", str(args.max_retries)]
-    if args.max_wait_time is not None:
-        cmd += ["--max-wait-time", str(args.max_wait_time)]
-    env = flower_env(args.cache_dir / "flwr-home")
-    console.print(f"connecting to {args.server} as {args.site_name or args.cache_dir.name}")
-    proc = subprocess.Popen(cmd, env=env)  # same process group: dies with moma-client
+    transport = transport_args(args)
+    cache = args.cache_dir.resolve()
+    lock = InstanceLock(cache / ".moma-client.lock", f"site cache folder {cache}")
+    killed = lock.acquire()
+    proc = None
     try:
+        if killed:
+            console.print(f"stopped {len(killed)} leftover process(es) of a previous "
+                          "moma-client on this cache folder")
+        check_port_free("127.0.0.1", args.clientappio_port)
+        env = flower_env(cache / "flwr-home")
+        launcher_dir = write_launcher(cache / "bin").parent
+        env["PATH"] = str(launcher_dir) + os.pathsep + env["PATH"]
+        env[LOG_ENV] = str(cache / "logs" / "guard.log")
+        cmd = [executable("flower-supernode"), *transport, "--superlink", args.server,
+               "--host", "127.0.0.1", "--port", str(args.clientappio_port),
+               "--node-config", node_config(args)]
+        if args.max_retries is not None:
+            cmd += ["--max-retries", str(args.max_retries)]
+        if args.max_wait_time is not None:
+            cmd += ["--max-wait-time", str(args.max_wait_time)]
+        console.print(f"connecting to {args.server} as {args.site_name or cache.name}")
+        proc = spawn(cmd, lock.env(env))
         return proc.wait()
     except KeyboardInterrupt:
         return 130
     finally:
         stop(proc)
+        kill_tagged(lock.tag)
+        lock.release()
 
 
 @run_cli
@@ -106,6 +176,6 @@ def main() -> int:
     exit_on_sigterm()
     try:
         return start(parser().parse_args())
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, BusyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

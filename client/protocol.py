@@ -1,18 +1,31 @@
-"""What crosses the wire between coordinator and site, by record key.
+"""What crosses the wire between coordinator and site, by record key — and nothing else.
 
 Coordinator → site (train): ``arrays`` (global student, float tensors), ``config`` (round,
 training settings, ``teacher-sha256``), and — only when the site lacks it — ``teacher`` (the
 teacher's safetensors file as raw bytes) with ``teacher-meta`` (its sidecar JSON).
 Coordinator → site (query ``teacher-status``): ``config`` with ``teacher-sha256``.
-Site → coordinator: ``arrays`` (its new student, train only) and ``metrics`` (aggregate losses
-and metrics, ``num-examples``). Nothing else leaves a site: no images, features, logits, queue,
-memory bank or path.
+Site → coordinator: ``arrays`` (its new student, train only; under FedBN without the
+normalisation layers) and ``metrics`` (aggregate losses and metrics named in
+:data:`METRIC_NAMES`, ``num-examples``); the status reply adds ``config`` with a ``site-name``.
+A failing site answers with an error whose code and reason are one of :data:`ERROR_CODES`,
+never the exception text. Nothing else leaves a site: no images, features, logits, queue,
+memory bank, file name or path. Both sides check replies with :func:`check_site_reply` and
+:func:`check_error_reply`: the site before it sends, the coordinator on receipt.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Collection
+
 import numpy as np
 import torch
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+
+from client.site_config import SiteConfigError
+from moma_core.checkpoint import CheckpointError
+from moma_core.data.datasets import DataError
+from moma_core.train import TrainingDiverged
 
 ARRAYS = "arrays"
 CONFIG = "config"
@@ -22,9 +35,184 @@ TEACHER_META = "teacher-meta"
 TEACHER_FILE = "teacher.safetensors"
 TEACHER_SHA = "teacher-sha256"
 TEACHER_STATUS = "query.teacher_status"
+TRAIN = "train"
+EVALUATE = "evaluate"
 NUM_EXAMPLES = "num-examples"
+HAS_TEACHER = "has-teacher"
+SITE_NAME = "site-name"
+SITE_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+# -- error replies ---------------------------------------------------------------------------
+# Codes from 100 on: Flower's own error codes (node unavailable, app crashed, …) are below 100.
+ERROR_CODES: dict[str, int] = {
+    "data-error": 101,         # the site's images or labels cannot be read
+    "missing-teacher": 102,    # the site's cache lacks the teacher the coordinator named
+    "teacher-rejected": 103,   # a teacher failed its hash or signature check, or is unreadable
+    "config-error": 104,       # the run or node config does not fit this site
+    "training-diverged": 105,  # the loss became NaN or infinite
+    "out-of-memory": 106,
+    "internal-error": 107,     # anything else, and a reply the site refused to send
+}
+UNKNOWN_ERROR = "unknown-error"  # what the coordinator records for an error outside the list
 
 
+class ConfigError(ValueError):
+    """A run or node config this site cannot use (answered as ``config-error``)."""
+
+
+def error_category(exc: BaseException) -> str:
+    """The category an exception is reported as: by its type, never by its text."""
+    from client.site_training import MissingTeacher, StudentMismatch  # (imports this module)
+
+    kinds: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], str], ...] = (
+        ((MemoryError, torch.OutOfMemoryError), "out-of-memory"),
+        (MissingTeacher, "missing-teacher"),
+        (StudentMismatch, "config-error"),
+        (CheckpointError, "teacher-rejected"),
+        (DataError, "data-error"),
+        (TrainingDiverged, "training-diverged"),
+        ((ConfigError, SiteConfigError), "config-error"),
+    )
+    return next((cat for types, cat in kinds if isinstance(exc, types)), "internal-error")
+
+
+def category_reply(msg: Message, category: str) -> Message:
+    """An error reply to ``msg`` carrying only ``category`` and its code."""
+    if category not in ERROR_CODES:
+        category = "internal-error"
+    return Message(Error(code=ERROR_CODES[category], reason=category), reply_to=msg)
+
+
+def error_reply(msg: Message, exc: BaseException) -> Message:
+    """The error reply for ``exc``: its category only (log the exception at the site)."""
+    return category_reply(msg, error_category(exc))
+
+
+def check_error_reply(msg: Message) -> list[str]:
+    """Problems of an error reply: its reason must be exactly a category, with that code."""
+    if not msg.has_error():
+        return ["not an error reply"]
+    reason, code = msg.error.reason, msg.error.code
+    if reason not in ERROR_CODES:
+        return ["error reason is not an allowed category"]
+    if code != ERROR_CODES[reason]:
+        return ["error code does not match its category"]
+    return []
+
+
+def error_reason(msg: Message) -> str:
+    """What the coordinator records for an error reply: its category, else ``unknown-error``."""
+    return UNKNOWN_ERROR if check_error_reply(msg) else str(msg.error.reason)
+
+
+# -- normal replies --------------------------------------------------------------------------
+TRAIN_METRICS = frozenset({"train-loss", "train-ce", "train-kl", "train-nce", "train-steps",
+                           "train-time-s", NUM_EXAMPLES})
+EVALUATE_METRICS = frozenset({"loss", "accuracy", "macro-f1", "kappa", NUM_EXAMPLES})
+STATUS_METRICS = frozenset({HAS_TEACHER})
+METRIC_NAMES: frozenset[str] = TRAIN_METRICS | EVALUATE_METRICS | STATUS_METRICS
+MAX_METRIC_VALUES = 64
+
+# per message type: (records allowed, records required, metric names allowed, metrics required)
+REPLIES: dict[str, tuple[frozenset[str], frozenset[str], frozenset[str], frozenset[str]]] = {
+    TRAIN: (frozenset({ARRAYS, METRICS}), frozenset({ARRAYS, METRICS}), TRAIN_METRICS,
+            frozenset({NUM_EXAMPLES})),
+    EVALUATE: (frozenset({METRICS}), frozenset({METRICS}), EVALUATE_METRICS,
+               frozenset({NUM_EXAMPLES})),
+    TEACHER_STATUS: (frozenset({METRICS, CONFIG}), frozenset({METRICS}), STATUS_METRICS,
+                     frozenset({HAS_TEACHER})),
+}
+_ANY_REPLY = (frozenset({ARRAYS, METRICS, CONFIG}), frozenset(), METRIC_NAMES, frozenset())
+_KINDS = {ARRAYS: ArrayRecord, METRICS: MetricRecord, CONFIG: ConfigRecord}
+
+
+def valid_site_name(name: object) -> bool:
+    """Whether ``name`` may travel as a site name (a short identifier: no path, no spaces)."""
+    return isinstance(name, str) and SITE_NAME_PATTERN.match(name) is not None
+
+
+def check_site_reply(content: RecordDict, message_type: str | None = None,
+                     expected_arrays: Collection[str] | None = None) -> list[str]:
+    """Problems of a site's reply (empty: it may cross the wire); fixed texts, no reply values.
+
+    ``message_type`` narrows the records and metric names to those of that reply;
+    ``expected_arrays``: the names of the model state sent to the site (arrays must be among
+    them).
+    """
+    if message_type is not None and message_type not in REPLIES:
+        return ["reply to an unknown message type"]
+    allowed, required, names, needed = REPLIES[message_type] if message_type else _ANY_REPLY
+    problems: list[str] = []
+
+    def add(problem: str) -> None:
+        if problem not in problems:
+            problems.append(problem)
+
+    keys = set(content.keys())
+    if keys - allowed:
+        add("unknown record key")
+    if required - keys:
+        add("missing record")
+    for key in keys & allowed:
+        if not isinstance(content[key], _KINDS[key]):
+            add("record of the wrong kind")
+    for problem in _check_metrics(content.get(METRICS), names, needed):
+        add(problem)
+    for problem in _check_config(content.get(CONFIG)):
+        add(problem)
+    for problem in _check_arrays(content.get(ARRAYS), expected_arrays):
+        add(problem)
+    return problems
+
+
+def _check_metrics(rec: object, names: frozenset[str], needed: frozenset[str]) -> list[str]:
+    if not isinstance(rec, MetricRecord):
+        return []
+    problems, count = [], 0
+    if needed - set(rec.keys()):
+        problems.append("missing required metric")
+    for name, value in rec.items():
+        if name not in names:
+            problems.append("metric name outside the allow-list")
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            count += 1
+        else:
+            problems.append("non-scalar metric value")
+            count += len(value) if isinstance(value, list) else 1
+    if count > MAX_METRIC_VALUES:
+        problems.append("too many metric values")
+    return problems
+
+
+def _check_config(rec: object) -> list[str]:
+    if not isinstance(rec, ConfigRecord):
+        return []
+    problems = []
+    if set(rec.keys()) - {SITE_NAME}:
+        problems.append("config value outside the allow-list")
+    if SITE_NAME in rec and not valid_site_name(rec[SITE_NAME]):
+        problems.append("site name is not a short identifier")
+    return problems
+
+
+def _check_arrays(rec: object, expected: Collection[str] | None) -> list[str]:
+    if not isinstance(rec, ArrayRecord):
+        return []
+    problems = []
+    if expected is not None and set(rec.keys()) - set(expected):
+        problems.append("array name outside the model state")
+    for array in rec.values():
+        try:
+            floating = np.dtype(array.dtype).kind == "f"
+        except TypeError:
+            floating = False
+        if not floating:
+            problems.append("array that is not a floating-point tensor")
+            break
+    return problems
+
+
+# -- tensors and files -----------------------------------------------------------------------
 def wire_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The tensors of a student that travel: floating point only (BN counters stay home)."""
     return {k: v.detach().cpu() for k, v in state.items() if v.is_floating_point()}

@@ -2,19 +2,21 @@
 
 Train: load the cached teacher and this run's private MoMA state, put the global student in,
 run moma_core's one loop (:func:`train_local`), save the private state back to the site's disk,
-return the student's floating-point tensors and aggregate metrics. Evaluate: the global student
-on the site's validation split.
+return what the site sends: the student's floating-point tensors less the layers it keeps
+(:func:`local_keys`: FedBN's normalisation layers) and the allow-listed aggregate metrics.
+Evaluate: the global student on the site's validation split.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import time
 
 import torch
 from torch import nn
 
-from client.protocol import wire_state
+from client.protocol import TRAIN_METRICS, wire_state
 from client.site_config import SiteSettings
 from client.site_state import SiteState, TeacherCache
 from moma_core.checkpoint import CheckpointError
@@ -26,9 +28,24 @@ from moma_core.sources import SiteData, make_loader, open_site_data
 from moma_core.standalone import resolve_device
 from moma_core.train import train_local
 
+log = logging.getLogger("moma.client")
+
 
 class MissingTeacher(RuntimeError):
     """The site's cache lacks the teacher the coordinator named."""
+
+
+class StudentMismatch(CheckpointError):
+    """The global student does not fit this site (another model or label space)."""
+
+
+def local_keys(run: RunConfig, student: nn.Module) -> set[str]:
+    """State keys a site keeps and never sends: FedBN's normalisation layers, else none.
+
+    The one definition both sides use: the site to leave them out of its reply, the
+    coordinator to accept updates without them.
+    """
+    return norm_state_keys(student) if run.fedbn else set()
 
 
 @functools.lru_cache(maxsize=4)
@@ -46,10 +63,11 @@ def student_for(run: RunConfig, data: SiteData, global_state: dict[str, torch.Te
     """The global student on this site's label space, with FedBN's local layers if kept."""
     student = build_model(Architecture(run.student_model, tuple(data.classes), run.image_size))
     expected = wire_state(student.state_dict())
-    bad = [k for k in expected if k not in global_state
-           or tuple(global_state[k].shape) != tuple(expected[k].shape)]
+    kept = local_keys(run, student) & set(local)  # may come from the site's own disk instead
+    bad = [k for k in expected if (k not in global_state and k not in kept)
+           or (k in global_state and tuple(global_state[k].shape) != tuple(expected[k].shape))]
     if bad:
-        raise CheckpointError(f"global student does not fit {run.student_model} with "
+        raise StudentMismatch(f"global student does not fit {run.student_model} with "
                               f"{len(data.classes)} classes at this site: {bad[:3]}")
     student.load_state_dict(global_state, strict=False)
     if run.fedbn and local:
@@ -60,7 +78,10 @@ def student_for(run: RunConfig, data: SiteData, global_state: dict[str, torch.Te
 def train_round(settings: SiteSettings, run: RunConfig, server_round: int,
                 global_state: dict[str, torch.Tensor], teacher_sha: str
                 ) -> tuple[dict[str, torch.Tensor], int, dict[str, float]]:
-    """Train the global student locally; returns (student tensors, examples, metrics)."""
+    """Train the global student locally; returns (tensors to send, examples, metrics).
+
+    The tensors to send leave out :func:`local_keys` (saved to ``local.safetensors`` instead).
+    """
     start = time.time()
     device = resolve_device(settings.device)
     cache = TeacherCache(settings.cache_dir)
@@ -79,13 +100,17 @@ def train_round(settings: SiteSettings, run: RunConfig, server_round: int,
     loader = make_loader(data.train, run.batch_size, train=True,
                          seed=cfg.seed or 0, device=device)
     result = train_local(student, objective, loader, cfg, device)
-    keep = norm_state_keys(student) if run.fedbn else set()
+    keep = local_keys(run, student)
     state.save(objective.state_dict(), {k: v for k, v in result.state.items() if k in keep},
                {"teacher_sha256": teacher_sha, "round": server_round, "run": run.run_name,
                 "site": settings.site_name})
     metrics = {f"train-{k}": float(v) for k, v in result.metrics.items()}
     metrics["train-time-s"] = time.time() - start
-    return wire_state(result.state), result.num_examples, metrics
+    unlisted = sorted(set(metrics) - TRAIN_METRICS)
+    if unlisted:
+        log.debug("metrics kept at the site (not in the protocol's allow-list): %s", unlisted)
+    send = {k: v for k, v in wire_state(result.state).items() if k not in keep}
+    return send, result.num_examples, {k: v for k, v in metrics.items() if k in TRAIN_METRICS}
 
 
 def evaluate_round(settings: SiteSettings, run: RunConfig,

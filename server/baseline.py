@@ -28,7 +28,8 @@ def local_only(run: RunConfig, sites: list[dict], teacher: Path | None, eval_sou
     """Held-out metrics of each site's locally trained student."""
     package = package_teacher(teacher) if teacher else None
     arch = Architecture(run.student_model, run.class_names, run.image_size)
-    local_run = dataclasses.replace(run, run_name=f"{run.run_name}-local-only")
+    # fedbn off: a local-only site keeps its whole model, normalisation layers included
+    local_run = dataclasses.replace(run, run_name=f"{run.run_name}-local-only", fedbn=False)
     eval_set = server_eval_set(eval_source, run, len(sites))
     rows = []
     for node_config in sites:

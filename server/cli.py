@@ -1,8 +1,17 @@
 """``moma-server``: start a Flower SuperLink and run the MoMA-FL ServerApp on it.
 
-Validates the teacher, writes ``runs/<name>/`` (results.json, checkpoints, curves, report), and
-stops the SuperLink it started when the run ends. TLS needs ``--ssl-ca-certfile``,
-``--ssl-certfile`` and ``--ssl-keyfile``; plaintext needs an explicit ``--insecure``.
+Secure by default: ``--federation`` is the folder made by ``moma-deploy init``. The SuperLink
+then serves TLS with the federation's server certificate (expiry checked first), admits only
+the sites registered there and not revoked (their public keys are registered with the
+SuperLink before the run; a site's name in the results is the one its key was registered
+under), and the teacher must carry the coordinator's signature (made here from the
+federation's signing key when it is missing). The run-submission and runtime APIs are reachable
+from this host's loopback only (:mod:`deploy.superlink`). Plaintext without site
+authentication only with ``--insecure`` (local trials).
+
+Writes ``runs/<name>/`` (results.json, checkpoints, curves, report) and stops everything it
+started when the run ends or it is killed; a busy port or a run folder in use by another
+``moma-server`` is refused.
 """
 
 from __future__ import annotations
@@ -14,11 +23,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from deploy.lifecycle import BusyError, InstanceLock, check_port_free, kill_tagged, spawn
 from deploy.runtime import executable, exit_on_sigterm, flower_env, stop, wait_for_port
 from moma_core.cli.common import run_cli
 from moma_core.config import RunConfig
 from moma_core.progress import console
 from server.flwr_app import run_config_arg, write_app
+from server.registration import register_sites
 from server.teacher_package import package_teacher
 
 
@@ -27,12 +38,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", type=Path, help="teacher .safetensors (not needed for ce)")
     p.add_argument("--name", default="federation", help="run name: results in runs/<name>/")
     p.add_argument("--runs-dir", type=Path, default=Path("runs"))
+    p.add_argument("--federation", type=Path,
+                   help="federation folder from moma-deploy init: TLS + site authentication")
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept remote sites")
     p.add_argument("--port", type=int, default=9092)
-    p.add_argument("--insecure", action="store_true", help="plaintext gRPC (testing only)")
-    p.add_argument("--ssl-ca-certfile", type=Path)
-    p.add_argument("--ssl-certfile", type=Path)
-    p.add_argument("--ssl-keyfile", type=Path)
+    p.add_argument("--insecure", action="store_true",
+                   help="plaintext, no site authentication (local trials only)")
     p.add_argument("--rounds", type=int, help="number of rounds")
     p.add_argument("--classes", help="comma-separated target classes (default: the synthetic "
                                      "target task)")
@@ -43,74 +54,125 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--run-config", default="",
                    help="more run settings, 'key=value key2=\"text\"' (pyproject keys)")
     p.add_argument("--resume", action="store_true", help="continue runs/<name>/")
-    p.add_argument("--startup-timeout", type=float, default=60.0)
+    p.add_argument("--startup-timeout", type=float, default=120.0)
     return p
 
 
-def overrides(args: argparse.Namespace, out_root: Path, teacher: Path | None) -> dict:
+def overrides(args: argparse.Namespace, out_root: Path, teacher: Path | None,
+              registry: Path | None) -> dict:
     from moma_core.data.synthetic import TARGET_CLASSES
 
     values: dict = {"run-name": args.name, "output-dir": str(out_root),
                     "teacher-path": str(teacher or ""), "eval-source": args.eval_source,
                     "eval-sites": args.eval_sites, "resume": args.resume,
+                    "site-registry": str(registry or ""),
                     "classes": args.classes or ",".join(TARGET_CLASSES)}
-    if args.rounds:
+    if args.rounds is not None:
+        if args.rounds < 1:
+            raise ValueError(f"--rounds {args.rounds}: give at least 1")
         values["num-rounds"] = args.rounds
     RunConfig.from_flat(values)  # validate before anything starts
     return values
 
 
-def tls_args(args: argparse.Namespace) -> list[str]:
+def secure_setup(args: argparse.Namespace):
+    """The federation (certificates checked) or None for --insecure; refuses half-set modes."""
     if args.insecure:
-        console.print("[yellow]warning: --insecure: traffic to the sites is not encrypted")
-        return ["--insecure"]
-    files = [args.ssl_ca_certfile, args.ssl_certfile, args.ssl_keyfile]
-    if not all(files):
-        raise ValueError("TLS needs --ssl-ca-certfile, --ssl-certfile and --ssl-keyfile "
-                         "(or pass --insecure explicitly for a plaintext test setup)")
-    for f in files:
-        if not f.is_file():
-            raise ValueError(f"{f}: no such file")
-    return ["--ssl-ca-certfile", str(args.ssl_ca_certfile), "--ssl-certfile",
-            str(args.ssl_certfile), "--ssl-keyfile", str(args.ssl_keyfile)]
+        if args.federation is not None:
+            raise ValueError("--insecure and --federation exclude each other")
+        console.print("[yellow]warning: --insecure: traffic is not encrypted and any "
+                      "SuperNode may join (local trials only)")
+        return None
+    if args.federation is None:
+        raise ValueError("give --federation (the folder made by moma-deploy init), or "
+                         "--insecure for a plaintext local trial")
+    from deploy.federation import Federation
+    from deploy.pki import check_certificate
+
+    fed = Federation.load(args.federation)
+    for cert in (fed.ca_cert, fed.server_cert):
+        warning = check_certificate(cert)
+        if warning:
+            console.print(f"[yellow]warning: {warning}")
+    if not fed.active_sites():
+        raise ValueError(f"{fed.root}: no active site; add one with moma-deploy add-site")
+    return fed
+
+
+def signed_teacher(teacher: Path, fed) -> None:
+    """Check the teacher's signature by the federation key; sign it if it has none."""
+    from moma_core.signature import sign_teacher, signature_path, verify_teacher_files
+
+    if not signature_path(teacher).exists():
+        if not fed.signing_key.is_file():
+            raise ValueError(f"{teacher} is not signed and {fed.signing_key} is absent: sign "
+                             "it with moma-teacher sign where the key is kept")
+        sign_teacher(teacher, fed.signing_key)
+        console.print(f"signed {teacher.name} with the federation's teacher-signing key")
+    verify_teacher_files(teacher, fed.signing_public_key)
+
+
+def superlink_args(args: argparse.Namespace, fed, out_dir: Path) -> list[str]:
+    tls = ["--insecure"] if fed is None else [
+        "--ssl-ca-certfile", str(fed.ca_cert), "--ssl-certfile", str(fed.server_cert),
+        "--ssl-keyfile", str(fed.server_key), "--enable-supernode-auth"]
+    return [sys.executable, "-m", "deploy.superlink", *tls, "--host", args.host, "--port",
+            str(args.port), "--database", str(out_dir / "superlink.db"),
+            "--disable-runtime-dependency-installation"]
+
+
+def write_cli_config(home: Path, port: int, fed) -> None:
+    """The flwr CLI's connection to our own SuperLink, over loopback."""
+    home.mkdir(parents=True, exist_ok=True)
+    conn = [f'address = "127.0.0.1:{port}"']
+    conn += ["insecure = true"] if fed is None else [
+        f'root-certificates = "{fed.ca_cert.resolve()}"']
+    (home / "config.toml").write_text("\n".join(
+        ['[superlink]', 'default = "moma"', "", "[superlink.moma]", *conn]) + "\n")
 
 
 def serve(args: argparse.Namespace) -> int:
     out_root = args.runs_dir.resolve()
     out_dir = out_root / args.name
+    fed = secure_setup(args)
     teacher = args.teacher.resolve() if args.teacher else None
     if teacher is not None:
         pkg = package_teacher(teacher)
+        if fed is not None:
+            signed_teacher(teacher, fed)
         console.print(f"teacher {teacher.name}: {pkg.architecture.model_name}, "
                       f"sha256 {pkg.sha256[:16]}…")
-    values = overrides(args, out_root, teacher)
+    registry = out_dir / "sites.json" if fed is not None else None
+    values = overrides(args, out_root, teacher, registry)
+    extra = _parse_kv(args.run_config)
     if (out_dir / "results.json").exists() and not args.resume:
         raise ValueError(f"{out_dir}/results.json exists: pass --resume or another --name")
-    home = out_dir / "flwr-home"
-    home.mkdir(parents=True, exist_ok=True)
-    app = write_app(out_dir / "flwr-app")
-    tls = tls_args(args)
-    address = f"{'127.0.0.1' if args.host == '0.0.0.0' else args.host}:{args.port}"
-    conn = [f'address = "{address}"']
-    conn += ["insecure = true"] if args.insecure else [
-        f'root-certificates = "{args.ssl_ca_certfile.resolve()}"']
-    (home / "config.toml").write_text("\n".join(
-        ['[superlink]', 'default = "moma"', "", "[superlink.moma]", *conn]) + "\n")
-    env = flower_env(home)
-    log_path = out_dir / "superlink.log"
+    lock = InstanceLock(out_dir / ".moma-server.lock", f"run folder {out_dir}")
+    killed = lock.acquire()
     link = None
     try:
+        if killed:
+            console.print(f"stopped {len(killed)} leftover process(es) of a previous "
+                          "moma-server of this run")
+        check_port_free(args.host, args.port)
+        home = out_dir / "flwr-home"
+        write_cli_config(home, args.port, fed)
+        app = write_app(out_dir / "flwr-app")
+        env = lock.env(flower_env(home))
+        log_path = out_dir / "superlink.log"
         with open(log_path, "ab") as log:
-            link = subprocess.Popen(
-                [executable("flower-superlink"), *tls, "--host", args.host, "--port",
-                 str(args.port), "--database", str(out_dir / "superlink.db"),
-                 "--disable-runtime-dependency-installation"],
-                env=env, stdout=log, stderr=subprocess.STDOUT)
-        wait_for_port(address.split(":")[0], args.port, args.startup_timeout, link)
+            link = spawn(superlink_args(args, fed, out_dir), env, stdout=log,
+                         stderr=subprocess.STDOUT)
+        wait_for_port("127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host,
+                      args.port, args.startup_timeout, link)
         console.print(f"SuperLink listening on {args.host}:{args.port} (log: {log_path})")
+        if fed is not None:
+            names = register_sites(fed, home)
+            registry.write_text(json.dumps(names, indent=2))
+            console.print(f"registered sites: {', '.join(sorted(names.values()))}")
         cmd = [executable("flwr"), "run", str(app), "moma", "--stream",
-               "--run-config", run_config_arg({**values, **_parse_kv(args.run_config)})]
-        rc = subprocess.call(cmd, env=env)
+               "--run-config", run_config_arg({**values, **extra})]
+        rc = spawn(cmd, env).wait()
         status = run_status(env)
         console.print(f"run status: {status}")
         if rc != 0 or status != "finished:completed":
@@ -120,6 +182,8 @@ def serve(args: argparse.Namespace) -> int:
         return 0
     finally:
         stop(link)
+        kill_tagged(lock.tag)
+        lock.release()
 
 
 def run_status(env: dict) -> str:
@@ -139,7 +203,11 @@ def _parse_kv(text: str) -> dict:
 
     values = {}
     for item in shlex.split(text, posix=False):
-        values.update(tomllib.loads(item))
+        try:
+            values.update(tomllib.loads(item))
+        except tomllib.TOMLDecodeError:
+            raise ValueError(f"--run-config item {item!r}: write key=value, text in double "
+                             "quotes") from None
     return values
 
 
@@ -149,6 +217,6 @@ def main() -> int:
     exit_on_sigterm()
     try:
         return serve(parser().parse_args())
-    except (FileNotFoundError, TimeoutError, RuntimeError) as exc:
+    except (FileNotFoundError, TimeoutError, RuntimeError, BusyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

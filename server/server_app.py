@@ -6,12 +6,15 @@ has one → global checkpoint + results.json. ``resume = true`` continues after 
 round from its saved checkpoint.
 
 Run-config keys besides :class:`RunConfig`'s: ``teacher-path``, ``output-dir`` (absolute),
-``eval-source`` (held-out set: a path or ``synthetic:target``; empty for none), ``resume``.
+``eval-source`` (held-out set: a path or ``synthetic:target``; empty for none), ``resume``,
+``site-registry`` (JSON file node id → site name written by ``moma-server`` from the keys it
+registered; with it, sites are named by their registered key, never by what they report).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from pathlib import Path
@@ -44,7 +47,8 @@ def main(grid: Grid, context: Context) -> None:
                    teacher_path=str(cfg.get("teacher-path", "")),
                    eval_source=str(cfg.get("eval-source", "")),
                    resume=str(cfg.get("resume", "false")).lower() == "true",
-                   eval_sites=int(cfg.get("eval-sites", 1)))
+                   eval_sites=int(cfg.get("eval-sites", 1)),
+                   site_registry=str(cfg.get("site-registry", "")))
 
 
 def server_eval_set(source: str, run: RunConfig, sites: int) -> Dataset | None:
@@ -72,7 +76,8 @@ def initial_student(run: RunConfig, arch: Architecture,
 
 
 def run_federation(grid: Grid, run: RunConfig, out_dir: Path, teacher_path: str = "",
-                   eval_source: str = "", resume: bool = False, eval_sites: int = 1) -> dict:
+                   eval_source: str = "", resume: bool = False, eval_sites: int = 1,
+                   site_registry: str = "") -> dict:
     """The round loop (see module docstring); returns the final summary."""
     if not run.class_names:
         raise ValueError("run config 'classes' is empty: name the target task's classes")
@@ -81,6 +86,8 @@ def run_federation(grid: Grid, run: RunConfig, out_dir: Path, teacher_path: str 
     results = RunResults(out_dir)
     first = results.start(run.to_flat(), teacher.sha256 if teacher else None, resume)
     strategy = MomaStrategy(run, teacher)
+    if site_registry:
+        strategy.set_registered_names(json.loads(Path(site_registry).read_text()))
     last = results.last_checkpoint() if first > 1 else None
     state = last if last is not None else initial_student(run, arch, teacher)
     if last is not None:

@@ -3,8 +3,15 @@
 * configure_train: asks each sampled site whether it holds the teacher (``query.teacher_status``)
   and attaches the teacher only to the sites that lack it; every train message names the
   teacher's SHA-256.
+* Every reply is checked on receipt with the protocol's own checks
+  (:func:`client.protocol.check_site_reply`, :func:`client.protocol.check_error_reply`): a reply
+  outside the protocol is rejected as ``protocol: <fixed text>``, an error reply is recorded by
+  its category only (``unknown-error`` when its reason is not one) — nothing a site chose to
+  write reaches the results.
 * aggregate_train: rejects replies whose tensors are non-finite or mis-shaped, then aggregates
-  with the run's method (weighted FedAvg/FedProx, coordinate median, trimmed mean).
+  key-wise with the run's method (weighted FedAvg/FedProx, coordinate median, trimmed mean).
+  Under FedBN sites keep their normalisation layers (:func:`client.site_training.local_keys`):
+  updates leave them out and the global model keeps its values for them.
 * Per round it records, per site, what was sent and received (bytes), examples and metrics, and
   which sites failed and why, in ``self.round_log`` for the results file.
 """
@@ -22,7 +29,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from client import protocol as P
+from client.site_training import local_keys
 from moma_core.config import RunConfig
+from moma_core.models import Architecture, build_model
 from server.aggregation import aggregate, check_update
 from server.teacher_package import TeacherPackage
 
@@ -94,7 +103,12 @@ class MomaStrategy(FedAvg):
         self.round_log: dict[int, dict] = {}
         self.sent_to: dict[int, dict] = {}
         self.site_names: dict[int, str] = {}
+        self.names_registered = False  # True: names come from the registered keys only
         self._reference: dict[str, torch.Tensor] | None = None
+        self.local_keys: set[str] = set()  # what sites keep to themselves (FedBN)
+        if run.fedbn:
+            arch = Architecture(run.student_model, run.class_names, run.image_size)
+            self.local_keys = local_keys(run, build_model(arch))
 
     # -- training ---------------------------------------------------------------------------
     def _sample(self, grid: Grid, fraction: float) -> list[int]:
@@ -114,11 +128,25 @@ class MomaStrategy(FedAvg):
         msgs = [Message(content, dst_node_id=n, message_type=P.TEACHER_STATUS) for n in nodes]
         status = {n: False for n in nodes}
         for node, reply in exchange(grid, msgs, timeout=min(120.0, self.run.round_timeout)):
-            if not reply.has_error():
-                status[node] = bool(reply.content[P.METRICS]["has-teacher"])
-                if P.CONFIG in reply.content:
-                    self.site_names[node] = str(reply.content[P.CONFIG].get("site-name", node))
+            if reply.has_error():
+                log.warning("node %d: teacher status query failed: %s", node,
+                            P.error_reason(reply))
+                continue
+            problems = P.check_site_reply(reply.content, P.TEACHER_STATUS)
+            if problems:
+                log.warning("node %d: teacher status reply rejected: protocol: %s", node,
+                            problems[0])
+                continue
+            status[node] = bool(reply.content[P.METRICS][P.HAS_TEACHER])
+            if P.CONFIG in reply.content and not self.names_registered:
+                self.site_names[node] = str(reply.content[P.CONFIG].get(P.SITE_NAME, node))
         return status
+
+    def set_registered_names(self, names: dict[str, str]) -> None:
+        """Name sites by the key they were registered with (node id → name); what a site
+        says of itself is then ignored."""
+        self.site_names = {int(k): str(v) for k, v in names.items()}
+        self.names_registered = True
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -150,11 +178,15 @@ class MomaStrategy(FedAvg):
         for node, reply in replies:
             site = sites.setdefault(node, {})
             if reply.has_error():
-                site.update(status="failed", reason=reply.error.reason)
+                site.update(status="failed", reason=P.error_reason(reply))
                 continue
             site["bytes_up"] = record_nbytes(reply.content)
+            problems = P.check_site_reply(reply.content, P.TRAIN, set(self._reference or {}))
+            if problems:
+                site.update(status="rejected", reason=f"protocol: {problems[0]}")
+                continue
             update = reply.content[P.ARRAYS].to_torch_state_dict()
-            problem = check_update(update, self._reference or {})
+            problem = check_update(update, self._reference or {}, self.local_keys)
             m = dict(reply.content[P.METRICS])
             site["metrics"] = m
             site["num_examples"] = int(m.get(P.NUM_EXAMPLES, 0))
@@ -175,10 +207,13 @@ class MomaStrategy(FedAvg):
         self.round_log[server_round] = {"sites": sites}
         if not updates:
             return None, None
-        new = aggregate(updates, weights, self.run.aggregation, self.run.trim_fraction)
+        new = aggregate(updates, weights, self.run.aggregation, self.run.trim_fraction,
+                        reference=self._reference)
         total = sum(weights)
-        avg = {k: sum(float(m[k]) * w for m, w in zip(metrics, weights, strict=True)) / total
-               for k in metrics[0] if k != P.NUM_EXAMPLES}
+        avg = {}
+        for k in dict.fromkeys(k for m in metrics for k in m if k != P.NUM_EXAMPLES):
+            pairs = [(float(m[k]), w) for m, w in zip(metrics, weights, strict=True) if k in m]
+            avg[k] = sum(v * w for v, w in pairs) / sum(w for _, w in pairs)
         avg[P.NUM_EXAMPLES] = total
         return ArrayRecord(new), MetricRecord(avg)
 
@@ -200,11 +235,20 @@ class MomaStrategy(FedAvg):
                            ) -> MetricRecord | None:
         per_site, total, sums = {}, 0.0, {}
         for node, reply in replies:
+            name = self.site_names.get(node, str(node))
             if reply.has_error():
-                per_site[node] = {"status": "failed", "reason": reply.error.reason}
+                per_site[node] = {"status": "failed", "reason": P.error_reason(reply),
+                                  "site-name": name}
+                continue
+            problems = P.check_site_reply(reply.content, P.EVALUATE)
+            if problems:
+                per_site[node] = {"status": "rejected", "reason": f"protocol: {problems[0]}",
+                                  "site-name": name}
+                log.warning("round %d: evaluation of node %d rejected: protocol: %s",
+                            server_round, node, problems[0])
                 continue
             m = dict(reply.content[P.METRICS])
-            per_site[node] = {**m, "site-name": self.site_names.get(node, str(node))}
+            per_site[node] = {**m, "site-name": name}
             n = float(m.get(P.NUM_EXAMPLES, 0))
             total += n
             for k, v in m.items():

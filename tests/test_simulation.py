@@ -1,7 +1,9 @@
 """Simulated federation through Flower's simulation engine, with the product's ClientApp.
 
 A recording mod wraps the real handlers (in the Ray actors) and writes down every message a
-site sends: the message audit. A poisoning mod turns one site's update into NaN.
+site sends, error replies included, with the protocol's own verdict on it
+(:func:`client.protocol.check_site_reply`, :func:`client.protocol.check_error_reply`): the
+message audit. A poisoning mod turns one site's update into NaN.
 """
 
 import json
@@ -20,9 +22,11 @@ from flwr.clientapp import ClientApp
 from safetensors.torch import load_file
 
 import client.client_app as product
+from client import protocol as P
 from moma_core.models import Architecture, build_model
 from server.simulate import run_simulated
 from tests.helpers import IMAGE_SIZE, synthetic_sites, tiny_run, tiny_teacher
+from tests.test_protocol import bad_image_site
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +42,15 @@ def _app(*mods) -> ClientApp:
 def _recorder(folder: str):
     def record(msg, context, call_next):
         reply = call_next(msg, context)
-        summary = {"type": msg.metadata.message_type, "records": {}}
+        kind = msg.metadata.message_type
+        summary = {"type": kind, "records": {}, "site": context.node_config.get("partition-id")}
+        if reply.has_error():
+            summary["error"] = {"code": reply.error.code, "reason": reply.error.reason}
+            summary["problems"] = P.check_error_reply(reply)
+            Path(folder, f"{uuid.uuid4().hex}.json").write_text(json.dumps(summary))
+            return reply
+        sent = set(msg.content[P.ARRAYS].keys()) if P.ARRAYS in msg.content else set()
+        summary["problems"] = P.check_site_reply(reply.content, kind, sent)
         for name, rec in reply.content.items():
             if isinstance(rec, ArrayRecord):
                 summary["records"][name] = {
@@ -65,8 +77,8 @@ def _poison_site_0(msg, context, call_next):
     return reply
 
 
-def _simulate(tmp_path, run, n_sites, app):
-    sites = synthetic_sites(tmp_path / "cache", n_sites)
+def _simulate(tmp_path, run, n_sites, app, sites=None):
+    sites = sites or synthetic_sites(tmp_path / "cache", n_sites)
     (tmp_path / "sites.json").write_text(json.dumps(sites))
     os.environ["MOMA_SIM_SITES"] = str(tmp_path / "sites.json")
     teacher = tiny_teacher(tmp_path / "teacher.safetensors")
@@ -116,6 +128,11 @@ def _check_audit(audit: Path, run) -> None:
     kinds = {s["type"] for s in summaries}
     assert {"train", "evaluate", "query.teacher_status"} <= kinds
     for s in summaries:
+        assert s["problems"] == [], s  # the protocol's own checks, on what was really sent
+        if "error" in s:
+            assert s["error"]["reason"] in P.ERROR_CODES, s
+            assert s["error"]["code"] == P.ERROR_CODES[s["error"]["reason"]], s
+            continue
         for name, rec in s["records"].items():
             assert rec["kind"] in ("arrays", "metrics", "config"), rec
             if rec["kind"] == "arrays":
@@ -124,24 +141,47 @@ def _check_audit(audit: Path, run) -> None:
                 for k, (shape, dtype) in rec["arrays"].items():
                     assert shape == allowed[k][0] and dtype.endswith(allowed[k][1]), k
             elif rec["kind"] == "metrics":
+                assert len(rec["values"]) <= P.MAX_METRIC_VALUES
                 for k, v in rec["values"].items():
+                    assert k in P.METRIC_NAMES, k  # aggregate names only, none per sample
                     assert isinstance(v, int | float), (k, v)  # scalars: no per-sample lists
             else:
                 assert set(rec["values"]) == {"site-name"}
-                assert "/" not in str(rec["values"]["site-name"])  # no path leaves the site
+                assert P.valid_site_name(rec["values"]["site-name"])  # no path leaves the site
 
 
-def test_nan_update_is_rejected_and_not_averaged(tmp_path):
-    run = tiny_run(run_name="nan", num_rounds=1)
-    _, results, _ = _simulate(tmp_path, run, 2, _app(_poison_site_0))
-    sites = results["rounds"][0]["sites"].values()
-    statuses = sorted(s["status"] for s in sites)
-    assert statuses == ["ok", "rejected"]
-    rejected = next(s for s in sites if s["status"] == "rejected")
-    assert "NaN" in rejected["reason"] and rejected["site_name"] == "site-0"
-    assert results["rounds"][0]["failed_sites"]
-    state = load_file(results["rounds"][0]["checkpoint"])
+def test_nan_update_is_rejected_and_a_data_error_is_reported_by_category(tmp_path):
+    """Site 0 sends NaN; site 2's validation split holds a truncated JPEG; site 1 is fine."""
+    audit = tmp_path / "audit"
+    audit.mkdir()
+    bad = bad_image_site(tmp_path / "slides")
+    sites = synthetic_sites(tmp_path / "cache", 2) + [
+        {"data-path": str(tmp_path / "slides"), "cache-dir": str(tmp_path / "cache" / "site-2"),
+         "site-name": "site-2", "device": "cpu"}]
+    run = tiny_run(run_name="nan", num_rounds=1, min_train_nodes=3, min_available_nodes=3)
+    _, results, _ = _simulate(tmp_path, run, 3, _app(_recorder(str(audit)), _poison_site_0),
+                              sites=sites)
+    rnd = results["rounds"][0]
+    by_name = {s["site_name"]: s for s in rnd["sites"].values()}
+    assert by_name["site-0"]["status"] == "rejected" and "NaN" in by_name["site-0"]["reason"]
+    assert by_name["site-1"]["status"] == "ok"
+    assert rnd["failed_sites"]
+    state = load_file(rnd["checkpoint"])
     assert all(np.isfinite(v.numpy()).all() for v in state.values())
+    # the unreadable image surfaces as 'data-error' (at training when the file check catches
+    # it, else when validation reads it), and its path is nowhere on the coordinator
+    site_2 = by_name["site-2"]
+    evals = {v.get("site-name"): v for v in rnd["federated_eval_sites"].values()}
+    reasons = {site_2.get("reason"), evals.get("site-2", {}).get("reason")}
+    assert "data-error" in reasons, (site_2, evals)
+    assert (tmp_path / "slides").exists() and bad.is_file()
+    errors = [json.loads(p.read_text()) for p in audit.glob("*.json")]
+    assert [e["error"]["reason"] for e in errors if "error" in e] == ["data-error"]
+    _check_audit(audit, run)
+    on_coordinator = (tmp_path / "runs" / "nan" / "results.json").read_text() + "".join(
+        p.read_text() for p in audit.glob("*.json"))
+    for private in (str(bad), "patient-0042", "slide-17", "cannot read"):
+        assert private not in on_coordinator
 
 
 def test_killed_simulation_resumes_from_the_saved_round(tmp_path):

@@ -1,0 +1,360 @@
+"""What may cross the wire: category-only error replies and the allow-list of site replies."""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.common import Metadata
+from PIL import Image
+
+import client.client_app as site_app
+from client import protocol as P
+from client.site_config import SiteConfigError
+from client.site_training import MissingTeacher, StudentMismatch
+from moma_core.checkpoint import CheckpointError
+from moma_core.data.datasets import DataError
+from moma_core.data.synthetic import TARGET_CLASSES
+from moma_core.models import Architecture, build_model
+from moma_core.train import TrainingDiverged
+from tests.helpers import IMAGE_SIZE, tiny_run
+
+SECRET = "/abs/path/to/patient-0042/slide-17.jpg"
+
+
+def instruction(kind: str = P.TRAIN, content: RecordDict | None = None) -> Message:
+    """A message as a site receives it (outside a running federation)."""
+    meta = Metadata(run_id=1, message_id="m-1", src_node_id=0, dst_node_id=7,
+                    reply_to_message_id="", group_id="", created_at=time.time(), ttl=3600.0,
+                    message_type=kind)
+    return Message(content if content is not None else RecordDict(), metadata=meta)
+
+
+def bad_image_site(root: Path) -> Path:
+    """An ImageFolder site (train/val) whose validation split holds a truncated JPEG."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls in TARGET_CLASSES:
+            folder = root / split / cls
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(2):
+                pixels = rng.integers(0, 256, (IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+    bad = root / "val" / TARGET_CLASSES[0] / "patient-0042" / "slide-17.jpg"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    return bad
+
+
+def _every_text(reply: Message) -> str:
+    parts = [repr(reply.error), str(reply.error.code), str(reply.error.reason),
+             repr(reply.metadata)]
+    if reply.has_content():
+        parts.append(repr(reply.content))
+    return "\n".join(parts)
+
+
+def _wire(model_classes=TARGET_CLASSES) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    model = build_model(Architecture("test_efficientnet", tuple(model_classes), IMAGE_SIZE))
+    return P.wire_state(model.state_dict())
+
+
+def _train_reply(**metrics) -> RecordDict:
+    values = {"train-loss": 1.2, "train-ce": 1.0, "train-kl": 0.1, "train-nce": 0.1,
+              "train-steps": 3.0, "train-time-s": 2.5, P.NUM_EXAMPLES: 48, **metrics}
+    return RecordDict({P.ARRAYS: ArrayRecord(_wire()), P.METRICS: MetricRecord(values)})
+
+
+# -- error replies ---------------------------------------------------------------------------
+def test_error_reply_carries_the_category_only():
+    try:
+        try:
+            raise OSError(f"Truncated File Read: {SECRET}")
+        except OSError as inner:
+            raise DataError(f"cannot read image {SECRET}: {inner}") from inner
+    except DataError as exc:
+        reply = P.error_reply(instruction(), exc)
+    assert reply.has_error() and not reply.has_content()
+    assert (reply.error.code, reply.error.reason) == (P.ERROR_CODES["data-error"], "data-error")
+    text = _every_text(reply)
+    for private in (SECRET, "patient-0042", "cannot read image", "Truncated"):
+        assert private not in text
+    assert P.check_error_reply(reply) == []
+
+
+@pytest.mark.parametrize("exc,category", [
+    (DataError(SECRET), "data-error"),
+    (MissingTeacher(SECRET), "missing-teacher"),
+    (CheckpointError(f"teacher {SECRET} refused"), "teacher-rejected"),
+    (StudentMismatch("global student does not fit"), "config-error"),
+    (TrainingDiverged("non-finite loss at step 3: nan"), "training-diverged"),
+    (torch.OutOfMemoryError("CUDA out of memory"), "out-of-memory"),
+    (MemoryError(), "out-of-memory"),
+    (P.ConfigError("bad run config"), "config-error"),
+    (SiteConfigError(f"node config lacks data-path {SECRET}"), "config-error"),
+    (KeyError(SECRET), "internal-error"),
+    (ZeroDivisionError("division by zero"), "internal-error"),
+    (GeneratorExit(), "internal-error"),
+])
+def test_each_exception_type_has_its_category(exc, category):
+    assert P.error_category(exc) == category
+    reply = P.error_reply(instruction(), exc)
+    assert reply.error.reason == category and reply.error.code == P.ERROR_CODES[category]
+    assert SECRET not in _every_text(reply)
+
+
+def test_codes_are_fixed_distinct_and_clear_of_flowers():
+    assert set(P.ERROR_CODES) == {"data-error", "missing-teacher", "teacher-rejected",
+                                  "config-error", "training-diverged", "out-of-memory",
+                                  "internal-error"}
+    codes = list(P.ERROR_CODES.values())
+    assert len(set(codes)) == len(codes) and min(codes) >= 100
+
+
+@pytest.mark.parametrize("error", [
+    Error(code=2, reason=f"DataError: cannot read image {SECRET}"),  # Flower's own error text
+    Error(code=101, reason=f"data-error: {SECRET}"),
+    Error(code=101, reason="Data-Error"),
+    Error(code=103, reason="data-error"),  # code of another category
+    Error(code=101),
+])
+def test_free_text_error_replies_fail_the_check(error):
+    reply = Message(error, reply_to=instruction())
+    assert P.check_error_reply(reply)
+    assert P.error_reason(reply) == P.UNKNOWN_ERROR
+
+
+# -- normal replies --------------------------------------------------------------------------
+def test_honest_replies_pass():
+    expected = set(_wire())
+    assert P.check_site_reply(_train_reply(), P.TRAIN, expected) == []
+    assert P.check_site_reply(_train_reply()) == []
+    evaluation = RecordDict({P.METRICS: MetricRecord(
+        {"loss": 0.9, "accuracy": 0.5, "macro-f1": 0.4, "kappa": 0.3, P.NUM_EXAMPLES: 12})})
+    assert P.check_site_reply(evaluation, P.EVALUATE) == []
+    status = RecordDict({P.METRICS: MetricRecord({P.HAS_TEACHER: 1}),
+                         P.CONFIG: ConfigRecord({P.SITE_NAME: "hospital-a.site_2"})})
+    assert P.check_site_reply(status, P.TEACHER_STATUS) == []
+
+
+def test_fedbn_reply_without_normalisation_tensors_passes():
+    wire = _wire()
+    kept = {k for k in wire if "bn" in k or "norm" in k}
+    assert kept
+    content = RecordDict({P.ARRAYS: ArrayRecord({k: v for k, v in wire.items()
+                                                 if k not in kept}),
+                          P.METRICS: MetricRecord({P.NUM_EXAMPLES: 48})})
+    assert P.check_site_reply(content, P.TRAIN, set(wire)) == []
+
+
+def test_per_sample_values_fail():
+    per_sample = {f"score-{i}": float(i) for i in range(3392)}
+    problems = P.check_site_reply(_train_reply(**per_sample), P.TRAIN, set(_wire()))
+    assert "too many metric values" in problems
+    assert "metric name outside the allow-list" in problems
+    # even under allowed names: a list of per-sample values is neither scalar nor small
+    content = _train_reply(**{"train-loss": [0.5] * 3392})
+    problems = P.check_site_reply(content, P.TRAIN, set(_wire()))
+    assert "non-scalar metric value" in problems and "too many metric values" in problems
+
+
+@pytest.mark.parametrize("name", ["logit-17", "feature-3", "pixel-0-0", "recall-2", "Accuracy",
+                                  SECRET])
+def test_metric_names_outside_the_allow_list_fail(name):
+    assert P.check_site_reply(_train_reply(**{name: 0.5})) == [
+        "metric name outside the allow-list"]
+
+
+def test_metric_names_are_checked_per_reply_type():
+    evaluation = RecordDict({P.METRICS: MetricRecord({"train-loss": 0.1, P.NUM_EXAMPLES: 3})})
+    assert P.check_site_reply(evaluation, P.EVALUATE)
+    assert "missing required metric" in P.check_site_reply(
+        RecordDict({P.METRICS: MetricRecord({"accuracy": 0.5})}), P.EVALUATE)
+
+
+@pytest.mark.parametrize("name", [SECRET, "../etc", "site a", "", "x" * 65, "-site",
+                                  "C:\\data\\site"])
+def test_a_path_or_free_text_as_site_name_fails(name):
+    status = RecordDict({P.METRICS: MetricRecord({P.HAS_TEACHER: 0}),
+                         P.CONFIG: ConfigRecord({P.SITE_NAME: name})})
+    assert P.check_site_reply(status, P.TEACHER_STATUS) == ["site name is not a short identifier"]
+
+
+def test_other_config_values_fail():
+    status = RecordDict({P.METRICS: MetricRecord({P.HAS_TEACHER: 0}),
+                         P.CONFIG: ConfigRecord({P.SITE_NAME: "a", "data-path": SECRET})})
+    assert "config value outside the allow-list" in P.check_site_reply(status, P.TEACHER_STATUS)
+    train = _train_reply()
+    train[P.CONFIG] = ConfigRecord({P.SITE_NAME: "a"})
+    assert "unknown record key" in P.check_site_reply(train, P.TRAIN, set(_wire()))
+
+
+def test_extra_record_key_fails():
+    content = _train_reply()
+    content["features"] = ArrayRecord({"features": torch.zeros(48, 512)})
+    assert P.check_site_reply(content, P.TRAIN, set(_wire())) == ["unknown record key"]
+    assert P.check_site_reply(content) == ["unknown record key"]
+
+
+def test_non_scalar_metric_fails():
+    problems = P.check_site_reply(_train_reply(**{"train-loss": [0.4, 0.6]}))
+    assert problems == ["non-scalar metric value"]
+
+
+def test_arrays_outside_the_model_state_fail():
+    content = _train_reply()
+    arrays = dict(_wire())
+    arrays["queue.queue"] = torch.zeros(64, 16)
+    content[P.ARRAYS] = ArrayRecord(arrays)
+    assert P.check_site_reply(content, P.TRAIN, set(_wire())) == [
+        "array name outside the model state"]
+    content[P.ARRAYS] = ArrayRecord({k: (v * 255).to(torch.uint8) for k, v in _wire().items()})
+    assert P.check_site_reply(content, P.TRAIN, set(_wire())) == [
+        "array that is not a floating-point tensor"]
+    evaluation = RecordDict({P.METRICS: MetricRecord({P.NUM_EXAMPLES: 1}),
+                             P.ARRAYS: ArrayRecord(_wire())})
+    assert P.check_site_reply(evaluation, P.EVALUATE) == ["unknown record key"]
+
+
+def test_metric_names_cover_what_the_site_computes():
+    assert {"train-loss", "train-steps", "train-time-s", "accuracy", "macro-f1", "kappa",
+            "loss", P.NUM_EXAMPLES, P.HAS_TEACHER} <= P.METRIC_NAMES
+    assert not any(n.startswith(("recall", "logit", "feature")) for n in P.METRIC_NAMES)
+
+
+# -- the site's ClientApp handlers -----------------------------------------------------------
+def _context(node_config: dict, run_config: dict | None = None) -> Context:
+    return Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(),
+                   run_config=run_config or {})
+
+
+def test_site_data_error_is_logged_at_the_site_and_answered_by_category(tmp_path, caplog):
+    bad = bad_image_site(tmp_path / "slides")
+    node = {"data-path": str(tmp_path / "slides"), "cache-dir": str(tmp_path / "cache"),
+            "site-name": "site-a", "device": "cpu"}
+    run = tiny_run(run_name="bad-data")
+    msg = instruction(P.EVALUATE, RecordDict({P.ARRAYS: ArrayRecord(_wire()),
+                                              P.CONFIG: ConfigRecord(run.to_flat())}))
+    with caplog.at_level(logging.ERROR, logger="moma.client"):
+        reply = site_app.evaluate(msg, _context(node))
+    assert reply.has_error() and reply.error.reason == "data-error"
+    assert str(bad) not in _every_text(reply) and "slide-17" not in _every_text(reply)
+    # the site's own log has it all, with the traceback
+    logged = next(r for r in caplog.records if r.name == "moma.client")
+    assert logged.exc_info and str(bad) in str(logged.exc_info[1])
+
+
+def test_unusable_config_is_a_config_error():
+    msg = instruction(P.EVALUATE, RecordDict({P.ARRAYS: ArrayRecord(_wire()),
+                                              P.CONFIG: ConfigRecord({"num-rounds": 0})}))
+    reply = site_app.evaluate(msg, _context({"data-path": SECRET, "cache-dir": "/tmp/x"}))
+    assert reply.error.reason == "config-error" and SECRET not in _every_text(reply)
+    reply = site_app.evaluate(msg, _context({}))  # no data-path, no cache-dir
+    assert reply.error.reason == "config-error"
+
+
+def test_site_withholds_a_reply_outside_the_protocol(monkeypatch, tmp_path, caplog):
+    def leaky_evaluate(settings, run, global_state):
+        return 12, {"accuracy": 0.5, **{f"logit-{i}": 0.1 for i in range(80)}}
+
+    monkeypatch.setattr(site_app, "evaluate_round", leaky_evaluate)
+    run = tiny_run()
+    msg = instruction(P.EVALUATE, RecordDict({P.ARRAYS: ArrayRecord(_wire()),
+                                              P.CONFIG: ConfigRecord(run.to_flat())}))
+    node = {"data-path": "synthetic:target", "cache-dir": str(tmp_path), "device": "cpu"}
+    with caplog.at_level(logging.ERROR, logger="moma.client"):
+        reply = site_app.evaluate(msg, _context(node))
+    assert reply.has_error() and reply.error.reason == "internal-error"
+    assert "logit" not in _every_text(reply)
+    assert any("withheld" in r.getMessage() for r in caplog.records)
+
+
+def test_teacher_status_omits_a_site_name_that_is_not_an_identifier(tmp_path):
+    msg = instruction(P.TEACHER_STATUS,
+                      RecordDict({P.CONFIG: ConfigRecord({P.TEACHER_SHA: "0" * 64})}))
+    node = {"data-path": "synthetic:target", "cache-dir": str(tmp_path)}
+    reply = site_app.teacher_status(msg, _context({**node, "site-name": SECRET}))
+    assert not reply.has_error() and P.CONFIG not in reply.content
+    assert dict(reply.content[P.METRICS]) == {P.HAS_TEACHER: 0}
+    reply = site_app.teacher_status(msg, _context({**node, "site-name": "site-a"}))
+    assert dict(reply.content[P.CONFIG]) == {P.SITE_NAME: "site-a"}
+    malformed = instruction(P.TEACHER_STATUS,
+                            RecordDict({P.CONFIG: ConfigRecord({P.TEACHER_SHA: SECRET})}))
+    reply = site_app.teacher_status(malformed, _context(node))
+    assert reply.error.reason == "teacher-rejected" and SECRET not in _every_text(reply)
+
+
+# -- the coordinator on receipt --------------------------------------------------------------
+def _strategy(nodes):
+    from server.strategy import MomaStrategy
+
+    strategy = MomaStrategy(tiny_run(), None)
+    strategy._reference = _wire()
+    strategy.sent_to = {n: {"site_name": f"site-{n}"} for n in nodes}
+    return strategy
+
+
+def test_coordinator_rejects_replies_outside_the_protocol_without_echoing_them():
+    import json
+
+    leaky = _train_reply(**{f"logit-{i}": 0.1 for i in range(3392)})
+    renamed = _train_reply()
+    renamed[P.ARRAYS] = ArrayRecord({**_wire(), f"{SECRET}.weight": torch.zeros(2)})
+    replies = [
+        (1, Message(_train_reply(), reply_to=instruction())),
+        (2, Message(leaky, reply_to=instruction())),
+        (3, Message(renamed, reply_to=instruction())),
+        (4, Message(Error(code=2, reason=f"DataError: cannot read image {SECRET}"),
+                    reply_to=instruction())),
+        (5, P.category_reply(instruction(), "data-error")),
+    ]
+    strategy = _strategy(range(1, 6))
+    new, metrics = strategy.aggregate_train(1, replies)
+    sites = strategy.round_log[1]["sites"]
+    assert sites[1]["status"] == "ok" and new is not None
+    assert sites[2] == {**sites[2], "status": "rejected",
+                        "reason": "protocol: metric name outside the allow-list"}
+    assert "metrics" not in sites[2]
+    assert sites[3]["status"] == "rejected" and sites[3]["reason"].startswith("protocol: ")
+    assert (sites[4]["status"], sites[4]["reason"]) == ("failed", P.UNKNOWN_ERROR)
+    assert (sites[5]["status"], sites[5]["reason"]) == ("failed", "data-error")
+    recorded = json.dumps(strategy.round_log, default=str) + json.dumps(dict(metrics))
+    for private in (SECRET, "logit", "DataError"):
+        assert private not in recorded
+
+
+def test_coordinator_checks_evaluation_replies():
+    import json
+
+    honest = RecordDict({P.METRICS: MetricRecord(
+        {"loss": 0.9, "accuracy": 0.5, "macro-f1": 0.4, "kappa": 0.3, P.NUM_EXAMPLES: 12})})
+    leaky = RecordDict({P.METRICS: MetricRecord(
+        {"accuracy": 0.5, "feature-3": 0.2, P.NUM_EXAMPLES: 12})})
+    replies = [(1, Message(honest, reply_to=instruction(P.EVALUATE))),
+               (2, Message(leaky, reply_to=instruction(P.EVALUATE))),
+               (3, Message(Error(code=0, reason=SECRET), reply_to=instruction(P.EVALUATE)))]
+    strategy = _strategy([1, 2, 3])
+    result = strategy.aggregate_evaluate(1, replies)
+    per_site = strategy.round_log[1]["evaluate"]
+    assert per_site[1]["accuracy"] == 0.5 and dict(result)["accuracy"] == 0.5
+    assert per_site[2]["status"] == "rejected" and per_site[2]["reason"].startswith("protocol:")
+    assert per_site[3] == {"status": "failed", "reason": P.UNKNOWN_ERROR, "site-name": "3"}
+    recorded = json.dumps(strategy.round_log, default=str)
+    assert SECRET not in recorded and "feature" not in recorded
