@@ -82,7 +82,7 @@ def teacher_status(msg: Message, context: Context) -> Message:
         sha = str(msg.content[P.CONFIG][P.TEACHER_SHA])
     except (ValueError, KeyError, TypeError) as exc:
         raise P.ConfigError("the node config or the query is not usable") from exc
-    has = bool(sha) and TeacherCache(settings.cache_dir).has(sha)
+    has = bool(sha) and TeacherCache(settings.cache_dir, settings.teacher_signer).has(sha)
     records = {P.METRICS: MetricRecord({P.HAS_TEACHER: int(has)})}
     if P.valid_site_name(settings.site_name):
         records[P.CONFIG] = ConfigRecord({P.SITE_NAME: settings.site_name})
@@ -104,10 +104,14 @@ def train(msg: Message, context: Context) -> Message:
     if P.TEACHER in msg.content:
         try:
             blob = P.array_to_bytes(msg.content[P.TEACHER][P.TEACHER_FILE].numpy())
-            sidecar = json.loads(str(msg.content[P.TEACHER_META]["sidecar"]))
+            meta = msg.content[P.TEACHER_META]
+            sidecar = json.loads(str(meta["sidecar"]))
+            signature = json.loads(str(meta[P.TEACHER_SIGNATURE])) \
+                if P.TEACHER_SIGNATURE in meta else None
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError("the teacher package in the message is unreadable") from exc
-        TeacherCache(settings.cache_dir).store(blob, sidecar, sha)
+        TeacherCache(settings.cache_dir, settings.teacher_signer).store(blob, sidecar, sha,
+                                                                        signature)
         log.info("teacher %s… stored in the site cache", sha[:12])
     global_state = msg.content[P.ARRAYS].to_torch_state_dict()
     state, n, metrics = train_round(settings, run, server_round, global_state, sha)

@@ -2,7 +2,8 @@
 
 Coordinator → site (train): ``arrays`` (global student, float tensors), ``config`` (round,
 training settings, ``teacher-sha256``), and — only when the site lacks it — ``teacher`` (the
-teacher's safetensors file as raw bytes) with ``teacher-meta`` (its sidecar JSON).
+teacher's safetensors file as raw bytes) with ``teacher-meta`` (its sidecar JSON and, when the
+coordinator signed it, the signature JSON).
 Coordinator → site (query ``teacher-status``): ``config`` with ``teacher-sha256``.
 Site → coordinator: ``arrays`` (its new student, train only; under FedBN without the
 normalisation layers) and ``metrics`` (aggregate losses and metrics named in
@@ -34,6 +35,8 @@ TEACHER = "teacher"
 TEACHER_META = "teacher-meta"
 TEACHER_FILE = "teacher.safetensors"
 TEACHER_SHA = "teacher-sha256"
+#: Key in ``teacher-meta``: the coordinator's signature (JSON) over the teacher's hash + sidecar.
+TEACHER_SIGNATURE = "signature"
 TEACHER_STATUS = "query.teacher_status"
 TRAIN = "train"
 EVALUATE = "evaluate"

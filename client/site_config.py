@@ -3,7 +3,8 @@
 Keys (``flower-supernode --node-config 'data-path="/data/kather" cache-dir="/var/moma"'``):
 ``data-path`` (ImageFolder dir, .csv, .npz, or ``synthetic:target``), ``cache-dir`` (teacher
 cache and site state), ``device`` (auto/cpu/cuda), ``site-name``; for synthetic data
-``site-index``, ``num-sites``, ``n``; ``skip-bad-images`` (true/false).
+``site-index``, ``num-sites``, ``n``; ``skip-bad-images`` (true/false); ``teacher-signer``
+(the coordinator's teacher-signing public key from the site's kit: teachers must be signed).
 In a simulated federation Flower sets ``partition-id``/``num-partitions`` instead: the site is
 then synthetic site ``partition-id`` (or a partition described by ``MOMA_SIM_SITES``).
 """
@@ -32,6 +33,7 @@ class SiteSettings:
     skip_bad_images: bool = False
     class_probs: tuple[float, ...] | None = None
     data_seed: int = 0
+    teacher_signer: Path | None = None
 
 
 def site_settings(node_config: dict) -> SiteSettings:
@@ -55,6 +57,7 @@ def site_settings(node_config: dict) -> SiteSettings:
         skip_bad_images=str(cfg.get("skip-bad-images", "false")).lower() == "true",
         class_probs=tuple(float(p) for p in str(probs).split(",")) if probs else None,
         data_seed=int(cfg.get("data-seed", 0)),
+        teacher_signer=Path(str(cfg["teacher-signer"])) if cfg.get("teacher-signer") else None,
     )
 
 

@@ -1,6 +1,8 @@
 """What a site keeps on its own disk: the teacher cache and the MoMA state between rounds.
 
-``<cache-dir>/teachers/<sha256>.safetensors`` (+ sidecar): teachers received, verified by hash.
+``<cache-dir>/teachers/<sha256>.safetensors`` (+ sidecar, + ``.sig.json``): teachers received,
+verified by hash and, when the site's kit names the coordinator's teacher-signing key, by its
+signature (on receipt and whenever the cache is asked whether it holds a teacher).
 ``<cache-dir>/runs/<run-name>/``: ``objective.safetensors`` (momentum teacher, key/query
 heads, attention, queue and its pointer), ``local.safetensors`` (layers kept local, FedBN) and
 ``state.json`` (last round trained, teacher hash). None of it is ever sent to the coordinator.
@@ -27,10 +29,26 @@ _NAME = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
 
 
 class TeacherCache:
-    """Teachers by SHA-256 in ``<cache-dir>/teachers``."""
+    """Teachers by SHA-256 in ``<cache-dir>/teachers``; signed by ``signer`` when given."""
 
-    def __init__(self, cache_dir: Path) -> None:
+    def __init__(self, cache_dir: Path, signer: Path | None = None) -> None:
         self.dir = Path(cache_dir) / "teachers"
+        self.signer = signer
+
+    def _verify_signature(self, sha: str, sidecar: dict, signature: dict | None) -> None:
+        if self.signer is None:
+            return
+        from moma_core.signature import SignatureError, verify_teacher
+
+        if not isinstance(signature, dict):
+            raise CheckpointError("teacher without the coordinator's signature: refused")
+        try:
+            verify_teacher(sha, sidecar, signature, Path(self.signer).read_bytes())
+        except SignatureError as exc:
+            raise CheckpointError(f"teacher signature: {exc}: refused") from None
+        except OSError as exc:
+            raise CheckpointError(f"teacher-signing key {self.signer} unreadable: {exc}"
+                                  ) from None
 
     def path(self, sha: str) -> Path:
         if not _SHA.match(sha):
@@ -39,21 +57,35 @@ class TeacherCache:
 
     def has(self, sha: str) -> bool:
         p = self.path(sha)
-        return p.is_file() and p.with_suffix(".json").is_file() and sha256_file(p) == sha
+        if not (p.is_file() and p.with_suffix(".json").is_file() and sha256_file(p) == sha):
+            return False
+        if self.signer is not None:
+            sig = self.dir / f"{sha}.sig.json"
+            try:
+                self._verify_signature(sha, json.loads(p.with_suffix(".json").read_text()),
+                                       json.loads(sig.read_text()) if sig.is_file() else None)
+            except (CheckpointError, ValueError):
+                return False
+        return True
 
-    def store(self, data: bytes, sidecar: dict, sha: str) -> Path:
-        """Verify and write a teacher received from the coordinator."""
+    def store(self, data: bytes, sidecar: dict, sha: str, signature: dict | None = None
+              ) -> Path:
+        """Verify (hash, sidecar, signature) and write a teacher received from the coordinator."""
         actual = hashlib.sha256(data).hexdigest()
         if actual != sha:
             raise CheckpointError(f"teacher received with SHA-256 {actual[:12]}…, "
                                   f"announced {sha[:12]}…: refused")
         if sidecar.get("sha256") != sha:
             raise CheckpointError("teacher sidecar names another SHA-256: refused")
+        self._verify_signature(sha, sidecar, signature)
         path = self.path(sha)
         path.parent.mkdir(parents=True, exist_ok=True)
         _atomic(path, lambda tmp: Path(tmp).write_bytes(data))
         _atomic(path.with_suffix(".json"),
                 lambda tmp: Path(tmp).write_text(json.dumps(sidecar, indent=2)))
+        if signature is not None:
+            _atomic(self.dir / f"{sha}.sig.json",
+                    lambda tmp: Path(tmp).write_text(json.dumps(signature, indent=2)))
         return path
 
     def load(self, sha: str) -> tuple[nn.Module, Architecture]:

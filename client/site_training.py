@@ -84,9 +84,10 @@ def train_round(settings: SiteSettings, run: RunConfig, server_round: int,
     """
     start = time.time()
     device = resolve_device(settings.device)
-    cache = TeacherCache(settings.cache_dir)
-    if run.objective != "ce" and not cache.path(teacher_sha).is_file():
-        raise MissingTeacher(f"teacher {teacher_sha[:12]}… is not in {cache.dir}")
+    cache = TeacherCache(settings.cache_dir, settings.teacher_signer)
+    if run.objective != "ce" and not cache.has(teacher_sha):
+        raise MissingTeacher(f"teacher {teacher_sha[:12]}… is not in {cache.dir} (or fails "
+                             "its hash or signature check)")
     state = SiteState(settings.cache_dir, run.run_name)
     saved, local = state.load(teacher_sha)
     data = site_data(settings, run.image_size, run.augment)

@@ -70,7 +70,13 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], Architec
     refuse_pickle(path)
     sidecar = read_sidecar(path)
     digest = sha256_file(path)
-    if sidecar.get("sha256") and sidecar["sha256"] != digest:
+    if not isinstance(sidecar, dict):
+        raise CheckpointError(f"{sidecar_path(path)}: not a sidecar (a JSON object expected)")
+    named = sidecar.get("sha256")
+    if not isinstance(named, str) or len(named) != 64:
+        raise CheckpointError(f"{sidecar_path(path)}: no valid SHA-256 of the weights; the "
+                              "hash check cannot be skipped (re-save the checkpoint)")
+    if named != digest:
         raise CheckpointError(
             f"{path}: SHA-256 {digest[:12]}… does not match the sidecar's "
             f"{sidecar['sha256'][:12]}… (weights changed or swapped)")

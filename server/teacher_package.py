@@ -1,4 +1,5 @@
-"""The teacher as shipped: its safetensors bytes, sidecar and SHA-256, checked before sending."""
+"""The teacher as shipped: its safetensors bytes, sidecar, SHA-256 and (when signed) the
+coordinator's signature, checked before sending."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 from client import protocol as P
 from moma_core.checkpoint import load_model
 from moma_core.models import Architecture
+from moma_core.signature import signature_path
 
 
 @dataclass(frozen=True)
@@ -19,6 +21,7 @@ class TeacherPackage:
     sha256: str
     sidecar: dict
     data: bytes
+    signature: dict | None = None
 
     @property
     def architecture(self) -> Architecture:
@@ -28,7 +31,10 @@ class TeacherPackage:
         """The two records that carry the teacher to a site."""
         return {
             P.TEACHER: ArrayRecord({P.TEACHER_FILE: Array(P.bytes_to_array(self.data))}),
-            P.TEACHER_META: ConfigRecord({"sidecar": json.dumps(self.sidecar)}),
+            P.TEACHER_META: ConfigRecord({
+                "sidecar": json.dumps(self.sidecar),
+                **({P.TEACHER_SIGNATURE: json.dumps(self.signature)} if self.signature else {}),
+            }),
         }
 
 
@@ -36,4 +42,6 @@ def package_teacher(path: str | Path) -> TeacherPackage:
     """Load and verify (safetensors only, hash, shapes) the teacher file to ship."""
     path = Path(path)
     _, _, sidecar = load_model(path)  # refuses pickles, checks the hash and tensor shapes
-    return TeacherPackage(path, sidecar["sha256"], sidecar, path.read_bytes())
+    sig = signature_path(path)
+    signature = json.loads(sig.read_text()) if sig.is_file() else None
+    return TeacherPackage(path, sidecar["sha256"], sidecar, path.read_bytes(), signature)

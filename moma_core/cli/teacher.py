@@ -2,11 +2,15 @@
 
 Output: ``<out>.safetensors`` and the sidecar ``<out>.json`` (architecture, classes, input size,
 normalisation, SHA-256, training metrics).
+
+``moma-teacher sign TEACHER.safetensors --key teacher-signing.key`` signs a teacher with the
+coordinator's Ed25519 key (``moma-deploy``) and writes ``<stem>.sig.json`` beside it.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from moma_core.checkpoint import save_checkpoint
@@ -49,7 +53,30 @@ def train_teacher(args: argparse.Namespace) -> tuple[str, list[dict]]:
     return digest, history
 
 
+def sign_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moma-teacher sign",
+                                description="sign a teacher with the coordinator's key")
+    p.add_argument("teacher", type=Path, help="teacher .safetensors (sidecar beside it)")
+    p.add_argument("--key", type=Path, required=True,
+                   help="Ed25519 private key (federation/coordinator/teacher-signing.key)")
+    return p
+
+
+def sign(argv: list[str]) -> int:
+    from moma_core.checkpoint import load_model
+    from moma_core.signature import sign_teacher
+
+    args = sign_parser().parse_args(argv)
+    load_model(args.teacher)  # safetensors only, hash and shapes checked before signing
+    out = sign_teacher(args.teacher, args.key)
+    console.print(f"wrote {out}")
+    return 0
+
+
 @run_cli
 def main() -> int:
-    train_teacher(parser().parse_args())
+    argv = sys.argv[1:]
+    if argv[:1] == ["sign"]:
+        return sign(argv[1:])
+    train_teacher(parser().parse_args(argv))
     return 0
