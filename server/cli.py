@@ -214,6 +214,7 @@ def _parse_kv(text: str) -> dict:
 @run_cli
 def main() -> int:
     logging.basicConfig(level=logging.INFO)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Control API call
     exit_on_sigterm()
     try:
         return serve(parser().parse_args())

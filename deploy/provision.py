@@ -1,0 +1,90 @@
+"""``moma-deploy``: make a federation folder and one kit per site (see :mod:`deploy.federation`).
+
+  moma-deploy init FED --server-host HOST [--server-host IP …] [--port 9092] --site NAME …
+  moma-deploy add-site FED NAME          a new kit (FED/sites/NAME) and registry entry
+  moma-deploy revoke-site FED NAME       the site's key is refused from moma-server's next start
+  moma-deploy renew-server FED           a new SuperLink certificate from the same CA
+  moma-deploy list FED                   sites, key fingerprints, certificate expiry
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import sys
+from pathlib import Path
+
+from deploy import pki
+from deploy.federation import Federation
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moma-deploy", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    init = sub.add_parser("init", help="create a federation folder, its CA, keys and kits")
+    init.add_argument("folder", type=Path)
+    init.add_argument("--server-host", action="append", default=[],
+                      help="name or IP address the sites use to reach the coordinator "
+                           "(repeat for several; the first is written into the kits)")
+    init.add_argument("--port", type=int, default=9092)
+    init.add_argument("--site", action="append", default=[], help="a site's name (repeat)")
+    init.add_argument("--days", type=int, default=825, help="server certificate lifetime")
+    init.add_argument("--force", action="store_true", help="replace existing keys")
+    add = sub.add_parser("add-site", help="a new site kit")
+    add.add_argument("folder", type=Path)
+    add.add_argument("name")
+    add.add_argument("--force", action="store_true", help="give an existing site a new key")
+    rev = sub.add_parser("revoke-site", help="refuse a site's key from now on")
+    rev.add_argument("folder", type=Path)
+    rev.add_argument("name")
+    ren = sub.add_parser("renew-server", help="re-issue the SuperLink certificate")
+    ren.add_argument("folder", type=Path)
+    ren.add_argument("--days", type=int, default=825)
+    ls = sub.add_parser("list", help="sites and certificate expiry")
+    ls.add_argument("folder", type=Path)
+    return p
+
+
+def fingerprint(openssh_line: str) -> str:
+    blob = base64.b64decode(openssh_line.split()[1])
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.command == "init":
+        fed = Federation.init(args.folder, args.server_host, args.port, args.site, args.days,
+                              args.force)
+        print(f"federation {fed.root}: server {fed.server_address}, "
+              f"{len(args.site)} site kit(s) in {fed.root / 'sites'}")
+        print("give each site its kit folder (sites/<name>); keep ca/ and coordinator/ here")
+        return 0
+    fed = Federation.load(args.folder)
+    if args.command == "add-site":
+        print(f"kit for {args.name}: {fed.add_site(args.name, force=args.force)}")
+    elif args.command == "revoke-site":
+        fed.revoke_site(args.name)
+        print(f"site {args.name} revoked: moma-server refuses its key from its next start")
+    elif args.command == "renew-server":
+        fed.renew_server(args.days)
+        print(f"new server certificate {fed.server_cert}")
+    else:
+        for cert in (fed.ca_cert, fed.server_cert):
+            end = pki.load_cert(cert).not_valid_after_utc
+            print(f"{cert.name}: valid until {end:%Y-%m-%d}")
+        for name, site in sorted(fed.data["sites"].items()):
+            state = f"revoked {site['revoked']}" if site["revoked"] else "active"
+            print(f"{name}\t{state}\t{fingerprint(site['public_key'])}")
+    return 0
+
+
+def main() -> int:
+    try:
+        return run(parser().parse_args())
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
