@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -47,7 +48,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--clientappio-port", type=int, default=9094,
                    help="local port (127.0.0.1) of this SuperNode's app runtime")
     p.add_argument("--max-retries", type=int, default=None,
-                   help="give up after this many reconnection attempts (default: forever)")
+                   help="give up (exit 2) after this many reconnection attempts (default: "
+                        "keep trying, also when the coordinator refuses this site)")
     p.add_argument("--max-wait-time", type=float, default=None)
     g = p.add_argument_group("synthetic data")
     g.add_argument("--site-index", type=int, default=None)
@@ -161,8 +163,26 @@ def start(args: argparse.Namespace) -> int:
         if args.max_wait_time is not None:
             cmd += ["--max-wait-time", str(args.max_wait_time)]
         console.print(f"connecting to {args.server} as {args.site_name or cache.name}")
-        proc = spawn(cmd, lock.env(env))
-        return proc.wait()
+        delay = 5.0
+        while True:
+            proc = spawn(cmd, lock.env(env))
+            rc = proc.wait()
+            if rc == 0:
+                return 0
+            reason = (f"could not join the federation at {args.server} (the SuperNode stopped "
+                      f"with exit code {rc}): the coordinator refused this site (its key is "
+                      "not registered yet, or was revoked), TLS failed (a CA certificate from "
+                      "another federation, or a server name outside the certificate), a "
+                      "plaintext site met a TLS coordinator, or nothing answers there "
+                      "(Flower's reason is printed above)")
+            if args.max_retries is not None or args.max_wait_time is not None:
+                print(f"error: {reason}", file=sys.stderr)
+                return 2
+            # no limit given: keep trying, as a site service should (the coordinator may
+            # not have registered this site yet, or may be restarting)
+            console.print(f"[yellow]{reason}; trying again in {delay:.0f} s")
+            time.sleep(delay)
+            delay = min(delay * 2, 60.0)
     except KeyboardInterrupt:
         return 130
     finally:
