@@ -139,3 +139,58 @@ def test_killed_site_does_not_stop_the_round_and_rejoins(federation, tmp_path):
     assert sorted(s["site_name"] for s in ok2) == ["site-0", "site-1", "site-2"]
     rejoined = next(s for s in ok2 if s["site_name"] == "site-2")
     assert not rejoined["teacher_sent"]  # its cache already held the teacher
+
+
+def _wait(condition, what: str, timeout: float = 600.0) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+def _train_messages(federation: Federation, site: str) -> int:
+    return federation.log(site).count("Receiving: train message")
+
+
+def test_sigkill_leaves_nothing_and_resume_trains_each_round_once(federation, tmp_path):
+    from deploy.lifecycle import tagged_pids
+
+    teacher = tiny_teacher(tmp_path / "teacher.safetensors")
+    federation.server(teacher, rounds=3, sites=2, timeout=300)
+    for i in range(2):
+        federation.site(i, 2)
+    results = tmp_path / "runs" / "dep" / "results.json"
+    _wait(lambda: results.exists() and len(json.loads(results.read_text())["rounds"]) >= 1,
+          "round 1")
+    server_tag = str((tmp_path / "runs" / "dep" / ".moma-server.lock").resolve())
+    first = federation.procs["server"]
+    # a second coordinator on the same run folder is refused, naming the first one's PID
+    second = subprocess.run(
+        [str(BIN / "moma-server"), "--teacher", str(teacher), "--name", "dep", "--runs-dir",
+         str(tmp_path / "runs"), "--port", str(free_port()), "--insecure", "--resume"],
+        capture_output=True, text=True, timeout=300)
+    assert second.returncode == 2 and f"PID {first.pid}" in second.stderr, second.stderr
+    children = tagged_pids(server_tag)
+    assert len(children) >= 3  # SuperLink, SuperExec, ServerApp, flwr run
+    os.kill(first.pid, signal.SIGKILL)  # the command only: its children must follow
+    first.wait(60)
+    _wait(lambda: not any(Path(f"/proc/{p}").exists() for p in children), "orphans to die")
+    assert tagged_pids(server_tag) == []
+    done = len(json.loads(results.read_text())["rounds"])
+    before = {s: _train_messages(federation, s) for s in ("site-0", "site-1")}
+    del federation.procs["server"]
+    federation.start("server", [*first.args, "--resume"])
+    rc = federation.wait_server(900)
+    assert rc == 0, federation.log("server")[-4000:]
+    assert [r["round"] for r in federation.results()["rounds"]] == [1, 2, 3]
+    for site, n in before.items():  # exactly one train message per site per resumed round
+        assert _train_messages(federation, site) == n + 3 - done, site
+    # and a killed site leaves nothing behind either; the same command starts it again
+    site_tag = str((tmp_path / "site-0" / ".moma-client.lock").resolve())
+    site_children = tagged_pids(site_tag)
+    assert site_children
+    os.kill(federation.procs["site-0"].pid, signal.SIGKILL)
+    federation.procs.pop("site-0").wait(60)
+    _wait(lambda: tagged_pids(site_tag) == [], "the site's children to die")
+    federation.site(0, 2)
+    _wait(lambda: "connecting to" in federation.log("site-0"), "the site to restart")
