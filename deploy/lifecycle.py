@@ -76,7 +76,8 @@ def tagged_pids(tag: str) -> list[int]:
     return found
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (zombies included)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -136,7 +137,7 @@ class InstanceLock:
                 break
             except BlockingIOError:
                 holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
-                if (holder.isdigit() and _alive(int(holder))) or time.monotonic() > deadline:
+                if (holder.isdigit() and pid_alive(int(holder))) or time.monotonic() > deadline:
                     os.close(fd)
                     raise BusyError(f"{self.what} is in use by another running instance "
                                     f"(PID {holder or '?'}; lock {self.path})") from None

@@ -6,7 +6,8 @@ enterprise account login, anyone who reaches that port could submit a run, and i
 would execute on the coordinator and push code to every site. This launcher runs the unchanged
 ``flower-superlink`` command with one ASGI gate in front of Flower's app: requests from other
 hosts reach only ``/v1/fleet/*`` (and ``/health``); everything else answers 403 unless it comes
-from this host's loopback, where ``moma-server`` submits its own run.
+from this host (loopback, or the address the SuperLink is bound to), where ``moma-server``
+submits its own run.
 
 Usage: ``python -m deploy.superlink <flower-superlink arguments>``.
 """
@@ -40,9 +41,14 @@ def is_loopback(host: str | None) -> bool:
         return False
 
 
-def allowed(path: str, client_host: str | None) -> bool:
-    """Whether a request for ``path`` from ``client_host`` may pass the gate."""
-    if is_loopback(client_host):
+def allowed(path: str, client_host: str | None, server_host: str | None = None) -> bool:
+    """Whether a request for ``path`` from ``client_host`` may pass the gate.
+
+    Local requests pass: from loopback, or from the very address they arrived on (a
+    connection from this host to its own interface address, when the SuperLink is bound to
+    one address only).
+    """
+    if is_loopback(client_host) or (client_host is not None and client_host == server_host):
         return True
     if posixpath.normpath(path) != path or "\\" in path:
         return False  # no dot segments, doubled or trailing slashes from other hosts
@@ -60,9 +66,9 @@ class SiteGate:
     async def __call__(self, scope: Scope, receive: Callable, send: Callable) -> None:
         if scope.get("type") in ("http", "websocket"):
             path = str(scope.get("path", ""))
-            client = scope.get("client")
+            client, server = scope.get("client"), scope.get("server")
             host = client[0] if client else None
-            if not allowed(path, host):
+            if not allowed(path, host, server[0] if server else None):
                 log.warning("refused %s from %s: only the coordinator host may use it",
                             path, host)
                 if scope["type"] == "websocket":

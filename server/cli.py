@@ -121,10 +121,17 @@ def superlink_args(args: argparse.Namespace, fed, out_dir: Path) -> list[str]:
             "--disable-runtime-dependency-installation"]
 
 
-def write_cli_config(home: Path, port: int, fed) -> None:
-    """The flwr CLI's connection to our own SuperLink, over loopback."""
+def local_address(host: str) -> str:
+    """Where this host reaches its own SuperLink: loopback unless bound to one address."""
+    if host in ("0.0.0.0", "::", ""):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
+def write_cli_config(home: Path, host: str, port: int, fed) -> None:
+    """The flwr CLI's connection to our own SuperLink, from this host."""
     home.mkdir(parents=True, exist_ok=True)
-    conn = [f'address = "127.0.0.1:{port}"']
+    conn = [f'address = "{local_address(host)}:{port}"']
     conn += ["insecure = true"] if fed is None else [
         f'root-certificates = "{fed.ca_cert.resolve()}"']
     (home / "config.toml").write_text("\n".join(
@@ -156,15 +163,15 @@ def serve(args: argparse.Namespace) -> int:
                           "moma-server of this run")
         check_port_free(args.host, args.port)
         home = out_dir / "flwr-home"
-        write_cli_config(home, args.port, fed)
+        write_cli_config(home, args.host, args.port, fed)
         app = write_app(out_dir / "flwr-app")
         env = lock.env(flower_env(home))
         log_path = out_dir / "superlink.log"
         with open(log_path, "ab") as log:
             link = spawn(superlink_args(args, fed, out_dir), env, stdout=log,
                          stderr=subprocess.STDOUT)
-        wait_for_port("127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host,
-                      args.port, args.startup_timeout, link)
+        wait_for_port(local_address(args.host).strip("[]"), args.port, args.startup_timeout,
+                      link)
         console.print(f"SuperLink listening on {args.host}:{args.port} (log: {log_path})")
         if fed is not None:
             names = register_sites(fed, home)

@@ -53,6 +53,8 @@ from typing import Any
 
 import pytest
 
+from deploy.lifecycle import pid_alive
+
 NS_TAG = "momans"
 """Every namespace made by this harness starts with this tag, followed by the creator's PID."""
 
@@ -145,16 +147,6 @@ def namespace_pids(ns: str) -> list[int]:
     return [int(tok) for tok in proc.stdout.split() if tok.isdigit()]
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _kill_namespace_processes(ns: str) -> list[int]:
     """SIGKILL everything in ``ns`` until ``ip netns pids`` is empty; return PIDs still there."""
     me = os.getpid()
@@ -176,7 +168,7 @@ def sweep_stale() -> list[str]:
     removed = []
     for name in list_namespaces():
         match = _NAME_RE.match(name)
-        if match is None or _pid_alive(int(match.group(1))):
+        if match is None or pid_alive(int(match.group(1))):
             continue
         _kill_namespace_processes(name)
         if _ip("netns", "del", name, check=False).returncode == 0:

@@ -75,4 +75,10 @@ def test_garbage_is_refused():
     ("/v1/control/start-run", "::ffff:192.0.2.7", False),
 ])
 def test_gate_lets_other_hosts_reach_only_the_fleet_api(path, host, ok):
-    assert allowed(path, host) is ok
+    assert allowed(path, host, "10.9.9.9") is ok
+
+
+def test_gate_counts_a_connection_to_the_bound_address_from_itself_as_local():
+    assert allowed("/v1/control/start-run", "10.0.0.5", "10.0.0.5")
+    assert not allowed("/v1/control/start-run", "10.0.0.6", "10.0.0.5")
+    assert not allowed("/v1/control/start-run", None, None)
