@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.moma-installed
 export FLWR_TELEMETRY_ENABLED := 0
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test test-fast lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,8 +18,17 @@ $(STAMP): pyproject.toml | $(BIN)/python
 demo: $(STAMP)
 	$(BIN)/moma-simulate --demo --name demo
 
+# everything: unit tests, simulated and deployed federations (real SuperLink/SuperNodes)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# the unit tests only (no federation started): a few minutes
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+# benchmarks: figures, not tests
+bench: $(STAMP)
+	$(BIN)/python bench/deployed_round.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -6,13 +6,15 @@ cache and site state), ``device`` (auto/cpu/cuda), ``site-name``; for synthetic 
 ``site-index``, ``num-sites``, ``n``; ``skip-bad-images`` (true/false); ``teacher-signer``
 (the coordinator's teacher-signing public key from the site's kit: teachers must be signed).
 In a simulated federation Flower sets ``partition-id``/``num-partitions`` instead: the site is
-then synthetic site ``partition-id`` (or a partition described by ``MOMA_SIM_SITES``).
+then entry ``partition-id`` of the run-scoped spec file named by the run config's
+``simulation-sites`` (written by ``moma-simulate``), else synthetic site ``partition-id``. A
+real SuperNode's node config has no ``partition-id`` (``moma-client`` never sets one): the run
+config, which the coordinator chooses, can never point a real site at other data.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,11 +38,16 @@ class SiteSettings:
     teacher_signer: Path | None = None
 
 
-def site_settings(node_config: dict) -> SiteSettings:
-    """Validate and type a node config (see module docstring)."""
+def site_settings(node_config: dict, simulation_sites: str = "") -> SiteSettings:
+    """Validate and type a node config (see module docstring).
+
+    ``simulation_sites``: the run config's spec file of simulated sites; read only for a
+    simulated node (one whose node config Flower's simulation engine made).
+    """
     cfg = dict(node_config)
     if "data-path" not in cfg and "partition-id" in cfg:
-        cfg = {**_simulated_site(int(cfg["partition-id"]), int(cfg["num-partitions"])), **cfg}
+        cfg = {**_simulated_site(int(cfg["partition-id"]), int(cfg["num-partitions"]),
+                                 simulation_sites), **cfg}
     missing = [k for k in ("data-path", "cache-dir") if not cfg.get(k)]
     if missing:
         raise SiteConfigError(f"node config lacks {', '.join(missing)}: start the SuperNode "
@@ -61,15 +68,17 @@ def site_settings(node_config: dict) -> SiteSettings:
     )
 
 
-def _simulated_site(partition: int, num_partitions: int) -> dict:
-    """Site config of a simulated node: from the file named by MOMA_SIM_SITES, else synthetic."""
-    path = os.environ.get("MOMA_SIM_SITES")
-    if path:
-        sites = json.loads(Path(path).read_text())
-        if partition >= len(sites):
-            raise SiteConfigError(f"{path} describes {len(sites)} sites, not {partition + 1}")
+def _simulated_site(partition: int, num_partitions: int, spec: str) -> dict:
+    """Site config of a simulated node: entry ``partition`` of ``spec``, else synthetic."""
+    if spec:
+        try:
+            sites = json.loads(Path(spec).read_text())
+        except (OSError, ValueError) as exc:
+            raise SiteConfigError(f"simulation-sites {spec}: {exc}") from None
+        if not isinstance(sites, list) or partition >= len(sites) or \
+                not isinstance(sites[partition], dict):
+            raise SiteConfigError(f"{spec} does not describe simulated site {partition}")
         return sites[partition]
-    cache = Path(os.environ.get("MOMA_SIM_CACHE", ".moma-sim-cache"))
-    return {"data-path": "synthetic:target", "cache-dir": str(cache / f"site-{partition}"),
+    return {"data-path": "synthetic:target", "cache-dir": f".moma-sim-cache/site-{partition}",
             "site-index": partition, "num-sites": num_partitions,
             "site-name": f"site-{partition}", "device": "cpu"}

@@ -12,6 +12,7 @@ deployment, nor SuperNode restarts.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import re
@@ -56,7 +57,22 @@ class TeacherCache:
         return self.dir / f"{sha}.safetensors"
 
     def has(self, sha: str) -> bool:
+        """Whether the cache holds ``sha``, hash (and signature) checked — once per process
+        for an unchanged file."""
         p = self.path(sha)
+        try:
+            stamp = (str(p), self.signer and str(self.signer), *_stamp(p),
+                     *_stamp(p.with_suffix(".json")), *_stamp(self.dir / f"{sha}.sig.json"))
+        except OSError:
+            return False
+        if _VERIFIED.get(stamp) == sha:
+            return True
+        if self._check(p, sha):
+            _VERIFIED[stamp] = sha
+            return True
+        return False
+
+    def _check(self, p: Path, sha: str) -> bool:
         if not (p.is_file() and p.with_suffix(".json").is_file() and sha256_file(p) == sha):
             return False
         if self.signer is not None:
@@ -89,8 +105,30 @@ class TeacherCache:
         return path
 
     def load(self, sha: str) -> tuple[nn.Module, Architecture]:
-        model, arch, _ = load_model(self.path(sha))
-        return model, arch
+        """The teacher (a private copy), loaded and hash-checked once per process."""
+        p = self.path(sha)
+        key = (str(p), *_stamp(p))
+        if key not in _LOADED:
+            _LOADED.clear()  # one teacher per run: keep only the latest
+            model, arch, _ = load_model(p)
+            _LOADED[key] = (model, arch)
+        model, arch = _LOADED[key]
+        return copy.deepcopy(model), arch
+
+
+#: In-process memo of verified teachers and the loaded one (a ClientApp process that handles
+#: several messages hashes and builds the teacher once); keyed by file stamps.
+_VERIFIED: dict[tuple, str] = {}
+_LOADED: dict[tuple, tuple[nn.Module, Architecture]] = {}
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    """(mtime in ns, size) of a file, (0, -1) when it is absent."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return 0, -1
+    return st.st_mtime_ns, st.st_size
 
 
 class SiteState:

@@ -16,36 +16,19 @@ import time
 import torch
 from torch import nn
 
-from client.protocol import TRAIN_METRICS, wire_state
 from client.site_config import SiteSettings
+from client.site_errors import MissingTeacher, StudentMismatch
 from client.site_state import SiteState, TeacherCache
-from moma_core.checkpoint import CheckpointError
-from moma_core.config import RunConfig
 from moma_core.evaluate import evaluate
-from moma_core.models import Architecture, build_model, norm_state_keys
+from moma_core.models import Architecture, build_model
 from moma_core.objectives import build_objective, same_task
 from moma_core.sources import SiteData, make_loader, open_site_data
 from moma_core.standalone import resolve_device
 from moma_core.train import train_local
+from moma_protocol.settings import RunConfig
+from moma_protocol.wire import TEACHER_CACHED, TRAIN_METRICS, local_keys, wire_state
 
 log = logging.getLogger("moma.client")
-
-
-class MissingTeacher(RuntimeError):
-    """The site's cache lacks the teacher the coordinator named."""
-
-
-class StudentMismatch(CheckpointError):
-    """The global student does not fit this site (another model or label space)."""
-
-
-def local_keys(run: RunConfig, student: nn.Module) -> set[str]:
-    """State keys a site keeps and never sends: FedBN's normalisation layers, else none.
-
-    The one definition both sides use: the site to leave them out of its reply, the
-    coordinator to accept updates without them.
-    """
-    return norm_state_keys(student) if run.fedbn else set()
 
 
 @functools.lru_cache(maxsize=4)
@@ -61,16 +44,17 @@ def site_data(settings: SiteSettings, image_size: int, augment: str) -> SiteData
 def student_for(run: RunConfig, data: SiteData, global_state: dict[str, torch.Tensor],
                 local: dict[str, torch.Tensor]) -> nn.Module:
     """The global student on this site's label space, with FedBN's local layers if kept."""
-    student = build_model(Architecture(run.student_model, tuple(data.classes), run.image_size))
+    fed = run.federation
+    student = build_model(Architecture(fed.student_model, tuple(data.classes), fed.image_size))
     expected = wire_state(student.state_dict())
-    kept = local_keys(run, student) & set(local)  # may come from the site's own disk instead
+    kept = local_keys(fed.fedbn, student) & set(local)  # may come from the site's own disk
     bad = [k for k in expected if (k not in global_state and k not in kept)
            or (k in global_state and tuple(global_state[k].shape) != tuple(expected[k].shape))]
     if bad:
-        raise StudentMismatch(f"global student does not fit {run.student_model} with "
+        raise StudentMismatch(f"global student does not fit {fed.student_model} with "
                               f"{len(data.classes)} classes at this site: {bad[:3]}")
     student.load_state_dict(global_state, strict=False)
-    if run.fedbn and local:
+    if fed.fedbn and local:
         student.load_state_dict(local, strict=False)
     return student
 
@@ -83,30 +67,33 @@ def train_round(settings: SiteSettings, run: RunConfig, server_round: int,
     The tensors to send leave out :func:`local_keys` (saved to ``local.safetensors`` instead).
     """
     start = time.time()
+    fed, tr = run.federation, run.training
     device = resolve_device(settings.device)
     cache = TeacherCache(settings.cache_dir, settings.teacher_signer)
-    if run.objective != "ce" and not cache.has(teacher_sha):
+    distils = run.objective.objective != "ce"
+    if distils and not cache.has(teacher_sha):
         raise MissingTeacher(f"teacher {teacher_sha[:12]}… is not in {cache.dir} (or fails "
                              "its hash or signature check)")
-    state = SiteState(settings.cache_dir, run.run_name)
+    state = SiteState(settings.cache_dir, fed.run_name)
     saved, local = state.load(teacher_sha)
-    data = site_data(settings, run.image_size, run.augment)
+    data = site_data(settings, fed.image_size, tr.augment)
     student = student_for(run, data, global_state, local)
-    teacher, t_arch = cache.load(teacher_sha) if run.objective != "ce" else (None, None)
+    teacher, t_arch = cache.load(teacher_sha) if distils else (None, None)
     objective = build_objective(run.objective_config(), student, teacher,
                                 same_task(t_arch.classes, data.classes) if t_arch else None)
     if saved is not None:
         objective.load_state_dict(saved)
     cfg = run.train_config(server_round)
-    loader = make_loader(data.train, run.batch_size, train=True,
+    loader = make_loader(data.train, tr.batch_size, train=True,
                          seed=cfg.seed or 0, device=device)
     result = train_local(student, objective, loader, cfg, device)
-    keep = local_keys(run, student)
+    keep = local_keys(fed.fedbn, student)
     state.save(objective.state_dict(), {k: v for k, v in result.state.items() if k in keep},
-               {"teacher_sha256": teacher_sha, "round": server_round, "run": run.run_name,
+               {"teacher_sha256": teacher_sha, "round": server_round, "run": fed.run_name,
                 "site": settings.site_name})
     metrics = {f"train-{k}": float(v) for k, v in result.metrics.items()}
     metrics["train-time-s"] = time.time() - start
+    metrics[TEACHER_CACHED] = float(distils)
     unlisted = sorted(set(metrics) - TRAIN_METRICS)
     if unlisted:
         log.debug("metrics kept at the site (not in the protocol's allow-list): %s", unlisted)
@@ -118,10 +105,11 @@ def evaluate_round(settings: SiteSettings, run: RunConfig,
                    global_state: dict[str, torch.Tensor]) -> tuple[int, dict[str, float]]:
     """Metrics of the global student on this site's validation split."""
     device = resolve_device(settings.device)
-    data = site_data(settings, run.image_size, run.augment)
-    local = SiteState(settings.cache_dir, run.run_name).local_layers()
+    fed = run.federation
+    data = site_data(settings, fed.image_size, run.training.augment)
+    local = SiteState(settings.cache_dir, fed.run_name).local_layers()
     student = student_for(run, data, global_state, local)
-    loader = make_loader(data.val, run.batch_size * 2, train=False, device=device)
+    loader = make_loader(data.val, run.training.batch_size * 2, train=False, device=device)
     m = evaluate(student, loader, len(data.classes), device)
     return m["num_examples"], {"loss": m["loss"], "accuracy": m["accuracy"],
                                "macro-f1": m["macro_f1"], "kappa": m["kappa"]}

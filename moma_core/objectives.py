@@ -38,7 +38,10 @@ class ObjectiveConfig:
     feat_dim: int = 512
     head: str = "mlp"
     num_heads: int = 4
-    queue_size: int = 16384  # K
+    # K: 4096, not the reference's 16384. A site holds a few thousand patches: with 16384 most
+    # keys in the queue were encoded many hundreds of steps earlier by an older key encoder
+    # (and repeat the same images), and the B×(K+1) logits dominate a small model's step.
+    queue_size: int = 4096
     nce_temperature: float = 0.15  # τ
     momentum: float = 0.999  # m
     attention_keys: str = "reference"  # "reference" | "trained"
@@ -51,6 +54,10 @@ class ObjectiveConfig:
             raise ValueError("attention_keys must be 'reference' or 'trained'")
         if self.teacher_update not in ("momentum", "frozen"):
             raise ValueError("teacher_update must be 'momentum' or 'frozen'")
+        if self.queue_size < 1 or self.feat_dim < 1 or self.num_heads < 1:
+            raise ValueError("queue size, feature dimension and heads must be at least 1")
+        if not 0 <= self.momentum < 1 or self.nce_temperature <= 0 or self.kd_temperature <= 0:
+            raise ValueError("momentum must be in [0, 1), temperatures positive")
 
     def to_dict(self) -> dict:
         return asdict(self)

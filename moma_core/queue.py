@@ -17,7 +17,7 @@ class KeyQueue(nn.Module):
     queue: torch.Tensor
     queue_ptr: torch.Tensor
 
-    def __init__(self, dim: int = 512, size: int = 16384, temperature: float = 0.15) -> None:
+    def __init__(self, dim: int, size: int, temperature: float = 0.15) -> None:
         super().__init__()
         self.size = size
         self.temperature = temperature

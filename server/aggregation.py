@@ -1,16 +1,41 @@
-"""Aggregation of site updates: weighted mean (FedAvg/FedProx), coordinate median, trimmed mean.
+"""Combining site updates: checks first, then Flower's own strategies.
 
-Before anything is aggregated each update is checked against the global model: the same tensor
-names and shapes, finite values only — less the keys the sites keep to themselves under FedBN
-(``local``), which an update must leave out. A failing update is rejected and reported, never
-averaged. Aggregation is key-wise: a key no site sent keeps its global value.
+Before anything is aggregated each update is checked against the global model
+(:func:`check_update`): the same tensor names and shapes, finite values only — less the keys the
+sites keep to themselves under FedBN (``local``), which an update must leave out. A failing
+update is rejected and reported, never averaged.
+
+The arithmetic is Flower's (:data:`METHODS`): each method is one factory from the run's settings
+to a ``flwr.serverapp.strategy`` object whose ``aggregate_train`` combines the accepted updates
+(weighted by examples). Adding a method is one entry here and its name in
+:data:`moma_protocol.settings.AGGREGATIONS`. Keys no update carries (FedBN's local layers) keep
+the global value. Stateful methods (FedAdam's moments) live as long as the
+:class:`Aggregator`: a resumed run starts them afresh.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
+from typing import cast
 
 import torch
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg
+
+from moma_protocol.settings import AGGREGATIONS, FederationSettings
+from moma_protocol.wire import ARRAYS, METRICS, NUM_EXAMPLES
+
+#: aggregation name → Flower strategy holding its arithmetic.
+METHODS: dict[str, Callable[[FederationSettings], FedAvg]] = {
+    "fedavg": lambda f: FedAvg(weighted_by_key=NUM_EXAMPLES),
+    # FedProx aggregates as FedAvg; its proximal term is added by each site's local loss
+    "fedprox": lambda f: FedProx(proximal_mu=f.proximal_mu, weighted_by_key=NUM_EXAMPLES),
+    "median": lambda f: FedMedian(weighted_by_key=NUM_EXAMPLES),
+    "trimmed-mean": lambda f: FedTrimmedAvg(beta=f.trim_fraction,
+                                            weighted_by_key=NUM_EXAMPLES),
+    "fedadam": lambda f: FedAdam(eta=f.server_lr, weighted_by_key=NUM_EXAMPLES),
+}
+assert set(METHODS) == set(AGGREGATIONS), "every configurable aggregation has a method"
 
 
 def check_update(update: dict[str, torch.Tensor], reference: dict[str, torch.Tensor],
@@ -38,39 +63,49 @@ def check_update(update: dict[str, torch.Tensor], reference: dict[str, torch.Ten
     return None
 
 
-def aggregate(updates: list[dict[str, torch.Tensor]], weights: list[float], method: str,
-              trim_fraction: float = 0.2, reference: dict[str, torch.Tensor] | None = None
-              ) -> dict[str, torch.Tensor]:
-    """Combine checked updates key-wise; ``weights`` (examples) apply to the mean methods.
+class _Accepted:
+    """A checked update as Flower's ``aggregate_train`` reads a reply: content, no error.
 
-    Each key is combined over the updates that carry it (weights renormalised among them); with
-    a ``reference`` (the global model), a key no update carries keeps its global value.
+    (A real :class:`Message` can only be made inside a run; the checks happened before.)
     """
-    if not updates:
-        raise ValueError("nothing to aggregate")
-    if method not in ("fedavg", "fedprox", "median", "trimmed-mean"):
-        raise ValueError(f"unknown aggregation {method!r}")
-    w_all = torch.tensor(weights, dtype=torch.float64)
-    if method in ("fedavg", "fedprox") and float(w_all.sum()) <= 0:
-        raise ValueError("aggregation weights must be positive")
-    keys = dict.fromkeys([*(reference or {}), *(k for u in updates for k in u)])
-    out = {}
-    for k in keys:
-        have = [i for i, u in enumerate(updates) if k in u]
-        if not have:
-            out[k] = reference[k].detach().clone()  # type: ignore[index]
-            continue
-        stack = torch.stack([updates[i][k].to(torch.float64) for i in have])
-        n = len(have)
-        if method in ("fedavg", "fedprox"):
-            w = w_all[have]
-            agg = torch.tensordot(w / w.sum(), stack, dims=1) if float(w.sum()) > 0 \
-                else stack.mean(dim=0)
-        elif method == "median":
-            srt = stack.sort(dim=0).values
-            agg = srt[n // 2] if n % 2 else (srt[n // 2 - 1] + srt[n // 2]) / 2
-        else:
-            cut = int(trim_fraction * n)
-            agg = stack.sort(dim=0).values[cut:n - cut].mean(dim=0)
-        out[k] = agg.to(updates[have[0]][k].dtype)
-    return out
+
+    def __init__(self, content: RecordDict) -> None:
+        self.content = content
+
+    def has_error(self) -> bool:
+        return False
+
+
+class Aggregator:
+    """One run's aggregation method (see module docstring)."""
+
+    def __init__(self, federation: FederationSettings) -> None:
+        if federation.aggregation not in METHODS:
+            raise ValueError(f"unknown aggregation {federation.aggregation!r}")
+        self.method = federation.aggregation
+        self.strategy = METHODS[self.method](federation)
+
+    def __call__(self, server_round: int, updates: list[dict[str, torch.Tensor]],
+                 weights: list[float], reference: dict[str, torch.Tensor]
+                 ) -> dict[str, torch.Tensor]:
+        """The new global state from checked updates (all carrying the same keys)."""
+        if not updates:
+            raise ValueError("nothing to aggregate")
+        if any(not w > 0 for w in weights):
+            raise ValueError("aggregation weights must be positive")
+        sent = list(updates[0])
+        if any(list(u) != sent and set(u) != set(sent) for u in updates):
+            raise ValueError("updates carry different tensors")
+        if hasattr(self.strategy, "current_arrays"):  # server optimisers step from the global
+            self.strategy.current_arrays = {k: reference[k].numpy() for k in sent}
+        replies = [_Accepted(RecordDict({ARRAYS: ArrayRecord({k: u[k] for k in sent}),
+                                         METRICS: MetricRecord({NUM_EXAMPLES: float(w)})}))
+                   for u, w in zip(updates, weights, strict=True)]
+        arrays, _ = self.strategy.aggregate_train(server_round, cast(list[Message], replies))
+        if arrays is None:
+            raise ValueError("the aggregation produced nothing")
+        new = arrays.to_torch_state_dict()
+        out = {}
+        for k, ref in reference.items():
+            out[k] = new[k].to(ref.dtype) if k in new else ref.detach().clone()
+        return out

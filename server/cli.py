@@ -26,8 +26,8 @@ from pathlib import Path
 from deploy.lifecycle import BusyError, InstanceLock, check_port_free, kill_tagged, spawn
 from deploy.runtime import executable, exit_on_sigterm, flower_env, stop, wait_for_port
 from moma_core.cli.common import run_cli
-from moma_core.config import RunConfig
 from moma_core.progress import console
+from moma_protocol.settings import ConfigError, RunConfig
 from server.flwr_app import run_config_arg, write_app
 from server.registration import register_sites
 from server.teacher_package import package_teacher
@@ -60,6 +60,8 @@ def parser() -> argparse.ArgumentParser:
 
 def overrides(args: argparse.Namespace, out_root: Path, teacher: Path | None,
               registry: Path | None) -> dict:
+    """The run config this command submits: its options, then ``--run-config``; validated
+    (unknown key, wrong type, out of range: one line) before anything starts."""
     from moma_core.data.synthetic import TARGET_CLASSES
 
     values: dict = {"run-name": args.name, "output-dir": str(out_root),
@@ -68,10 +70,16 @@ def overrides(args: argparse.Namespace, out_root: Path, teacher: Path | None,
                     "site-registry": str(registry or ""),
                     "classes": args.classes or ",".join(TARGET_CLASSES)}
     if args.rounds is not None:
-        if args.rounds < 1:
-            raise ValueError(f"--rounds {args.rounds}: give at least 1")
         values["num-rounds"] = args.rounds
-    RunConfig.from_flat(values)  # validate before anything starts
+    extra = _parse_kv(args.run_config)
+    owned = sorted(set(extra) & {"run-name", "output-dir", "teacher-path", "site-registry",
+                                 "resume", "simulation-sites"})
+    if owned:
+        raise ConfigError(f"--run-config {owned[0]}: set by moma-server itself (use its option)")
+    values.update(extra)
+    run = RunConfig.from_flat(values)
+    if run.objective.objective != "ce" and teacher is None:
+        raise ConfigError(f"objective {run.objective.objective!r} needs --teacher")
     return values
 
 
@@ -141,17 +149,16 @@ def write_cli_config(home: Path, host: str, port: int, fed) -> None:
 def serve(args: argparse.Namespace) -> int:
     out_root = args.runs_dir.resolve()
     out_dir = out_root / args.name
-    fed = secure_setup(args)
     teacher = args.teacher.resolve() if args.teacher else None
+    registry = out_dir / "sites.json" if not args.insecure else None
+    values = overrides(args, out_root, teacher, registry)
+    fed = secure_setup(args)
     if teacher is not None:
         pkg = package_teacher(teacher)
         if fed is not None:
             signed_teacher(teacher, fed)
         console.print(f"teacher {teacher.name}: {pkg.architecture.model_name}, "
                       f"sha256 {pkg.sha256[:16]}…")
-    registry = out_dir / "sites.json" if fed is not None else None
-    values = overrides(args, out_root, teacher, registry)
-    extra = _parse_kv(args.run_config)
     if (out_dir / "results.json").exists() and not args.resume:
         raise ValueError(f"{out_dir}/results.json exists: pass --resume or another --name")
     lock = InstanceLock(out_dir / ".moma-server.lock", f"run folder {out_dir}")
@@ -178,7 +185,7 @@ def serve(args: argparse.Namespace) -> int:
             registry.write_text(json.dumps(names, indent=2))
             console.print(f"registered sites: {', '.join(sorted(names.values()))}")
         cmd = [executable("flwr"), "run", str(app), "moma", "--stream",
-               "--run-config", run_config_arg({**values, **extra})]
+               "--run-config", run_config_arg(values)]
         rc = spawn(cmd, env).wait()
         status = run_status(env)
         console.print(f"run status: {status}")

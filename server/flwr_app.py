@@ -11,15 +11,12 @@ import json
 from pathlib import Path
 
 from deploy.app_bundle import COMPONENTS, PUBLISHER, installed_version
-from moma_core.config import RunConfig
-
-#: Run-config keys read by the ServerApp besides RunConfig's.
-SERVER_KEYS = {"teacher-path": "", "output-dir": "", "eval-source": "", "resume": False,
-               "eval-sites": 1, "site-registry": ""}
+from moma_protocol.settings import defaults
 
 
 def default_run_config() -> dict:
-    return {**RunConfig().to_flat(), **SERVER_KEYS}
+    """Every run-config key with its default, from :mod:`moma_protocol.settings`."""
+    return defaults()
 
 
 def toml_value(v: object) -> str:

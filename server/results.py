@@ -12,7 +12,25 @@ from moma_core.checkpoint import load_checkpoint, save_checkpoint
 from moma_core.models import Architecture
 from moma_core.report import markdown_table, plot_curves, write_json
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+
+class RunFailed(RuntimeError):
+    """Every round of a run failed: there is no trained student."""
+
+
+def _site_failures(entry: dict) -> str:
+    bad = [f"{v['site_name']} {v['status']}" + (f" ({v['reason']})" if v.get("reason") else "")
+           for v in entry["sites"].values() if v["status"] != "ok"]
+    return "; ".join(bad) or "too few sites trained"
+
+
+def _eval_keys(m: dict | None) -> dict | None:
+    if not m:
+        return None
+    return {"accuracy": m.get("accuracy"), "macro_f1": m.get("macro-f1"),
+            "kappa": m.get("kappa"), "loss": m.get("loss"),
+            "num_examples": m.get("num-examples")}
 
 
 class RunResults:
@@ -50,22 +68,55 @@ class RunResults:
 
     def add_round(self, entry: dict, state: dict[str, torch.Tensor], arch: Architecture,
                   server_state: dict) -> None:
+        """Append a round (a :meth:`server.round.RoundReport.to_json` entry) and its checkpoint.
+
+        The sites scored the student this round started from: that is the previous round's
+        federated evaluation, filled in here.
+        """
         path = self.checkpoint_path(entry["round"])
         entry["checkpoint"] = str(path)
         entry["checkpoint_sha256"] = save_checkpoint(path, state, arch,
                                                      {"round": entry["round"]})
-        self.data["rounds"].append(entry)
+        rounds = self.data["rounds"]
+        if rounds and rounds[-1].get("end_digest") == entry.get("start_digest"):
+            rounds[-1]["federated_eval"] = _eval_keys(entry.get("incoming_eval"))
+            rounds[-1]["federated_eval_sites"] = {
+                k: {**v["incoming_eval"], "site-name": v["site_name"]}
+                for k, v in entry["sites"].items() if v.get("incoming_eval")}
+        entry.setdefault("federated_eval", None)
+        entry.setdefault("federated_eval_sites", {})
+        rounds.append(entry)
         self.data["server_state"] = server_state
         write_json(self.path, self.data)
 
+    def set_final_evaluation(self, metrics: dict | None, per_site: dict, bytes_down: int,
+                             bytes_up: int) -> None:
+        """The sites' scores of the last round's student (and the bytes that cost)."""
+        last = self.data["rounds"][-1]
+        last["federated_eval"] = _eval_keys(metrics)
+        last["federated_eval_sites"] = per_site
+        last["final_evaluation_bytes"] = {"down": bytes_down, "up": bytes_up}
+        last["bytes_down"] += bytes_down
+        last["bytes_up"] += bytes_up
+        write_json(self.path, self.data)
+
     def finish(self) -> dict:
+        """The best trained round, or — when every round failed — raise with the reasons."""
         rounds = self.data["rounds"]
-        key = "server_eval" if any(r.get("server_eval") for r in rounds) else "federated_eval"
-        scored = [r for r in rounds if r.get(key)]
-        best = max(scored, key=lambda r: r[key]["accuracy"]) if scored else rounds[-1]
-        self.data["final"] = {"best_round": best["round"], "best_by": key,
+        trained = [r for r in rounds if r.get("status", "ok") == "ok"]
+        if not trained:
+            reasons = [f"round {r['round']}: {_site_failures(r)}" for r in rounds]
+            self.data["final"] = {"status": "failed", "reasons": reasons}
+            write_json(self.path, self.data)
+            raise RunFailed("no round trained a student: " + " | ".join(reasons[:3]))
+        key = "server_eval" if any(r.get("server_eval") for r in trained) else "federated_eval"
+        scored = [r for r in trained if r.get(key)]
+        best = max(scored, key=lambda r: r[key]["accuracy"]) if scored else trained[-1]
+        self.data["final"] = {"status": "ok", "best_round": best["round"],
+                              "best_by": key if scored else "last trained round",
                               "best_checkpoint": best["checkpoint"],
                               "last_checkpoint": rounds[-1]["checkpoint"],
+                              "failed_rounds": [r["round"] for r in rounds if r not in trained],
                               "metrics": best.get(key)}
         write_json(self.path, self.data)
         self.plot()
@@ -105,6 +156,7 @@ class RunResults:
                          "test F1": s.get("macro_f1", ""), "test kappa": s.get("kappa", ""),
                          "site val acc": f.get("accuracy", ""),
                          "sites ok": sum(v.get("status") == "ok" for v in r["sites"].values()),
+                         "status": r.get("status", "ok"),
                          "MB down": r["bytes_down"] / 1e6, "MB up": r["bytes_up"] / 1e6,
                          "wall s": r["wall_s"]})
         cfg = self.data["config"]
@@ -116,7 +168,10 @@ class RunResults:
                 markdown_table(rows, list(rows[0]) if rows else ["round"]), "",
                 "![curves](curves.png)", ""]
         final = self.data.get("final") or {}
-        if final:
+        if final.get("status") == "failed":
+            text += ["**The run failed: no round trained a student.**", "",
+                     *[f"- {r}" for r in final["reasons"]], ""]
+        elif final:
             text += [f"Best round: {final['best_round']} (by {final['best_by']}); checkpoint "
                      f"`{final['best_checkpoint']}`.", ""]
         text += extra_sections or []

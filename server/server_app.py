@@ -1,14 +1,16 @@
 """The coordinator's Flower ServerApp: rounds of MoMA-FL with checkpoints and results.
 
-Each round: train (teacher shipped where missing) → checks + aggregation → federated evaluation
-on the sites' validation splits → server-side evaluation on a held-out set when the coordinator
-has one → global checkpoint + results.json. ``resume = true`` continues after the last completed
-round from its saved checkpoint.
+The same entry point (:data:`app`) runs in deployment (``moma-server``, ``flwr run``) and in
+simulation (``moma-simulate``). It reads the run's settings once from Flower's run config
+(:class:`moma_protocol.settings.RunConfig`), then for each round: :class:`server.round.Coordinator`
+runs it and returns a :class:`server.round.RoundReport`; the coordinator's held-out set scores
+the new student when it has one; the global checkpoint and results.json are written. After the
+last round the sites score the final student. ``resume = true`` continues after the last
+completed round from its saved checkpoint. A run in which every round failed raises (the
+command exits non-zero with the reasons); a failed round is never the "best round".
 
-Run-config keys besides :class:`RunConfig`'s: ``teacher-path``, ``output-dir`` (absolute),
-``eval-source`` (held-out set: a path or ``synthetic:target``; empty for none), ``resume``,
-``site-registry`` (JSON file node id → site name written by ``moma-server`` from the keys it
-registered; with it, sites are named by their registered key, never by what they report).
+Coordinator keys (``teacher-path``, ``output-dir``, ``eval-source``, ``resume``,
+``site-registry`` …) are the run config's :class:`moma_protocol.settings.CoordinatorSettings`.
 """
 
 from __future__ import annotations
@@ -20,19 +22,19 @@ import time
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from safetensors.torch import load as load_safetensors
 from torch.utils.data import ConcatDataset, Dataset
 
-from client import protocol as P
-from moma_core.config import RunConfig
 from moma_core.evaluate import evaluate
 from moma_core.models import Architecture, build_model
 from moma_core.objectives import init_student_from_teacher
 from moma_core.sources import SYNTHETIC, make_loader, open_eval_data
+from moma_protocol.settings import RunConfig
+from moma_protocol.wire import wire_state
 from server.results import RunResults
-from server.strategy import MomaStrategy, exchange
+from server.round import Coordinator
 from server.teacher_package import TeacherPackage, package_teacher
 
 log = logging.getLogger("moma.server")
@@ -41,91 +43,89 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    cfg = dict(context.run_config)
-    run = RunConfig.from_flat(cfg)
-    run_federation(grid, run, Path(str(cfg["output-dir"])) / run.run_name,
-                   teacher_path=str(cfg.get("teacher-path", "")),
-                   eval_source=str(cfg.get("eval-source", "")),
-                   resume=str(cfg.get("resume", "false")).lower() == "true",
-                   eval_sites=int(cfg.get("eval-sites", 1)),
-                   site_registry=str(cfg.get("site-registry", "")))
+    run_federation(grid, RunConfig.from_flat(dict(context.run_config)))
 
 
 def server_eval_set(source: str, run: RunConfig, sites: int) -> Dataset | None:
     """The coordinator's held-out set; synthetic: an equal share from every site's style."""
     if not source:
         return None
+    size, seed = run.federation.image_size, run.federation.seed
     if source.startswith(SYNTHETIC):
         per = max(400 // sites, 50)
-        return ConcatDataset([open_eval_data(source, run.image_size, seed=run.seed + 7, n=per,
+        return ConcatDataset([open_eval_data(source, size, seed=seed + 7, n=per,
                                              site_index=i, num_sites=sites)
                               for i in range(sites)])
-    return open_eval_data(source, run.image_size, classes=run.class_names or None)
+    return open_eval_data(source, size, classes=run.class_names or None)
 
 
 def initial_student(run: RunConfig, arch: Architecture,
                     teacher: TeacherPackage | None) -> dict[str, torch.Tensor]:
-    torch.manual_seed(run.seed)
+    torch.manual_seed(run.federation.seed)
     model = build_model(arch)
-    if teacher is not None and run.init_from_teacher and \
+    if teacher is not None and run.federation.init_from_teacher and \
             teacher.architecture.model_name == arch.model_name:
         t_model = build_model(teacher.architecture)
         t_model.load_state_dict(load_safetensors(teacher.data))
         init_student_from_teacher(model, t_model)
-    return P.wire_state(model.state_dict())
+    return wire_state(model.state_dict())
 
 
-def run_federation(grid: Grid, run: RunConfig, out_dir: Path, teacher_path: str = "",
-                   eval_source: str = "", resume: bool = False, eval_sites: int = 1,
-                   site_registry: str = "") -> dict:
+def run_federation(grid: Grid, run: RunConfig) -> dict:
     """The round loop (see module docstring); returns the final summary."""
+    fed, co = run.federation, run.coordinator
     if not run.class_names:
         raise ValueError("run config 'classes' is empty: name the target task's classes")
-    teacher = package_teacher(teacher_path) if run.objective != "ce" else None
-    arch = Architecture(run.student_model, run.class_names, run.image_size)
-    results = RunResults(out_dir)
-    first = results.start(run.to_flat(), teacher.sha256 if teacher else None, resume)
-    strategy = MomaStrategy(run, teacher)
-    if site_registry:
-        strategy.set_registered_names(json.loads(Path(site_registry).read_text()))
+    if run.objective.objective != "ce" and not co.teacher_path:
+        raise ValueError(f"objective {run.objective.objective} needs a teacher: set teacher-path")
+    teacher = package_teacher(co.teacher_path) if run.objective.objective != "ce" else None
+    arch = Architecture(fed.student_model, run.class_names, fed.image_size)
+    results = RunResults(Path(co.output_dir) / fed.run_name)
+    first = results.start(run.to_flat(), teacher.sha256 if teacher else None, co.resume)
+    names = None
+    if co.site_registry:
+        names = {int(k): str(v) for k, v in json.loads(Path(co.site_registry).read_text()
+                                                       ).items()}
+    coordinator = Coordinator(grid, run, teacher, names)
     last = results.last_checkpoint() if first > 1 else None
     state = last if last is not None else initial_student(run, arch, teacher)
     if last is not None:
-        log.info("resuming after round %d from %s", first - 1, results.data["rounds"][-1]
-                 ["checkpoint"])
+        log.info("resuming after round %d", first - 1)
         saved_rng = results.data.get("server_state", {}).get("rng")
         if saved_rng:
-            strategy.rng.setstate((saved_rng[0], tuple(saved_rng[1]), saved_rng[2]))
-    eval_set = server_eval_set(eval_source, run, eval_sites)
-    for rnd in range(first, run.num_rounds + 1):
+            coordinator.rng.setstate((saved_rng[0], tuple(saved_rng[1]), saved_rng[2]))
+    eval_set = server_eval_set(co.eval_source, run, co.eval_sites)
+    for rnd in range(first, fed.num_rounds + 1):
         start = time.time()
         start_digest = state_digest(state)
-        arrays = ArrayRecord(state)
-        msgs = strategy.configure_train(rnd, arrays, ConfigRecord(), grid)
-        replies = exchange(grid, list(msgs), run.round_timeout)
-        new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
-        if new_arrays is not None:
-            state = new_arrays.to_torch_state_dict()
-        else:
-            log.warning("round %d: no acceptable update; the global student is unchanged", rnd)
-        ev_msgs = strategy.configure_evaluate(rnd, ArrayRecord(state), ConfigRecord(), grid)
-        fed_eval = strategy.aggregate_evaluate(
-            rnd, exchange(grid, list(ev_msgs), run.round_timeout))
-        entry = _round_entry(rnd, strategy, train_metrics, fed_eval)
-        entry["start_digest"] = start_digest
-        entry["end_digest"] = state_digest(state)
-        if eval_set is not None:
-            model = build_model(arch)
-            model.load_state_dict(state, strict=False)
-            m = evaluate(model, make_loader(eval_set, 128, train=False), len(arch.classes))
-            entry["server_eval"] = m
+        state, report = coordinator.run_round(rnd, state)
+        report.start_digest, report.end_digest = start_digest, state_digest(state)
+        entry = report.to_json()
+        if eval_set is not None and not report.failed:
+            entry["server_eval"] = score(state, arch, eval_set)
             log.info("round %d: server test accuracy %.3f, macro-F1 %.3f, kappa %.3f", rnd,
-                     m["accuracy"], m["macro_f1"], m["kappa"])
+                     entry["server_eval"]["accuracy"], entry["server_eval"]["macro_f1"],
+                     entry["server_eval"]["kappa"])
         entry["wall_s"] = time.time() - start
-        results.add_round(entry, state, arch, {"rng": _rng_json(strategy.rng.getstate())})
-    final = results.finish()
-    results.write_report()
+        results.add_round(entry, state, arch, {"rng": _rng_json(coordinator.rng.getstate())})
+    if fed.fraction_evaluate > 0 and results.data["rounds"]:
+        last_entry = results.data["rounds"][-1]
+        nodes = sorted(int(k) for k, v in last_entry["sites"].items() if v["status"] == "ok")
+        if nodes:
+            metrics, per_site, down, up = coordinator.evaluate(fed.num_rounds, state, nodes)
+            results.set_final_evaluation(metrics, per_site, down, up)
+    try:
+        final = results.finish()
+    finally:
+        results.write_report()
     return final
+
+
+def score(state: dict[str, torch.Tensor], arch: Architecture, data: Dataset) -> dict:
+    """Metrics of ``state`` on the coordinator's held-out ``data``."""
+    model = build_model(arch)
+    model.load_state_dict(state, strict=False)
+    return evaluate(model, make_loader(data, 128, train=False), len(arch.classes))
 
 
 def state_digest(state: dict[str, torch.Tensor]) -> str:
@@ -136,29 +136,6 @@ def state_digest(state: dict[str, torch.Tensor]) -> str:
         h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.numpy().tobytes())
     return h.hexdigest()
-
-
-def _round_entry(rnd: int, strategy: MomaStrategy, train_metrics, fed_eval) -> dict:
-    info = strategy.round_log.get(rnd, {})
-    sites = {str(k): v for k, v in info.get("sites", {}).items()}
-    evals = {str(k): v for k, v in info.get("evaluate", {}).items()}
-    return {
-        "round": rnd,
-        "train": dict(train_metrics) if train_metrics else None,
-        "federated_eval": _eval_keys(dict(fed_eval)) if fed_eval else None,
-        "federated_eval_sites": evals,
-        "sites": sites,
-        "failed_sites": [k for k, v in sites.items() if v.get("status") != "ok"],
-        "examples": {k: v.get("num_examples", 0) for k, v in sites.items()},
-        "bytes_down": sum(v.get("bytes_down", 0) for v in sites.values()),
-        "bytes_up": sum(v.get("bytes_up", 0) for v in sites.values()),
-    }
-
-
-def _eval_keys(m: dict) -> dict:
-    return {"accuracy": m.get("accuracy"), "macro_f1": m.get("macro-f1"),
-            "kappa": m.get("kappa"), "loss": m.get("loss"),
-            "num_examples": m.get(P.NUM_EXAMPLES)}
 
 
 def _rng_json(state: tuple) -> list:

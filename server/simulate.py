@@ -1,10 +1,14 @@
 """``moma-simulate``: the whole federation on one machine through Flower's simulation engine.
 
-The same ServerApp round loop (:func:`server.server_app.run_federation`) and the same ClientApp
-as a deployment; N simulated sites from the synthetic generator (each its own stain/scanner
-style, optional Dirichlet label skew) or from a user's dataset split by a partitioner. With
-``--demo`` it first trains a small teacher on the synthetic source task if none is given, and
-compares the federation with local-only training of each site in the report.
+The same ServerApp and ClientApp entry points as a deployment (named by the app folder's
+components, as ``moma-server`` submits them) and the same run config (the app folder's
+defaults plus this command's settings, validated before anything starts). N simulated sites
+come from the synthetic generator (each its own stain/scanner style, optional Dirichlet label
+skew) or from a user's dataset split by a partitioner. With ``--demo`` it first trains a small
+teacher on the synthetic source task if none is given, and compares the federation with
+local-only training of each site in the report. The simulated sites' node configs reach them
+through a run-scoped spec file (``runs/<name>/sites.json``, named by the run config's
+``simulation-sites``), never through the environment.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import csv
 import json
 import logging
 import os
+import random
 import shutil
 import sys
 import time
@@ -22,16 +27,21 @@ from pathlib import Path
 
 import numpy as np
 
+from deploy.app_bundle import COMPONENTS
 from moma_core.cli.common import run_cli
-from moma_core.config import AGGREGATIONS, RunConfig
 from moma_core.data.synthetic import TARGET_CLASSES
+from moma_core.objectives import OBJECTIVES
 from moma_core.partition import PARTITIONERS, partition
 from moma_core.progress import console
+from moma_core.train import OPTIMIZERS
+from moma_protocol.settings import AGGREGATIONS, AUGMENTS, ConfigError, RunConfig
 from server.baseline import local_only_section
+from server.flwr_app import write_app
 from server.results import RunResults
 
 
 def parser() -> argparse.ArgumentParser:
+    """Options; a run setting left unset takes its default from the settings tree."""
     p = argparse.ArgumentParser(prog="moma-simulate", description=__doc__.splitlines()[0])
     p.add_argument("--name", default="simulation", help="run name: results in runs/<name>/")
     p.add_argument("--runs-dir", type=Path, default=Path("runs"))
@@ -40,18 +50,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", type=Path, default=None, help="teacher .safetensors")
     p.add_argument("--sites", type=int, default=3)
     p.add_argument("--rounds", type=int, default=None)
-    p.add_argument("--objective", choices=["moma", "kd", "ce"], default="moma")
+    p.add_argument("--objective", choices=OBJECTIVES, default=None)
     p.add_argument("--student-model", default=None)
-    p.add_argument("--aggregation", choices=AGGREGATIONS, default="fedavg")
-    p.add_argument("--fedbn", action="store_true", help="keep normalisation layers local")
+    p.add_argument("--aggregation", choices=AGGREGATIONS, default=None)
+    p.add_argument("--fedbn", action="store_true", default=None,
+                   help="keep normalisation layers local")
     p.add_argument("--local-epochs", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--optimizer", choices=["sgd", "adamw"], default=None)
-    p.add_argument("--augment", choices=["randaugment", "flip", "none"], default=None)
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=None)
+    p.add_argument("--augment", choices=AUGMENTS, default=None)
     p.add_argument("--queue-size", type=int, default=None)
     p.add_argument("--image-size", type=int, default=None)
-    p.add_argument("--n", type=int, default=None, help="synthetic: training images per site")
+    p.add_argument("--n", type=int, default=None, help="synthetic: training images per site "
+                                                        f"(default {SYNTHETIC_N})")
     p.add_argument("--label-skew", type=float, default=0.0,
                    help="synthetic: Dirichlet α of each site's class mix (0: balanced)")
     p.add_argument("--data", default=None, help="a user dataset to split among the sites")
@@ -59,34 +71,65 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet α (partitioner)")
     p.add_argument("--resume", action="store_true", help="continue runs/<name>/")
     p.add_argument("--no-local-baseline", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
     return p
 
 
+SYNTHETIC_N = 800
+#: ``--demo``: a preset for a CPU laptop (a few minutes), applied where no option was given.
 DEMO = {"rounds": 5, "local_epochs": 2, "lr": 0.003, "optimizer": "adamw", "augment": "flip",
         "queue_size": 1024, "image_size": 48, "n": 240, "student_model": "test_efficientnet"}
-DEFAULT = {"rounds": 10, "local_epochs": 1, "lr": 0.01, "optimizer": "sgd",
-           "augment": "randaugment", "queue_size": 4096, "image_size": 64, "n": 800,
-           "student_model": None}
+#: option → run-config key
+RUN_KEYS = {"rounds": "num-rounds", "objective": "objective", "student_model": "student-model",
+            "aggregation": "aggregation", "fedbn": "fedbn", "local_epochs": "local-epochs",
+            "batch_size": "batch-size", "lr": "lr", "optimizer": "optimizer",
+            "augment": "augment", "queue_size": "queue-size", "image_size": "image-size",
+            "seed": "seed"}
 
 
 def settings(args: argparse.Namespace) -> argparse.Namespace:
-    base = DEMO if args.demo else DEFAULT
-    for k, v in base.items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    """Apply the demo preset and check the simulation's own options."""
+    if args.demo:
+        for k, v in DEMO.items():
+            if getattr(args, k) is None:
+                setattr(args, k, v)
+    if args.n is None:
+        args.n = SYNTHETIC_N
+    if args.sites < 1:
+        raise ConfigError(f"--sites {args.sites}: simulate at least 1 site")
+    if args.n < 1:
+        raise ConfigError(f"--n {args.n}: give at least 1 image per site")
+    if args.label_skew < 0 or args.alpha <= 0:
+        raise ConfigError("--label-skew must be >= 0 and --alpha > 0")
     return args
 
 
-def ensure_teacher(args: argparse.Namespace) -> Path:
+def run_config(args: argparse.Namespace, out_dir: Path, classes: tuple[str, ...],
+               teacher: Path | None, model: str | None) -> RunConfig:
+    """The run's settings: the tree's defaults, then this command's options (validated)."""
+    values = {key: getattr(args, opt) for opt, key in RUN_KEYS.items()
+              if getattr(args, opt) is not None}
+    if model is not None:
+        values["student-model"] = model
+    values.update({"run-name": args.name, "classes": ",".join(classes),
+                   "min-train-nodes": args.sites, "min-available-nodes": args.sites,
+                   "output-dir": str(out_dir.parent), "teacher-path": str(teacher or ""),
+                   "eval-source": "synthetic:target" if args.data is None else "",
+                   "eval-sites": args.sites, "resume": bool(args.resume),
+                   "simulation-sites": str(out_dir / "sites.json")})
+    return RunConfig.from_flat(values)
+
+
+def ensure_teacher(args: argparse.Namespace, run: RunConfig) -> Path:
     """The given teacher, or (demo) one trained on the synthetic source task."""
     if args.teacher is not None:
         if not args.teacher.is_file():
             raise ValueError(f"teacher {args.teacher} not found")
         return args.teacher
-    if not args.demo and args.objective != "ce":
+    if not args.demo:
         raise ValueError("--teacher is required (or use --demo to train one)")
-    path = args.runs_dir / "teachers" / f"demo-{args.student_model}-{args.image_size}px.safetensors"
+    fed = run.federation
+    path = args.runs_dir / "teachers" / f"demo-{fed.student_model}-{fed.image_size}px.safetensors"
     if path.is_file():
         console.print(f"using the demo teacher {path}")
         return path
@@ -94,35 +137,35 @@ def ensure_teacher(args: argparse.Namespace) -> Path:
     from moma_core.cli.teacher import train_teacher
 
     console.print("training the demo teacher on the synthetic source task …")
-    targs = teacher_parser().parse_args([
-        "--model", args.student_model, "--out", str(path), "--n", "800", "--epochs", "6",
-        "--image-size", str(args.image_size), "--lr", "0.003", "--optimizer", "adamw",
-        "--augment", "flip", "--batch-size", "32",
-        "--seed", str(args.seed), "--device", "cpu"])
+    targs = teacher_parser().parse_args([])
+    vars(targs).update(model=fed.student_model, out=path, n=800, epochs=6,
+                       image_size=fed.image_size, lr=0.003, optimizer="adamw", augment="flip",
+                       batch_size=32, seed=fed.seed, device="cpu")
     train_teacher(targs)
     return path
 
 
-def site_configs(args: argparse.Namespace, out_dir: Path) -> tuple[list[dict], tuple[str, ...]]:
+def site_configs(args: argparse.Namespace, out_dir: Path, seed: int
+                 ) -> tuple[list[dict], tuple[str, ...]]:
     """Node configs of the simulated sites, and the task's classes."""
     cache = out_dir / "site-cache"
     if args.data is None:
-        rng = np.random.default_rng(args.seed)
+        rng = np.random.default_rng(seed)
         sites = []
         for i in range(args.sites):
             cfg = {"data-path": "synthetic:target", "cache-dir": str(cache / f"site-{i}"),
                    "site-index": i, "num-sites": args.sites, "n": args.n,
-                   "site-name": f"site-{i}", "device": "cpu", "data-seed": args.seed}
+                   "site-name": f"site-{i}", "device": "cpu", "data-seed": seed}
             if args.label_skew > 0:
                 probs = rng.dirichlet([args.label_skew] * len(TARGET_CLASSES))
                 probs = np.maximum(probs, 0.02)
                 cfg["class-probs"] = ",".join(f"{p / probs.sum():.4f}" for p in probs)
             sites.append(cfg)
         return sites, TARGET_CLASSES
-    return _partitioned_sites(args, out_dir, cache)
+    return _partitioned_sites(args, out_dir, cache, seed)
 
 
-def _partitioned_sites(args, out_dir: Path, cache: Path):
+def _partitioned_sites(args, out_dir: Path, cache: Path, seed: int):
     from moma_core.data.datasets import load_dataset
 
     ds = load_dataset(args.data, split="train")
@@ -131,7 +174,7 @@ def _partitioned_sites(args, out_dir: Path, cache: Path):
         raise ValueError("partitioning needs a dataset of image files (ImageFolder or CSV); "
                          "for NPZ give each simulated site its own file")
     domains = _domains(args.data) if args.partitioner == "domain" else None
-    parts = partition(ds.targets, args.sites, args.partitioner, args.alpha, args.seed, domains)
+    parts = partition(ds.targets, args.sites, args.partitioner, args.alpha, seed, domains)
     sites = []
     for i, idx in enumerate(parts):
         manifest = out_dir / "sites" / f"site-{i}.csv"
@@ -161,33 +204,30 @@ def simulate(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     args = settings(args)
     out_dir = (args.runs_dir / args.name).resolve()
+    # validated before anything is written or trained (classes/teacher are filled in below)
+    draft = run_config(args, out_dir, TARGET_CLASSES, None, None)
     if args.demo and not args.resume and out_dir.exists():
         console.print(f"replacing the previous demo run {out_dir}")
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    teacher = ensure_teacher(args) if args.objective != "ce" else None
-    if args.student_model is None:
+    distils = draft.objective.objective != "ce"
+    teacher = ensure_teacher(args, draft) if distils else None
+    model = None
+    if args.student_model is None and teacher is not None:
         from moma_core.checkpoint import read_sidecar
 
-        args.student_model = read_sidecar(teacher)["architecture"]["model_name"]
-    sites, classes = site_configs(args, out_dir)
-    run = RunConfig(run_name=args.name, num_rounds=args.rounds, student_model=args.student_model,
-                    classes=",".join(classes), image_size=args.image_size,
-                    objective=args.objective, local_epochs=args.local_epochs,
-                    batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
-                    augment=args.augment, queue_size=args.queue_size,
-                    aggregation=args.aggregation, fedbn=args.fedbn,
-                    min_train_nodes=args.sites, min_available_nodes=args.sites,
-                    seed=args.seed)
-    eval_source = "synthetic:target" if args.data is None else ""
+        model = read_sidecar(teacher)["architecture"]["model_name"]
+    sites, classes = site_configs(args, out_dir, draft.federation.seed)
+    run = run_config(args, out_dir, classes, teacher, model)
     (out_dir / "sites.json").write_text(json.dumps(sites, indent=2))
-    os.environ["MOMA_SIM_SITES"] = str(out_dir / "sites.json")
-    console.print(f"simulating {args.sites} sites × {args.rounds} rounds of {args.objective} "
-                  f"({args.student_model}, {args.aggregation}) → {out_dir}")
-    final = run_simulated(run, out_dir.parent, teacher, eval_source, args.resume, args.sites)
+    fed = run.federation
+    console.print(f"simulating {args.sites} sites × {fed.num_rounds} rounds of "
+                  f"{run.objective.objective} ({fed.student_model}, {fed.aggregation}) → "
+                  f"{out_dir}")
+    final = run_simulated(run, args.sites)
     if args.demo and not args.no_local_baseline and args.data is None:
         console.print("local-only baseline: each site alone, same objective and budget …")
-        section = local_only_section(run, sites, teacher, eval_source, out_dir)
+        section = local_only_section(run, sites, teacher, out_dir)
         results = RunResults(out_dir)
         results.data = json.loads(results.path.read_text())
         results.write_report([section])
@@ -196,34 +236,45 @@ def simulate(args: argparse.Namespace) -> dict:
     return final
 
 
-def run_simulated(run: RunConfig, runs_dir: Path, teacher: Path | None, eval_source: str,
-                  resume: bool, num_sites: int, client_app=None) -> dict:
-    """Run :func:`run_federation` as a ServerApp in Flower's simulation engine.
+def run_simulated(run: RunConfig, num_sites: int, client_app=None) -> dict:
+    """Run the product's ServerApp and ClientApp in Flower's simulation engine.
 
-    ``client_app`` defaults to the product's ClientApp (tests wrap it to observe messages).
+    Both sides get the run config a deployment gives them: the app folder's defaults fused
+    with ``run`` (Flower's public ``run_simulation`` takes no run config, so its engine entry
+    ``_run_simulation`` is called with the app folder and the run, as ``flwr run`` does for a
+    local simulation). ``client_app`` defaults to the product's ClientApp, loaded by its
+    component name (tests pass a wrapper to observe messages). Returns results.json's final.
     """
-    from flwr.app import Context
-    from flwr.serverapp import Grid, ServerApp
-    from flwr.simulation import run_simulation
+    from flwr.app import Context, RecordDict
+    from flwr.common.config import get_fused_config_from_dir
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.constant import NOOP_FEDERATION_ID
+    from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.run import Run
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.supercore.telemetry import EventType
 
-    from client.client_app import app as default_client_app
-    from server.server_app import run_federation
-
-    client_app = client_app or default_client_app
-
-    final: dict = {}
-    server_app = ServerApp()
-
-    @server_app.main()
-    def _main(grid: Grid, context: Context) -> None:
-        final.update(run_federation(grid, run, runs_dir / run.run_name,
-                                    teacher_path=str(teacher or ""), eval_source=eval_source,
-                                    resume=resume, eval_sites=num_sites))
-
+    out_dir = Path(run.coordinator.output_dir) / run.federation.run_name
+    app_dir = write_app(out_dir / "flwr-app")
+    overrides = run.to_flat()
+    flwr_run = Run.create_empty(run_id=random.randrange(1, 2**63))
+    flwr_run.override_config = overrides
+    flwr_run.primary_task_id = random.randrange(1, 2**63)
+    flwr_run.federation_id = NOOP_FEDERATION_ID
+    TaskIdentity.task_id, TaskIdentity.run_id = 1, flwr_run.run_id
+    TaskIdentity.node_id = SUPERLINK_NODE_ID
+    context = Context(run_id=flwr_run.run_id, node_id=0, node_config={}, state=RecordDict(),
+                      run_config=get_fused_config_from_dir(app_dir, overrides))
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                "init_args": {"num_cpus": max(os.cpu_count() or 1, 1), "log_to_driver": True}}
-    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_sites,
-                   backend_config=backend)
+    _run_simulation(num_supernodes=num_sites, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+                    client_app=client_app,
+                    client_app_attr=None if client_app else COMPONENTS["clientapp"],
+                    server_app_attr=COMPONENTS["serverapp"], backend_config=backend,
+                    app_dir=str(app_dir), is_app=True, run=flwr_run,
+                    server_app_context=context)
+    results = out_dir / "results.json"
+    final = json.loads(results.read_text()).get("final") if results.is_file() else None
     if not final:
         raise RuntimeError("the simulated federation did not finish; see the log above")
     return final

@@ -9,10 +9,10 @@ from pathlib import Path
 
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
-from client import protocol as P
 from moma_core.checkpoint import load_model
 from moma_core.models import Architecture
 from moma_core.signature import signature_path
+from moma_protocol import wire as P
 
 
 @dataclass(frozen=True)

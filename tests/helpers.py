@@ -22,14 +22,15 @@ def tiny_teacher(path: Path, classes=SOURCE_CLASSES) -> Path:
 
 
 def tiny_run(**overrides):
-    from moma_core.config import RunConfig
+    """Small run settings; ``overrides`` by run-config key in snake_case."""
+    from moma_protocol.settings import RunConfig
 
     values = dict(run_name="t", num_rounds=2, student_model="test_efficientnet",
                   classes=",".join(TARGET_CLASSES), image_size=IMAGE_SIZE, local_epochs=1,
                   batch_size=16, lr=0.003, optimizer="adamw", augment="flip", queue_size=64,
                   min_train_nodes=2, min_available_nodes=2, round_timeout=120.0)
     values.update(overrides)
-    return RunConfig(**values)
+    return RunConfig.from_flat({k.replace("_", "-"): v for k, v in values.items()})
 
 
 def synthetic_sites(root: Path, n_sites: int, n: int = 48) -> list[dict]:

@@ -1,9 +1,10 @@
-"""Update checks and aggregation methods of the coordinator."""
+"""Update checks and aggregation methods of the coordinator (Flower's strategies)."""
 
 import pytest
 import torch
 
-from server.aggregation import aggregate, check_update
+from moma_protocol.settings import AGGREGATIONS, FederationSettings
+from server.aggregation import METHODS, Aggregator, check_update
 
 REF = {"w": torch.zeros(2, 2), "b": torch.zeros(2)}
 
@@ -12,17 +13,62 @@ def _u(v):
     return {"w": torch.full((2, 2), float(v)), "b": torch.full((2,), float(v))}
 
 
+def _agg(method, updates, weights, reference=REF, rnd=1, **kw):
+    return Aggregator(FederationSettings(aggregation=method, **kw))(rnd, updates, weights,
+                                                                    reference)
+
+
+def test_every_configurable_method_is_implemented():
+    assert set(METHODS) == set(AGGREGATIONS)
+
+
 def test_weighted_mean_by_examples():
-    out = aggregate([_u(0), _u(3)], [1.0, 2.0], "fedavg")
+    out = _agg("fedavg", [_u(0), _u(3)], [1.0, 2.0])
     assert torch.allclose(out["w"], torch.full((2, 2), 2.0))
+    assert torch.allclose(_agg("fedprox", [_u(0), _u(3)], [1.0, 2.0])["b"], torch.full((2,), 2.0))
 
 
 def test_median_and_trimmed_mean_resist_an_outlier():
     updates = [_u(1), _u(2), _u(3), _u(1000)]
-    assert torch.allclose(aggregate(updates, [1] * 4, "median")["b"], torch.full((2,), 2.5))
-    trimmed = aggregate(updates, [1] * 4, "trimmed-mean", trim_fraction=0.25)
+    assert torch.allclose(_agg("median", updates, [1] * 4)["b"], torch.full((2,), 2.5))
+    trimmed = _agg("trimmed-mean", updates, [1] * 4, trim_fraction=0.25)
     assert torch.allclose(trimmed["b"], torch.full((2,), 2.5))
-    assert float(aggregate(updates, [1] * 4, "fedavg")["b"][0]) > 200
+    assert float(_agg("fedavg", updates, [1] * 4)["b"][0]) > 200
+
+
+def test_fedadam_steps_from_the_global_model_with_its_server_rate():
+    """FedAdam (Flower's): the first step moves each coordinate by about eta towards the mean
+    update, whatever the update's size; a plain mean would jump all the way."""
+    reference = {"w": torch.zeros(2, 2), "b": torch.zeros(2)}
+    agg = Aggregator(FederationSettings(aggregation="fedadam", server_lr=0.05))
+    out = agg(1, [_u(3), _u(5)], [1.0, 1.0], reference)
+    step = float(out["w"][0, 0])
+    assert 0 < step < 0.2, step  # towards the mean (4.0), by a server-lr sized step
+    again = agg(2, [_u(3), _u(5)], [1.0, 1.0], out)
+    assert float(again["w"][0, 0]) > step  # moments carry over: it keeps moving
+    assert torch.allclose(_agg("fedavg", [_u(3), _u(5)], [1.0, 1.0])["w"],
+                          torch.full((2, 2), 4.0))
+
+
+def test_a_key_no_update_carries_keeps_its_global_value():
+    reference = {"w": torch.full((2, 2), 7.0), "b": torch.full((2,), 7.0)}
+    for method in AGGREGATIONS:
+        out = _agg(method, [{"w": torch.zeros(2, 2)}, {"w": torch.ones(2, 2)}], [1.0, 3.0],
+                   reference=reference)
+        assert torch.equal(out["b"], reference["b"]), method
+    out = _agg("fedavg", [{"w": torch.zeros(2, 2)}, {"w": torch.ones(2, 2)}], [1.0, 3.0],
+               reference=reference)
+    assert torch.allclose(out["w"], torch.full((2, 2), 0.75))
+
+
+def test_updates_with_different_tensors_or_no_weight_are_refused():
+    with pytest.raises(ValueError, match="different"):
+        _agg("fedavg", [{"w": torch.zeros(2, 2), "b": torch.zeros(2)}, {"w": torch.ones(2, 2)}],
+             [1.0, 3.0])
+    with pytest.raises(ValueError, match="positive"):
+        _agg("fedavg", [_u(1)], [0.0])
+    with pytest.raises(ValueError, match="nothing"):
+        _agg("fedavg", [], [])
 
 
 @pytest.mark.parametrize("bad,reason", [
@@ -37,20 +83,6 @@ def test_bad_updates_are_named(bad, reason):
 
 def test_good_update_passes():
     assert check_update(_u(1), REF) is None
-
-
-def test_a_key_no_update_carries_keeps_its_global_value():
-    reference = {"w": torch.full((2, 2), 7.0), "b": torch.full((2,), 7.0)}
-    out = aggregate([{"w": torch.zeros(2, 2)}, {"w": torch.ones(2, 2)}], [1.0, 3.0], "fedavg",
-                    reference=reference)
-    assert torch.allclose(out["w"], torch.full((2, 2), 0.75))
-    assert torch.equal(out["b"], reference["b"])
-
-
-def test_keywise_weights_renormalise_among_the_updates_carrying_a_key():
-    out = aggregate([{"w": torch.zeros(2, 2), "b": torch.zeros(2)}, {"w": torch.ones(2, 2)}],
-                    [1.0, 3.0], "fedavg", reference=REF)
-    assert torch.allclose(out["b"], torch.zeros(2)) and float(out["w"][0, 0]) == 0.75
 
 
 def test_reason_never_echoes_a_name_the_site_chose():

@@ -6,6 +6,7 @@ augmentation and optimiser; MoMA adds the teacher (KL + momentum-contrast NCE, f
 """
 
 import numpy as np
+import pytest
 import torch
 
 from moma_core.evaluate import evaluate
@@ -30,6 +31,7 @@ def _train(kind, data, teacher, seed, epochs):
     return student
 
 
+@pytest.mark.slow  # an accuracy check: trains three students
 def test_moma_student_beats_ce_only_on_held_out_data():
     source = open_site_data("synthetic:target", SIZE, "flip", seed=5, n=1200)
     teacher = _train("ce", source, None, seed=0, epochs=5)

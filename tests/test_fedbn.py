@@ -6,13 +6,13 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
-from client import protocol as P
 from client.site_config import site_settings
 from client.site_state import SiteState, TeacherCache
-from client.site_training import local_keys, site_data, student_for, train_round
+from client.site_training import site_data, student_for, train_round
 from moma_core.checkpoint import sidecar_path
 from moma_core.models import Architecture, build_model, norm_state_keys
-from server.aggregation import aggregate, check_update
+from moma_protocol import wire as P
+from server.aggregation import Aggregator, check_update
 from tests.helpers import IMAGE_SIZE, synthetic_sites, tiny_run, tiny_teacher
 
 
@@ -27,7 +27,19 @@ def site(tmp_path):
 
 def _student(run):
     torch.manual_seed(0)
-    return build_model(Architecture(run.student_model, run.class_names, IMAGE_SIZE))
+    return build_model(Architecture(run.federation.student_model, run.class_names, IMAGE_SIZE))
+
+
+def local_keys(run, student):
+    return P.local_keys(run.federation.fedbn, student)
+
+
+def aggregate(updates, weights, method, reference):
+    return Aggregator(run_fed(method))(1, updates, weights, reference)
+
+
+def run_fed(method):
+    return tiny_run(fedbn=True, aggregation=method).federation
 
 
 def _global(run):
@@ -50,7 +62,7 @@ def test_fedbn_site_sends_no_normalisation_tensors_and_keeps_them(site):
     kept = local_keys(run, _student(run)) & set(start)
     sent, n, metrics = train_round(settings, run, 1, start, sha)
     assert kept and not set(sent) & kept and set(sent) == set(start) - kept
-    local = SiteState(settings.cache_dir, run.run_name).local_layers()
+    local = SiteState(settings.cache_dir, run.federation.run_name).local_layers()
     assert kept <= set(local) <= norm_state_keys(_student(run))
     key = next(k for k in sorted(kept) if k.endswith("running_mean"))
     assert not torch.equal(local[key], start[key])  # trained here, stored here
@@ -60,7 +72,7 @@ def test_fedbn_site_sends_no_normalisation_tensors_and_keeps_them(site):
     assert P.check_site_reply(reply, P.TRAIN, set(start)) == []
     assert check_update(sent, start, local_keys(run, _student(run))) is None
     # next round: the site's own normalisation layers, the global rest
-    data = site_data(settings, run.image_size, run.augment)
+    data = site_data(settings, run.federation.image_size, run.training.augment)
     student = student_for(run, data, start, local)
     assert torch.equal(student.state_dict()[key], local[key])
     conv = next(k for k in start if "conv" in k and k not in kept)
@@ -77,7 +89,7 @@ def test_coordinator_keeps_the_global_normalisation_values():
     updates = [{k: v + (i + 1) for k, v in reference.items() if k not in kept}
                for i in range(3)]
     assert all(check_update(u, reference, kept) is None for u in updates)
-    for method in ("fedavg", "median", "trimmed-mean"):
+    for method in ("fedavg", "median", "trimmed-mean", "fedadam"):
         new = aggregate(updates, [1.0, 1.0, 2.0], method, reference=reference)
         assert set(new) == set(reference)
         for k in reference:
@@ -119,34 +131,33 @@ def test_with_fedbn_other_problems_are_still_rejected():
                                           reference, kept)
 
 
-def test_strategy_aggregates_fedbn_updates_keeping_global_normalisation():
+def test_coordinator_aggregates_fedbn_updates_keeping_global_normalisation():
     import time
 
     from flwr.app import Message
     from flwr.common import Metadata
 
-    from server.strategy import MomaStrategy
+    from server.round import Coordinator, SiteReport
 
     run = tiny_run(fedbn=True)
     reference = _global(run)
-    strategy = MomaStrategy(run, None)
-    assert strategy.local_keys == local_keys(run, _student(run))
-    strategy._reference = reference
-    strategy.sent_to = {1: {}, 2: {}}
+    coordinator = Coordinator(None, run, None)
+    assert coordinator.local_keys == local_keys(run, _student(run))
     meta = Metadata(run_id=1, message_id="m", src_node_id=0, dst_node_id=1,
                     reply_to_message_id="", group_id="", created_at=time.time(), ttl=60.0,
                     message_type=P.TRAIN)
     sent = Message(RecordDict(), metadata=meta)
     replies = []
     for node in (1, 2):
-        update = {k: v + node for k, v in reference.items() if k not in strategy.local_keys}
+        update = {k: v + node for k, v in reference.items() if k not in coordinator.local_keys}
         content = RecordDict({P.ARRAYS: ArrayRecord(update),
                               P.METRICS: MetricRecord({P.NUM_EXAMPLES: 10})})
         replies.append((node, Message(content, reply_to=sent)))
-    new, _ = strategy.aggregate_train(1, replies)
-    assert [s["status"] for s in strategy.round_log[1]["sites"].values()] == ["ok", "ok"]
-    state = new.to_torch_state_dict()
+    sites = {n: SiteReport(n, f"site-{n}") for n in (1, 2)}
+    updates, weights = coordinator._check_replies(replies, reference, sites)
+    assert [s.status for s in sites.values()] == ["ok", "ok"]
+    state = coordinator.aggregate(1, updates, weights, reference)
     assert set(state) == set(reference)
     for k in reference:
-        expected = reference[k] if k in strategy.local_keys else reference[k] + 1.5
+        expected = reference[k] if k in coordinator.local_keys else reference[k] + 1.5
         assert torch.allclose(state[k], expected), k

@@ -23,14 +23,20 @@ from flwr.common import Metadata
 from PIL import Image
 
 import client.client_app as site_app
-from client import protocol as P
 from client.site_config import SiteConfigError
-from client.site_training import MissingTeacher, StudentMismatch
+from client.site_errors import (
+    ConfigError,
+    MissingTeacher,
+    StudentMismatch,
+    error_category,
+    error_reply,
+)
 from moma_core.checkpoint import CheckpointError
 from moma_core.data.datasets import DataError
 from moma_core.data.synthetic import TARGET_CLASSES
 from moma_core.models import Architecture, build_model
 from moma_core.train import TrainingDiverged
+from moma_protocol import wire as P
 from tests.helpers import IMAGE_SIZE, tiny_run
 
 SECRET = "/abs/path/to/patient-0042/slide-17.jpg"
@@ -90,7 +96,7 @@ def test_error_reply_carries_the_category_only():
         except OSError as inner:
             raise DataError(f"cannot read image {SECRET}: {inner}") from inner
     except DataError as exc:
-        reply = P.error_reply(instruction(), exc)
+        reply = error_reply(instruction(), exc)
     assert reply.has_error() and not reply.has_content()
     assert (reply.error.code, reply.error.reason) == (P.ERROR_CODES["data-error"], "data-error")
     text = _every_text(reply)
@@ -107,15 +113,15 @@ def test_error_reply_carries_the_category_only():
     (TrainingDiverged("non-finite loss at step 3: nan"), "training-diverged"),
     (torch.OutOfMemoryError("CUDA out of memory"), "out-of-memory"),
     (MemoryError(), "out-of-memory"),
-    (P.ConfigError("bad run config"), "config-error"),
+    (ConfigError("bad run config"), "config-error"),
     (SiteConfigError(f"node config lacks data-path {SECRET}"), "config-error"),
     (KeyError(SECRET), "internal-error"),
     (ZeroDivisionError("division by zero"), "internal-error"),
     (GeneratorExit(), "internal-error"),
 ])
 def test_each_exception_type_has_its_category(exc, category):
-    assert P.error_category(exc) == category
-    reply = P.error_reply(instruction(), exc)
+    assert error_category(exc) == category
+    reply = error_reply(instruction(), exc)
     assert reply.error.reason == category and reply.error.code == P.ERROR_CODES[category]
     assert SECRET not in _every_text(reply)
 
@@ -242,7 +248,7 @@ def test_metric_names_cover_what_the_site_computes():
 # -- the site's ClientApp handlers -----------------------------------------------------------
 def _context(node_config: dict, run_config: dict | None = None) -> Context:
     return Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(),
-                   run_config=run_config or {})
+                   run_config=tiny_run().to_flat() if run_config is None else run_config)
 
 
 def test_site_data_error_is_logged_at_the_site_and_answered_by_category(tmp_path, caplog):
@@ -251,9 +257,9 @@ def test_site_data_error_is_logged_at_the_site_and_answered_by_category(tmp_path
             "site-name": "site-a", "device": "cpu"}
     run = tiny_run(run_name="bad-data")
     msg = instruction(P.EVALUATE, RecordDict({P.ARRAYS: ArrayRecord(_wire()),
-                                              P.CONFIG: ConfigRecord(run.to_flat())}))
+                                              P.CONFIG: ConfigRecord({P.SERVER_ROUND: 1})}))
     with caplog.at_level(logging.ERROR, logger="moma.client"):
-        reply = site_app.evaluate(msg, _context(node))
+        reply = site_app.evaluate(msg, _context(node, run.to_flat()))
     assert reply.has_error() and reply.error.reason == "data-error"
     assert str(bad) not in _every_text(reply) and "slide-17" not in _every_text(reply)
     # the site's own log has it all, with the traceback
@@ -263,8 +269,9 @@ def test_site_data_error_is_logged_at_the_site_and_answered_by_category(tmp_path
 
 def test_unusable_config_is_a_config_error():
     msg = instruction(P.EVALUATE, RecordDict({P.ARRAYS: ArrayRecord(_wire()),
-                                              P.CONFIG: ConfigRecord({"num-rounds": 0})}))
-    reply = site_app.evaluate(msg, _context({"data-path": SECRET, "cache-dir": "/tmp/x"}))
+                                              P.CONFIG: ConfigRecord({P.SERVER_ROUND: 1})}))
+    reply = site_app.evaluate(msg, _context({"data-path": SECRET, "cache-dir": "/tmp/x"},
+                                            {"num-rounds": 0}))
     assert reply.error.reason == "config-error" and SECRET not in _every_text(reply)
     reply = site_app.evaluate(msg, _context({}))  # no data-path, no cache-dir
     assert reply.error.reason == "config-error"
@@ -274,10 +281,11 @@ def test_site_withholds_a_reply_outside_the_protocol(monkeypatch, tmp_path, capl
     def leaky_evaluate(settings, run, global_state):
         return 12, {"accuracy": 0.5, **{f"logit-{i}": 0.1 for i in range(80)}}
 
-    monkeypatch.setattr(site_app, "evaluate_round", leaky_evaluate)
-    run = tiny_run()
+    import client.site_training
+
+    monkeypatch.setattr(client.site_training, "evaluate_round", leaky_evaluate)
     msg = instruction(P.EVALUATE, RecordDict({P.ARRAYS: ArrayRecord(_wire()),
-                                              P.CONFIG: ConfigRecord(run.to_flat())}))
+                                              P.CONFIG: ConfigRecord({P.SERVER_ROUND: 1})}))
     node = {"data-path": "synthetic:target", "cache-dir": str(tmp_path), "device": "cpu"}
     with caplog.at_level(logging.ERROR, logger="moma.client"):
         reply = site_app.evaluate(msg, _context(node))
@@ -302,13 +310,13 @@ def test_teacher_status_omits_a_site_name_that_is_not_an_identifier(tmp_path):
 
 
 # -- the coordinator on receipt --------------------------------------------------------------
-def _strategy(nodes):
-    from server.strategy import MomaStrategy
+def _check(replies, nodes):
+    from server.round import Coordinator, SiteReport
 
-    strategy = MomaStrategy(tiny_run(), None)
-    strategy._reference = _wire()
-    strategy.sent_to = {n: {"site_name": f"site-{n}"} for n in nodes}
-    return strategy
+    coordinator = Coordinator(None, tiny_run(), None)
+    sites = {n: SiteReport(n, f"site-{n}") for n in nodes}
+    updates, weights = coordinator._check_replies(replies, _wire(), sites)
+    return coordinator, sites, updates, weights
 
 
 def test_coordinator_rejects_replies_outside_the_protocol_without_echoing_them():
@@ -325,17 +333,17 @@ def test_coordinator_rejects_replies_outside_the_protocol_without_echoing_them()
                     reply_to=instruction())),
         (5, P.category_reply(instruction(), "data-error")),
     ]
-    strategy = _strategy(range(1, 6))
-    new, metrics = strategy.aggregate_train(1, replies)
-    sites = strategy.round_log[1]["sites"]
-    assert sites[1]["status"] == "ok" and new is not None
-    assert sites[2] == {**sites[2], "status": "rejected",
-                        "reason": "protocol: metric name outside the allow-list"}
-    assert "metrics" not in sites[2]
-    assert sites[3]["status"] == "rejected" and sites[3]["reason"].startswith("protocol: ")
-    assert (sites[4]["status"], sites[4]["reason"]) == ("failed", P.UNKNOWN_ERROR)
-    assert (sites[5]["status"], sites[5]["reason"]) == ("failed", "data-error")
-    recorded = json.dumps(strategy.round_log, default=str) + json.dumps(dict(metrics))
+    from dataclasses import asdict
+
+    _, sites, updates, _ = _check(replies, range(1, 6))
+    assert sites[1].status == "ok" and len(updates) == 1
+    assert (sites[2].status, sites[2].reason) == (
+        "rejected", "protocol: metric name outside the allow-list")
+    assert sites[2].metrics == {}
+    assert sites[3].status == "rejected" and sites[3].reason.startswith("protocol: ")
+    assert (sites[4].status, sites[4].reason) == ("failed", P.UNKNOWN_ERROR)
+    assert (sites[5].status, sites[5].reason) == ("failed", "data-error")
+    recorded = json.dumps([asdict(s) for s in sites.values()], default=str)
     for private in (SECRET, "logit", "DataError"):
         assert private not in recorded
 
@@ -350,11 +358,10 @@ def test_coordinator_checks_evaluation_replies():
     replies = [(1, Message(honest, reply_to=instruction(P.EVALUATE))),
                (2, Message(leaky, reply_to=instruction(P.EVALUATE))),
                (3, Message(Error(code=0, reason=SECRET), reply_to=instruction(P.EVALUATE)))]
-    strategy = _strategy([1, 2, 3])
-    result = strategy.aggregate_evaluate(1, replies)
-    per_site = strategy.round_log[1]["evaluate"]
-    assert per_site[1]["accuracy"] == 0.5 and dict(result)["accuracy"] == 0.5
-    assert per_site[2]["status"] == "rejected" and per_site[2]["reason"].startswith("protocol:")
-    assert per_site[3] == {"status": "failed", "reason": P.UNKNOWN_ERROR, "site-name": "3"}
-    recorded = json.dumps(strategy.round_log, default=str)
+    coordinator, _, _, _ = _check([], [])
+    result, per_site, _ = coordinator.check_evaluations(replies)
+    assert per_site["1"]["accuracy"] == 0.5 and result["accuracy"] == 0.5
+    assert per_site["2"]["status"] == "rejected" and per_site["2"]["reason"].startswith("protocol:")
+    assert per_site["3"] == {"status": "failed", "reason": P.UNKNOWN_ERROR, "site-name": "3"}
+    recorded = json.dumps(per_site, default=str)
     assert SECRET not in recorded and "feature" not in recorded

@@ -22,8 +22,8 @@ from flwr.clientapp import ClientApp
 from safetensors.torch import load_file
 
 import client.client_app as product
-from client import protocol as P
 from moma_core.models import Architecture, build_model
+from moma_protocol import wire as P
 from server.simulate import run_simulated
 from tests.helpers import IMAGE_SIZE, synthetic_sites, tiny_run, tiny_teacher
 from tests.test_protocol import bad_image_site
@@ -78,14 +78,17 @@ def _poison_site_0(msg, context, call_next):
 
 
 def _simulate(tmp_path, run, n_sites, app, sites=None):
+    """Run ``run`` with the sites' node configs in a run-scoped spec file (no environment)."""
     sites = sites or synthetic_sites(tmp_path / "cache", n_sites)
     (tmp_path / "sites.json").write_text(json.dumps(sites))
-    os.environ["MOMA_SIM_SITES"] = str(tmp_path / "sites.json")
     teacher = tiny_teacher(tmp_path / "teacher.safetensors")
-    final = run_simulated(run, tmp_path / "runs", teacher, "synthetic:target", False, n_sites,
-                          client_app=app)
-    results = json.loads((tmp_path / "runs" / run.run_name / "results.json").read_text())
-    return final, results, sites
+    run = run.with_values(output_dir=str(tmp_path / "runs"), teacher_path=str(teacher),
+                          eval_source="synthetic:target", eval_sites=n_sites,
+                          simulation_sites=str(tmp_path / "sites.json"))
+    assert "MOMA_SIM_SITES" not in os.environ
+    final = run_simulated(run, n_sites, client_app=app)
+    out = tmp_path / "runs" / run.federation.run_name / "results.json"
+    return final, json.loads(out.read_text()), sites
 
 
 def test_three_site_simulation_and_message_audit(tmp_path):
@@ -121,7 +124,7 @@ def test_three_site_simulation_and_message_audit(tmp_path):
 
 
 def _check_audit(audit: Path, run) -> None:
-    student = build_model(Architecture(run.student_model, run.class_names, IMAGE_SIZE))
+    student = build_model(Architecture(run.federation.student_model, run.class_names, IMAGE_SIZE))
     allowed = {k: [list(v.shape), str(v.dtype).replace("torch.", "")]
                for k, v in student.state_dict().items() if v.is_floating_point()}
     summaries = [json.loads(p.read_text()) for p in audit.glob("*.json")]
@@ -158,7 +161,7 @@ def test_nan_update_is_rejected_and_a_data_error_is_reported_by_category(tmp_pat
     sites = synthetic_sites(tmp_path / "cache", 2) + [
         {"data-path": str(tmp_path / "slides"), "cache-dir": str(tmp_path / "cache" / "site-2"),
          "site-name": "site-2", "device": "cpu"}]
-    run = tiny_run(run_name="nan", num_rounds=1, min_train_nodes=3, min_available_nodes=3)
+    run = tiny_run(run_name="nan", num_rounds=1, min_train_nodes=1, min_available_nodes=3)
     _, results, _ = _simulate(tmp_path, run, 3, _app(_recorder(str(audit)), _poison_site_0),
                               sites=sites)
     rnd = results["rounds"][0]
@@ -210,7 +213,9 @@ def test_killed_simulation_resumes_from_the_saved_round(tmp_path):
     assert [r["round"] for r in rounds] == [1, 2, 3]
     resumed = rounds[len(done)]
     assert resumed["start_digest"] == last["end_digest"]  # continued from the saved weights
-    assert rounds[len(done) - 1] == last  # the completed rounds are kept as they were
+    later = {"federated_eval", "federated_eval_sites"}  # the next round's sites score it
+    kept = {k: v for k, v in rounds[len(done) - 1].items() if k not in later}
+    assert kept == {k: v for k, v in last.items() if k not in later}  # kept as they were
 
 
 def test_too_few_sites_stop_the_run_with_a_clear_error(tmp_path):
@@ -218,3 +223,19 @@ def test_too_few_sites_stop_the_run_with_a_clear_error(tmp_path):
                    round_timeout=3.0)
     with pytest.raises(RuntimeError, match=r"only 2 site\(s\) connected .* at least 3"):
         _simulate(tmp_path, run, 2, _app())
+
+
+def test_a_run_in_which_no_site_trains_fails_with_the_reasons(tmp_path):
+    """Every site fails every round: no 'best round', the run raises with each round's
+    reasons and results.json says so."""
+    sites = [{"data-path": str(tmp_path / "missing"), "cache-dir": str(tmp_path / f"c{i}"),
+              "site-name": f"site-{i}", "device": "cpu"} for i in range(2)]
+    run = tiny_run(run_name="none", num_rounds=2)
+    with pytest.raises(RuntimeError, match=r"no round trained a student: round 1: site-0 "
+                                           r"failed \(data-error\)"):
+        _simulate(tmp_path, run, 2, _app(), sites=sites)
+    results = json.loads((tmp_path / "runs" / "none" / "results.json").read_text())
+    assert results["final"]["status"] == "failed" and len(results["final"]["reasons"]) == 2
+    assert [r["status"] for r in results["rounds"]] == ["failed", "failed"]
+    assert all("server_eval" not in r for r in results["rounds"])
+    assert "The run failed" in (tmp_path / "runs" / "none" / "report.md").read_text()

@@ -5,12 +5,13 @@ import json
 import pytest
 import torch
 
-from client.protocol import TRAIN_METRICS, wire_state
 from client.site_config import site_settings
+from client.site_errors import MissingTeacher
 from client.site_state import TeacherCache
-from client.site_training import MissingTeacher, train_round
+from client.site_training import train_round
 from moma_core.checkpoint import sidecar_path
 from moma_core.models import Architecture, build_model
+from moma_protocol.wire import TRAIN_METRICS, wire_state
 from tests.helpers import IMAGE_SIZE, synthetic_sites, tiny_run, tiny_teacher
 
 
@@ -24,7 +25,7 @@ def site(tmp_path):
 
 def _global(run):
     torch.manual_seed(0)
-    model = build_model(Architecture(run.student_model, run.class_names, IMAGE_SIZE))
+    model = build_model(Architecture(run.federation.student_model, run.class_names, IMAGE_SIZE))
     return wire_state(model.state_dict())
 
 
@@ -40,14 +41,15 @@ def test_training_needs_the_cached_teacher(site):
 
 
 def test_a_global_student_of_another_label_space_is_refused(site):
-    from client.site_training import StudentMismatch, site_data, student_for
+    from client.site_errors import StudentMismatch
+    from client.site_training import site_data, student_for
     from moma_core.checkpoint import CheckpointError
 
     settings, _, _ = site
     run = tiny_run()
-    data = site_data(settings, run.image_size, run.augment)
-    other = wire_state(build_model(Architecture(run.student_model, ("a", "b"), IMAGE_SIZE))
-                       .state_dict())
+    data = site_data(settings, run.federation.image_size, run.training.augment)
+    arch = Architecture(run.federation.student_model, ("a", "b"), IMAGE_SIZE)
+    other = wire_state(build_model(arch).state_dict())
     with pytest.raises(StudentMismatch) as err:
         student_for(run, data, other, {})
     assert isinstance(err.value, CheckpointError)

@@ -35,12 +35,12 @@ def parser() -> argparse.ArgumentParser:
                    help="start the student from the teacher's weights where they match")
     p.add_argument("--teacher-update", choices=["momentum", "frozen"], default="momentum")
     p.add_argument("--attention-keys", choices=["reference", "trained"], default="reference")
-    p.add_argument("--queue-size", type=int, default=16384)
+    p.add_argument("--queue-size", type=int, default=ObjectiveConfig.queue_size)
     p.add_argument("--name", default=None, help="run name (default: distill-<objective>)")
     p.add_argument("--runs-dir", type=Path, default=Path("runs"))
     p.add_argument("--test-n", type=int, default=400, help="synthetic: held-out test images")
     add_data_args(p, source="synthetic:target", n=800)
-    add_training_args(p, epochs=10, lr=0.01)
+    add_training_args(p, epochs=10, lr=TrainConfig.lr)
     return p
 
 

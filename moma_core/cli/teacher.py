@@ -22,13 +22,16 @@ from moma_core.sources import open_site_data
 from moma_core.standalone import fit, resolve_device
 from moma_core.train import TrainConfig
 
+#: A teacher is trained from scratch: a larger rate than a student distilled from its init.
+TEACHER_LR = 0.05
+
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moma-teacher", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="efficientnet_b0", help="timm model name")
     p.add_argument("--out", type=Path, default=Path("teachers/teacher.safetensors"))
     add_data_args(p, source="synthetic:source", n=2000)
-    add_training_args(p, epochs=10, lr=0.05)
+    add_training_args(p, epochs=10, lr=TEACHER_LR)
     return p
 
 

@@ -1,13 +1,20 @@
 """What crosses the wire between coordinator and site, by record key — and nothing else.
 
-Coordinator → site (train): ``arrays`` (global student, float tensors), ``config`` (round,
-training settings, ``teacher-sha256``), and — only when the site lacks it — ``teacher`` (the
-teacher's safetensors file as raw bytes) with ``teacher-meta`` (its sidecar JSON and, when the
-coordinator signed it, the signature JSON).
-Coordinator → site (query ``teacher-status``): ``config`` with ``teacher-sha256``.
+The protocol both sides import; it belongs to neither. The run's settings are not in messages:
+both sides read them once from Flower's run config (:mod:`moma_protocol.settings`).
+
+Coordinator → site (train): ``arrays`` (global student, float tensors), ``config`` with only
+what changes per round (``server-round``, ``teacher-sha256``, ``evaluate``: also score the
+incoming student), and — only when the site lacks it — ``teacher`` (the teacher's safetensors
+file as raw bytes) with ``teacher-meta`` (its sidecar JSON and, when the coordinator signed it,
+the signature JSON).
+Coordinator → site (query ``teacher-status``, first contact only): ``config`` with
+``teacher-sha256``. Coordinator → site (evaluate, after the last round): ``arrays``, ``config``.
 Site → coordinator: ``arrays`` (its new student, train only; under FedBN without the
-normalisation layers) and ``metrics`` (aggregate losses and metrics named in
-:data:`METRIC_NAMES`, ``num-examples``); the status reply adds ``config`` with a ``site-name``.
+normalisation layers), ``metrics`` (aggregate losses and metrics named in
+:data:`METRIC_NAMES`, ``num-examples``; the train reply adds ``teacher-cached``) and, in a
+train reply asked to evaluate, ``eval-metrics`` (the incoming student on the site's validation
+split); the status reply adds ``config`` with a ``site-name``.
 A failing site answers with an error whose code and reason are one of :data:`ERROR_CODES`,
 never the exception text. Nothing else leaves a site: no images, features, logits, queue,
 memory bank, file name or path. Both sides check replies with :func:`check_site_reply` and
@@ -22,11 +29,9 @@ from collections.abc import Collection
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from torch import nn
 
-from client.site_config import SiteConfigError
-from moma_core.checkpoint import CheckpointError
-from moma_core.data.datasets import DataError
-from moma_core.train import TrainingDiverged
+from moma_core.models import norm_state_keys
 
 ARRAYS = "arrays"
 CONFIG = "config"
@@ -37,6 +42,10 @@ TEACHER_FILE = "teacher.safetensors"
 TEACHER_SHA = "teacher-sha256"
 #: Key in ``teacher-meta``: the coordinator's signature (JSON) over the teacher's hash + sidecar.
 TEACHER_SIGNATURE = "signature"
+EVAL_METRICS = "eval-metrics"
+EVALUATE_FLAG = "evaluate"
+SERVER_ROUND = "server-round"
+TEACHER_CACHED = "teacher-cached"
 TEACHER_STATUS = "query.teacher_status"
 TRAIN = "train"
 EVALUATE = "evaluate"
@@ -59,36 +68,11 @@ ERROR_CODES: dict[str, int] = {
 UNKNOWN_ERROR = "unknown-error"  # what the coordinator records for an error outside the list
 
 
-class ConfigError(ValueError):
-    """A run or node config this site cannot use (answered as ``config-error``)."""
-
-
-def error_category(exc: BaseException) -> str:
-    """The category an exception is reported as: by its type, never by its text."""
-    from client.site_training import MissingTeacher, StudentMismatch  # (imports this module)
-
-    kinds: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], str], ...] = (
-        ((MemoryError, torch.OutOfMemoryError), "out-of-memory"),
-        (MissingTeacher, "missing-teacher"),
-        (StudentMismatch, "config-error"),
-        (CheckpointError, "teacher-rejected"),
-        (DataError, "data-error"),
-        (TrainingDiverged, "training-diverged"),
-        ((ConfigError, SiteConfigError), "config-error"),
-    )
-    return next((cat for types, cat in kinds if isinstance(exc, types)), "internal-error")
-
-
 def category_reply(msg: Message, category: str) -> Message:
     """An error reply to ``msg`` carrying only ``category`` and its code."""
     if category not in ERROR_CODES:
         category = "internal-error"
     return Message(Error(code=ERROR_CODES[category], reason=category), reply_to=msg)
-
-
-def error_reply(msg: Message, exc: BaseException) -> Message:
-    """The error reply for ``exc``: its category only (log the exception at the site)."""
-    return category_reply(msg, error_category(exc))
 
 
 def check_error_reply(msg: Message) -> list[str]:
@@ -110,7 +94,7 @@ def error_reason(msg: Message) -> str:
 
 # -- normal replies --------------------------------------------------------------------------
 TRAIN_METRICS = frozenset({"train-loss", "train-ce", "train-kl", "train-nce", "train-steps",
-                           "train-time-s", NUM_EXAMPLES})
+                           "train-time-s", TEACHER_CACHED, NUM_EXAMPLES})
 EVALUATE_METRICS = frozenset({"loss", "accuracy", "macro-f1", "kappa", NUM_EXAMPLES})
 STATUS_METRICS = frozenset({HAS_TEACHER})
 METRIC_NAMES: frozenset[str] = TRAIN_METRICS | EVALUATE_METRICS | STATUS_METRICS
@@ -118,15 +102,17 @@ MAX_METRIC_VALUES = 64
 
 # per message type: (records allowed, records required, metric names allowed, metrics required)
 REPLIES: dict[str, tuple[frozenset[str], frozenset[str], frozenset[str], frozenset[str]]] = {
-    TRAIN: (frozenset({ARRAYS, METRICS}), frozenset({ARRAYS, METRICS}), TRAIN_METRICS,
-            frozenset({NUM_EXAMPLES})),
+    TRAIN: (frozenset({ARRAYS, METRICS, EVAL_METRICS}), frozenset({ARRAYS, METRICS}),
+            TRAIN_METRICS, frozenset({NUM_EXAMPLES})),
     EVALUATE: (frozenset({METRICS}), frozenset({METRICS}), EVALUATE_METRICS,
                frozenset({NUM_EXAMPLES})),
     TEACHER_STATUS: (frozenset({METRICS, CONFIG}), frozenset({METRICS}), STATUS_METRICS,
                      frozenset({HAS_TEACHER})),
 }
-_ANY_REPLY = (frozenset({ARRAYS, METRICS, CONFIG}), frozenset(), METRIC_NAMES, frozenset())
-_KINDS = {ARRAYS: ArrayRecord, METRICS: MetricRecord, CONFIG: ConfigRecord}
+_ANY_REPLY = (frozenset({ARRAYS, METRICS, EVAL_METRICS, CONFIG}), frozenset(), METRIC_NAMES,
+              frozenset())
+_KINDS = {ARRAYS: ArrayRecord, METRICS: MetricRecord, EVAL_METRICS: MetricRecord,
+          CONFIG: ConfigRecord}
 
 
 def valid_site_name(name: object) -> bool:
@@ -160,6 +146,9 @@ def check_site_reply(content: RecordDict, message_type: str | None = None,
         if not isinstance(content[key], _KINDS[key]):
             add("record of the wrong kind")
     for problem in _check_metrics(content.get(METRICS), names, needed):
+        add(problem)
+    for problem in _check_metrics(content.get(EVAL_METRICS), EVALUATE_METRICS,
+                                  frozenset({NUM_EXAMPLES})):
         add(problem)
     for problem in _check_config(content.get(CONFIG)):
         add(problem)
@@ -216,6 +205,15 @@ def _check_arrays(rec: object, expected: Collection[str] | None) -> list[str]:
 
 
 # -- tensors and files -----------------------------------------------------------------------
+def local_keys(fedbn: bool, student: nn.Module) -> set[str]:
+    """State keys a site keeps and never sends: FedBN's normalisation layers, else none.
+
+    The one definition both sides use: the site to leave them out of its reply, the
+    coordinator to accept updates without them.
+    """
+    return norm_state_keys(student) if fedbn else set()
+
+
 def wire_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The tensors of a student that travel: floating point only (BN counters stay home)."""
     return {k: v.detach().cpu() for k, v in state.items() if v.is_floating_point()}

@@ -1,0 +1,83 @@
+"""Deployed-round overhead: what a real round costs beyond the sites' own training.
+
+Starts ``moma-server --insecure`` and two ``moma-client`` sites on loopback (real SuperLink,
+SuperNodes and ClientApp processes), runs a few rounds of a tiny model, and prints per round:
+wall time, the slowest site's training time, and their difference (the overhead: messages,
+ClientApp process start and imports, checks, aggregation, evaluation). Figures, not a test.
+
+    .venv/bin/python bench/deployed_round.py [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from deploy.runtime import free_port  # noqa: E402
+from tests.helpers import IMAGE_SIZE, tiny_teacher  # noqa: E402
+
+BIN = Path(sys.executable).parent
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--n", type=int, default=96, help="training images per site")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        teacher = tiny_teacher(root / "teacher.safetensors")
+        port, procs = free_port(), []
+        env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
+
+        def start(name: str, cmd: list[str]) -> None:
+            log = open(root / f"{name}.log", "wb")
+            procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                          start_new_session=True))
+
+        start("server", [str(BIN / "moma-server"), "--teacher", str(teacher), "--name", "b",
+                         "--runs-dir", str(root / "runs"), "--port", str(port), "--insecure",
+                         "--rounds", str(args.rounds), "--run-config",
+                         f"image-size={IMAGE_SIZE} batch-size=16 queue-size=64 "
+                         'optimizer="adamw" lr=0.003 augment="flip"'])
+        for i in range(2):
+            start(f"site-{i}", [str(BIN / "moma-client"), "--server", f"127.0.0.1:{port}",
+                                "--data", "synthetic:target", "--site-index", str(i),
+                                "--num-sites", "2", "--n", str(args.n), "--cache-dir",
+                                str(root / f"site-{i}"), "--insecure",
+                                "--clientappio-port", str(free_port())])
+        try:
+            rc = procs[0].wait(1800)
+        finally:
+            for proc in procs:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        if rc != 0:
+            print((root / "server.log").read_text()[-3000:])
+            return 1
+        results = json.loads((root / "runs" / "b" / "results.json").read_text())
+        print(f"{'round':>5} {'wall s':>8} {'train s':>8} {'overhead s':>10} {'MB down':>8}")
+        for r in results["rounds"]:
+            train = max(s["metrics"].get("train-time-s", 0.0) for s in r["sites"].values())
+            print(f"{r['round']:>5} {r['wall_s']:>8.1f} {train:>8.1f} "
+                  f"{r['wall_s'] - train:>10.1f} {r['bytes_down'] / 1e6:>8.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    started = time.time()
+    code = main()
+    print(f"(total {time.time() - started:.0f} s, {os.cpu_count()} cores)")
+    raise SystemExit(code)

@@ -1,0 +1,50 @@
+"""What a site tells the coordinator when a message fails: a category, never the text.
+
+The exception is logged in full at the site; the reply carries only its category and code
+(:data:`moma_protocol.wire.ERROR_CODES`), chosen by the exception's type.
+"""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import Message
+
+from client.site_config import SiteConfigError
+from moma_core.checkpoint import CheckpointError
+from moma_core.data.datasets import DataError
+from moma_core.train import TrainingDiverged
+from moma_protocol.settings import ConfigError as RunConfigError
+from moma_protocol.wire import category_reply
+
+
+class ConfigError(ValueError):
+    """A run or node config this site cannot use (answered as ``config-error``)."""
+
+
+class MissingTeacher(RuntimeError):
+    """The site's cache lacks the teacher the coordinator named."""
+
+
+class StudentMismatch(CheckpointError):
+    """The global student does not fit this site (another model or label space)."""
+
+
+_KINDS: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], str], ...] = (
+    ((MemoryError, torch.OutOfMemoryError), "out-of-memory"),
+    (MissingTeacher, "missing-teacher"),
+    (StudentMismatch, "config-error"),
+    (CheckpointError, "teacher-rejected"),
+    (DataError, "data-error"),
+    (TrainingDiverged, "training-diverged"),
+    ((ConfigError, SiteConfigError, RunConfigError), "config-error"),
+)
+
+
+def error_category(exc: BaseException) -> str:
+    """The category an exception is reported as: by its type, never by its text."""
+    return next((cat for types, cat in _KINDS if isinstance(exc, types)), "internal-error")
+
+
+def error_reply(msg: Message, exc: BaseException) -> Message:
+    """The error reply for ``exc``: its category only (log the exception at the site)."""
+    return category_reply(msg, error_category(exc))

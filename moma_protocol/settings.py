@@ -1,0 +1,267 @@
+"""A federation run's settings: one typed tree, each default in exactly one place.
+
+:class:`RunConfig` is composed of parts — :class:`ObjectiveSettings` (what the sites optimise),
+:class:`LocalTraining` (how a site trains in a round), :class:`FederationSettings` (rounds,
+sampling, aggregation) and :class:`CoordinatorSettings` (what only the ServerApp reads) —
+whose fields are also the run config's flat kebab-case keys (Flower's run config). Defaults
+that the method layer also uses are taken from :mod:`moma_core` (``ObjectiveConfig``,
+``TrainConfig``), never restated. pyproject's ``[tool.flwr.app.config]``, the app folder
+``moma-server`` submits and docs/configuration.md are generated from this tree, and a test
+checks them.
+
+:meth:`RunConfig.from_flat` is strict: an unknown key is named, a value of the wrong type or out
+of range is refused with one line (:class:`ConfigError`). Site settings (data path, cache,
+device) are not here: they come from each site's node config.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import MISSING, dataclass, field, fields, replace
+from typing import Any
+
+from moma_core.objectives import OBJECTIVES, ObjectiveConfig
+from moma_core.train import OPTIMIZERS, TrainConfig, cosine_factor
+
+AGGREGATIONS = ("fedavg", "fedprox", "median", "trimmed-mean", "fedadam")
+AUGMENTS = ("randaugment", "flip", "none")
+
+
+class ConfigError(ValueError):
+    """A run setting is unknown, of the wrong type or out of range."""
+
+
+def opt(default: Any, help: str, choices: tuple | None = None, lo: float | None = None,
+        hi: float | None = None, lo_open: bool = False, hi_open: bool = False) -> Any:
+    """A setting: its default, one line of help and its allowed values."""
+    return field(default=default, metadata={"help": help, "choices": choices, "lo": lo,
+                                            "hi": hi, "lo_open": lo_open, "hi_open": hi_open})
+
+
+_OBJ, _TRAIN = ObjectiveConfig, TrainConfig
+
+
+@dataclass(frozen=True)
+class ObjectiveSettings:
+    objective: str = opt(_OBJ.kind, "moma, kd or ce (the CE-only baseline)", OBJECTIVES)
+    queue_size: int = opt(_OBJ.queue_size, "MoMA's key queue K (see moma_core.objectives)",
+                          lo=1)
+    teacher_update: str = opt(_OBJ.teacher_update, "momentum (MoMA) or frozen teacher",
+                              ("momentum", "frozen"))
+    attention_keys: str = opt(_OBJ.attention_keys, "keys of the queue attention",
+                              ("reference", "trained"))
+
+    def config(self) -> ObjectiveConfig:
+        return ObjectiveConfig(kind=self.objective, queue_size=self.queue_size,
+                               teacher_update=self.teacher_update,
+                               attention_keys=self.attention_keys)
+
+
+@dataclass(frozen=True)
+class LocalTraining:
+    local_epochs: int = opt(_TRAIN.epochs, "epochs of local training per round", lo=1)
+    max_steps: int = opt(0, "stop local training after this many steps (0: whole epochs)",
+                         lo=0)
+    batch_size: int = opt(32, "local batch size", lo=1, hi=4096)
+    lr: float = opt(_TRAIN.lr, "local learning rate (round 1)", lo=0, lo_open=True, hi=10)
+    lr_schedule: str = opt("cosine", "learning rate over rounds", ("cosine", "constant"))
+    optimizer: str = opt(_TRAIN.optimizer, "local optimiser", OPTIMIZERS)
+    augment: str = opt("randaugment", "training augmentation", AUGMENTS)
+
+
+@dataclass(frozen=True)
+class FederationSettings:
+    run_name: str = opt("federation", "the run's name (folder, site state)")
+    num_rounds: int = opt(3, "rounds", lo=1, hi=100000)
+    student_model: str = opt("test_efficientnet", "student architecture (timm name)")
+    classes: str = opt("", "comma-separated class names of the target task, in label order")
+    image_size: int = opt(64, "input size in pixels", lo=8, hi=4096)
+    aggregation: str = opt("fedavg", "how updates are combined", AGGREGATIONS)
+    proximal_mu: float = opt(0.01, "FedProx's mu (aggregation = fedprox)", lo=0)
+    trim_fraction: float = opt(0.2, "share cut at each end (aggregation = trimmed-mean)",
+                               lo=0, hi=0.5, hi_open=True)
+    server_lr: float = opt(0.01, "server learning rate eta (aggregation = fedadam)", lo=0,
+                           lo_open=True)
+    fedbn: bool = opt(False, "keep normalisation layers at the sites (FedBN)")
+    init_from_teacher: bool = opt(True, "start the student from the teacher's weights")
+    fraction_train: float = opt(1.0, "share of connected sites sampled per round", lo=0,
+                                lo_open=True, hi=1)
+    fraction_evaluate: float = opt(1.0, "0: sites do not evaluate the global student", lo=0,
+                                   hi=1)
+    min_train_nodes: int = opt(2, "fewer successful sites: the round failed", lo=1)
+    min_available_nodes: int = opt(2, "sites to wait for before a round", lo=1)
+    round_timeout: float = opt(600.0, "seconds to wait for sites in a round", lo=1)
+    seed: int = opt(0, "seed of sampling, initialisation and local shuffling", lo=0)
+
+
+@dataclass(frozen=True)
+class CoordinatorSettings:
+    teacher_path: str = opt("", "teacher .safetensors at the coordinator")
+    output_dir: str = opt("", "absolute folder holding runs/<run-name>/")
+    eval_source: str = opt("", "coordinator's held-out set: a path or synthetic:target")
+    eval_sites: int = opt(1, "synthetic eval-source: site styles to mix", lo=1)
+    resume: bool = opt(False, "continue after the last completed round")
+    site_registry: str = opt("", "JSON node id -> site name, from the registered keys")
+    simulation_sites: str = opt("", "simulation only: JSON list of the simulated sites' "
+                                    "node configs (ignored by real SuperNodes)")
+
+
+PARTS = {"objective": ObjectiveSettings, "training": LocalTraining,
+         "federation": FederationSettings, "coordinator": CoordinatorSettings}
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def settings_fields() -> dict[str, tuple[str, Any]]:
+    """Flat key → (part name, dataclass field), in the tree's order."""
+    out: dict[str, tuple[str, Any]] = {}
+    for part, cls in PARTS.items():
+        for f in fields(cls):
+            out[_key(f.name)] = (part, f)
+    return out
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """See module docstring."""
+
+    objective: ObjectiveSettings = field(default_factory=ObjectiveSettings)
+    training: LocalTraining = field(default_factory=LocalTraining)
+    federation: FederationSettings = field(default_factory=FederationSettings)
+    coordinator: CoordinatorSettings = field(default_factory=CoordinatorSettings)
+
+    def __post_init__(self) -> None:
+        for key, (part, f) in settings_fields().items():
+            _check(key, getattr(getattr(self, part), f.name), f)
+        fed = self.federation
+        if fed.min_available_nodes < fed.min_train_nodes:
+            raise ConfigError("min-available-nodes must be at least min-train-nodes")
+        if self.training.max_steps:
+            self.train_config(1)  # the local settings are valid together
+
+    # -- flat form (Flower's run config) -----------------------------------------------------
+    @classmethod
+    def from_flat(cls, flat: dict, ignore: frozenset[str] = frozenset()) -> RunConfig:
+        """From a kebab-case mapping; unknown keys are refused (named) unless in ``ignore``."""
+        known = settings_fields()
+        parts: dict[str, dict] = {p: {} for p in PARTS}
+        for key, value in flat.items():
+            if key in ignore:
+                continue
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ConfigError(f"unknown run-config key {key!r}{hint}")
+            part, f = known[key]
+            parts[part][f.name] = _typed(key, value, f)
+        return cls(**{p: PARTS[p](**v) for p, v in parts.items()})
+
+    def to_flat(self) -> dict:
+        return {key: getattr(getattr(self, part), f.name)
+                for key, (part, f) in settings_fields().items()}
+
+    def with_values(self, **flat: Any) -> RunConfig:
+        """A copy with some settings changed (kebab or snake keys), validated."""
+        return RunConfig.from_flat({**self.to_flat(), **{_key(k): v for k, v in flat.items()}})
+
+    def replace_part(self, **parts: Any) -> RunConfig:
+        return replace(self, **parts)
+
+    # -- derived settings --------------------------------------------------------------------
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return tuple(c.strip() for c in self.federation.classes.split(",") if c.strip())
+
+    def objective_config(self) -> ObjectiveConfig:
+        return self.objective.config()
+
+    def round_lr(self, server_round: int) -> float:
+        """The local learning rate of a round: a cosine over rounds to lr·1e-3, or constant."""
+        lr, rounds = self.training.lr, self.federation.num_rounds
+        if self.training.lr_schedule == "cosine" and rounds > 1:
+            lr *= cosine_factor((server_round - 1) / (rounds - 1))
+        return lr
+
+    def train_config(self, server_round: int) -> TrainConfig:
+        fed, tr = self.federation, self.training
+        return TrainConfig(epochs=tr.local_epochs, max_steps=tr.max_steps or None,
+                           lr=self.round_lr(server_round), optimizer=tr.optimizer,
+                           cosine=False,
+                           proximal_mu=fed.proximal_mu if fed.aggregation == "fedprox" else 0.0,
+                           seed=fed.seed * 100003 + server_round)
+
+
+# -- validation ------------------------------------------------------------------------------
+def _typed(key: str, value: Any, f: Any) -> Any:
+    kind = f.type if isinstance(f.type, str) else f.type.__name__
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ConfigError(f"run-config {key}: expected true or false, got {value!r}")
+    if kind == "int":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"run-config {key}: expected an integer, got {value!r}")
+    if kind == "float":
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"run-config {key}: expected a number, got {value!r}")
+    if not isinstance(value, str):
+        raise ConfigError(f"run-config {key}: expected text, got {value!r}")
+    return value
+
+
+def _check(key: str, value: Any, f: Any) -> None:
+    meta = f.metadata
+    if meta.get("choices") and value not in meta["choices"]:
+        raise ConfigError(f"run-config {key}: {value!r} is not one of "
+                          f"{', '.join(map(str, meta['choices']))}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"run-config {key}: {value} is not a finite number")
+    lo, hi = meta.get("lo"), meta.get("hi")
+    if lo is not None and (value < lo or (meta["lo_open"] and value == lo)):
+        raise ConfigError(f"run-config {key}: {value} must be "
+                          f"{'above' if meta['lo_open'] else 'at least'} {lo}")
+    if hi is not None and (value > hi or (meta["hi_open"] and value == hi)):
+        raise ConfigError(f"run-config {key}: {value} must be "
+                          f"{'below' if meta['hi_open'] else 'at most'} {hi}")
+
+
+def defaults() -> dict:
+    """Every run-config key with its default (what pyproject and the app folder list)."""
+    return RunConfig().to_flat()
+
+
+def markdown_table() -> str:
+    """docs/configuration.md's table of every setting (generated; a test compares)."""
+    rows = ["| key | part | default | allowed | meaning |", "|---|---|---|---|---|"]
+    for key, (part, f) in settings_fields().items():
+        meta = f.metadata
+        allowed = ", ".join(map(str, meta["choices"])) if meta.get("choices") else _range(meta)
+        default = f.default if f.default is not MISSING else ""
+        rows.append(f"| `{key}` | {part} | `{_toml(default)}` | {allowed} | {meta['help']} |")
+    return "\n".join(rows)
+
+
+def _range(meta: dict) -> str:
+    lo, hi = meta.get("lo"), meta.get("hi")
+    if lo is None and hi is None:
+        return ""
+    left = "" if lo is None else f"{'>' if meta['lo_open'] else '≥'} {lo}"
+    right = "" if hi is None else f"{'<' if meta['hi_open'] else '≤'} {hi}"
+    return ", ".join(x for x in (left, right) if x)
+
+
+def _toml(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    return f'"{v}"'

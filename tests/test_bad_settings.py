@@ -1,0 +1,102 @@
+"""Bad settings, tried as a new user would: one line, exit 2, and nothing started or written."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import tiny_teacher
+
+BIN = Path(sys.executable).parent
+
+
+def _run(*args, timeout=300):
+    return subprocess.run([str(a) for a in args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+class _Result:
+    def __init__(self, returncode: int, stdout: str, stderr: str) -> None:
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+@pytest.fixture
+def call(monkeypatch, capsys):
+    """Run a command's ``main`` in-process (fast); same exit code and stderr as the script."""
+    from moma_core.cli import distill, teacher
+    from server import cli as server_cli
+    from server import simulate
+
+    mains = {"moma-server": server_cli.main, "moma-simulate": simulate.main,
+             "moma-distill": distill.main, "moma-teacher": teacher.main}
+
+    def run(command: str, *args) -> _Result:
+        monkeypatch.setattr(sys, "argv", [command, *map(str, args)])
+        code = mains[command]()
+        out = capsys.readouterr()
+        return _Result(code, out.out, out.err)
+
+    return run
+
+
+def _one_line_error(r, text: str) -> None:
+    assert r.returncode == 2, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("error: ") and text in lines[-1], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    return tiny_teacher(tmp_path_factory.mktemp("t") / "teacher.safetensors")
+
+
+@pytest.mark.parametrize("extra,text", [
+    (["--run-config", 'lr="abc"'], "run-config lr: expected a number, got 'abc'"),
+    (["--run-config", "num-rounds=0"], "run-config num-rounds: 0 must be at least 1"),
+    (["--rounds", "0"], "run-config num-rounds: 0 must be at least 1"),
+    (["--run-config", 'aggregation="mean"'], "run-config aggregation: 'mean' is not one of"),
+    (["--run-config", "nmu-rounds=3"], "unknown run-config key 'nmu-rounds'"),
+    (["--run-config", 'output-dir="/tmp/elsewhere"'], "set by moma-server itself"),
+    (["--run-config", "lr=abc"], "write key=value, text in double quotes"),
+])
+def test_moma_server_refuses_bad_run_settings_before_starting(call, teacher, tmp_path, extra,
+                                                              text):
+    r = call("moma-server", "--teacher", teacher, "--insecure", "--runs-dir",
+             tmp_path / "runs", "--name", "bad", "--port", "1", *extra)
+    _one_line_error(r, text)
+    assert not (tmp_path / "runs").exists()  # nothing started, nothing written
+
+
+def test_moma_server_needs_a_teacher_to_distil(tmp_path):
+    r = _run(BIN / "moma-server", "--insecure", "--runs-dir", tmp_path / "runs", "--port", "1")
+    _one_line_error(r, "objective 'moma' needs --teacher")  # the installed script, end to end
+    r = _run(BIN / "moma-server", "--insecure", "--runs-dir", tmp_path / "runs", "--port", "1",
+             "--run-config", 'objective="crd"')
+    _one_line_error(r, "run-config objective: 'crd' is not one of")
+
+
+@pytest.mark.parametrize("extra,text", [
+    (["--lr", "-1"], "run-config lr: -1.0 must be above 0"),
+    (["--batch-size", "0"], "run-config batch-size: 0 must be at least 1"),
+    (["--sites", "0"], "--sites 0: simulate at least 1 site"),
+    (["--rounds", "0"], "run-config num-rounds: 0 must be at least 1"),
+    (["--n", "0"], "--n 0: give at least 1 image per site"),
+])
+def test_moma_simulate_refuses_bad_settings_before_training(call, teacher, tmp_path, extra,
+                                                            text):
+    r = call("moma-simulate", "--teacher", teacher, "--runs-dir", tmp_path / "runs",
+             *extra)
+    _one_line_error(r, text)
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("command", ["moma-teacher", "moma-distill"])
+def test_standalone_commands_refuse_zero_epochs(call, teacher, tmp_path, command):
+    args = ["--teacher", teacher] if command == "moma-distill" else [
+        "--model", "test_efficientnet", "--out", tmp_path / "t.safetensors"]
+    r = call(command, *args, "--epochs", "0", "--n", "16", "--image-size", "32",
+             "--runs-dir" if command == "moma-distill" else "--seed",
+             tmp_path if command == "moma-distill" else "0")
+    _one_line_error(r, "epochs 0: give at least 1")
