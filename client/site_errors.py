@@ -6,14 +6,9 @@ The exception is logged in full at the site; the reply carries only its category
 
 from __future__ import annotations
 
-import torch
 from flwr.app import Message
 
 from client.site_config import SiteConfigError
-from moma_core.checkpoint import CheckpointError
-from moma_core.data.datasets import DataError
-from moma_core.train import TrainingDiverged
-from moma_protocol.settings import ConfigError as RunConfigError
 from moma_protocol.wire import category_reply
 
 
@@ -25,24 +20,30 @@ class MissingTeacher(RuntimeError):
     """The site's cache lacks the teacher the coordinator named."""
 
 
-class StudentMismatch(CheckpointError):
-    """The global student does not fit this site (another model or label space)."""
-
-
-_KINDS: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], str], ...] = (
-    ((MemoryError, torch.OutOfMemoryError), "out-of-memory"),
-    (MissingTeacher, "missing-teacher"),
-    (StudentMismatch, "config-error"),
-    (CheckpointError, "teacher-rejected"),
-    (DataError, "data-error"),
-    (TrainingDiverged, "training-diverged"),
-    ((ConfigError, SiteConfigError, RunConfigError), "config-error"),
-)
-
-
 def error_category(exc: BaseException) -> str:
-    """The category an exception is reported as: by its type, never by its text."""
-    return next((cat for types, cat in _KINDS if isinstance(exc, types)), "internal-error")
+    """The category an exception is reported as: by its type, never by its text.
+
+    (The training stack's exception types are imported here, on failure only, so that a
+    handler that never trains does not load torch.)
+    """
+    import torch
+
+    from client.site_training import StudentMismatch
+    from moma_core.checkpoint import CheckpointError
+    from moma_core.data.datasets import DataError
+    from moma_core.train import TrainingDiverged
+    from moma_protocol.settings import ConfigError as RunConfigError
+
+    kinds: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], str], ...] = (
+        ((MemoryError, torch.OutOfMemoryError), "out-of-memory"),
+        (MissingTeacher, "missing-teacher"),
+        (StudentMismatch, "config-error"),
+        (CheckpointError, "teacher-rejected"),
+        (DataError, "data-error"),
+        (TrainingDiverged, "training-diverged"),
+        ((ConfigError, SiteConfigError, RunConfigError), "config-error"),
+    )
+    return next((cat for types, cat in kinds if isinstance(exc, types)), "internal-error")
 
 
 def error_reply(msg: Message, exc: BaseException) -> Message:

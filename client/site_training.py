@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 from client.site_config import SiteSettings
-from client.site_errors import MissingTeacher, StudentMismatch
+from client.site_errors import MissingTeacher
 from client.site_state import SiteState, TeacherCache
+from moma_core.checkpoint import CheckpointError
 from moma_core.evaluate import evaluate
 from moma_core.models import Architecture, build_model
 from moma_core.objectives import build_objective, same_task
@@ -29,6 +30,10 @@ from moma_protocol.settings import RunConfig
 from moma_protocol.wire import TEACHER_CACHED, TRAIN_METRICS, local_keys, wire_state
 
 log = logging.getLogger("moma.client")
+
+
+class StudentMismatch(CheckpointError):
+    """The global student does not fit this site (another model or label space)."""
 
 
 @functools.lru_cache(maxsize=4)

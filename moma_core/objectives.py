@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -19,53 +18,10 @@ from torch import nn
 from moma_core.attention import BatchTokenAttention
 from moma_core.heads import projection_head
 from moma_core.losses import kd_kl_loss
+from moma_core.method_config import OBJECTIVES, ObjectiveConfig  # noqa: F401 (re-export)
 from moma_core.models import feature_dim, features_and_logits
 from moma_core.momentum import momentum_update_modules, paired_parameters
 from moma_core.queue import KeyQueue
-
-OBJECTIVES = ("ce", "kd", "moma")
-
-
-@dataclass
-class ObjectiveConfig:
-    """Weights and hyper-parameters (defaults: the MoMA reference code)."""
-
-    kind: str = "moma"
-    ce_weight: float = 1.0  # c
-    kl_weight: float = 1.0  # d (forced to 0 when the tasks differ)
-    nce_weight: float = 1.0  # b
-    kd_temperature: float = 4.0  # T
-    feat_dim: int = 512
-    head: str = "mlp"
-    num_heads: int = 4
-    # K: 4096, not the reference's 16384. A site holds a few thousand patches: with 16384 most
-    # keys in the queue were encoded many hundreds of steps earlier by an older key encoder
-    # (and repeat the same images), and the B×(K+1) logits dominate a small model's step.
-    queue_size: int = 4096
-    nce_temperature: float = 0.15  # τ
-    momentum: float = 0.999  # m
-    attention_keys: str = "reference"  # "reference" | "trained"
-    teacher_update: str = "momentum"  # "momentum" | "frozen"
-
-    def __post_init__(self) -> None:
-        if self.kind not in OBJECTIVES:
-            raise ValueError(f"unknown objective {self.kind!r}; choose one of {OBJECTIVES}")
-        if self.attention_keys not in ("reference", "trained"):
-            raise ValueError("attention_keys must be 'reference' or 'trained'")
-        if self.teacher_update not in ("momentum", "frozen"):
-            raise ValueError("teacher_update must be 'momentum' or 'frozen'")
-        if self.queue_size < 1 or self.feat_dim < 1 or self.num_heads < 1:
-            raise ValueError("queue size, feature dimension and heads must be at least 1")
-        if not 0 <= self.momentum < 1 or self.nce_temperature <= 0 or self.kd_temperature <= 0:
-            raise ValueError("momentum must be in [0, 1), temperatures positive")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ObjectiveConfig:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 class Objective(nn.Module):

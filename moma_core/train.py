@@ -9,66 +9,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from moma_core.method_config import (  # noqa: F401 (re-export)
+    OPTIMIZERS,
+    TrainConfig,
+    cosine_factor,
+)
 from moma_core.objectives import Objective
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
-
-
-OPTIMIZERS = ("sgd", "adamw")
-
-
-def cosine_factor(t: float, floor: float = 1e-3) -> float:
-    """The learning-rate factor of a cosine from 1 (t = 0) to ``floor`` (t = 1).
-
-    The one schedule of the project: per epoch within local training (the reference), and
-    over rounds in a federation (``lr-schedule = "cosine"``).
-    """
-    t = min(max(t, 0.0), 1.0)
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
-
-
-@dataclass
-class TrainConfig:
-    """Local optimisation settings (defaults: the MoMA reference, SGD + cosine)."""
-
-    epochs: int = 1
-    max_steps: int | None = None  # stop after this many steps (over all epochs)
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    optimizer: str = "sgd"  # "sgd" | "adamw"
-    cosine: bool = True  # cosine decay per epoch to lr·1e-3
-    proximal_mu: float = 0.0  # FedProx: μ/2·‖w − w_global‖²
-    amp: bool = False  # mixed precision on CUDA
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise ValueError(f"epochs {self.epochs}: give at least 1")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max steps {self.max_steps}: give at least 1 (or none)")
-        if not self.lr > 0 or not math.isfinite(self.lr):
-            raise ValueError(f"learning rate {self.lr}: give a positive number")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer {self.optimizer!r}: choose one of {OPTIMIZERS}")
-        if self.weight_decay < 0 or not 0 <= self.momentum < 1 or self.proximal_mu < 0:
-            raise ValueError("weight decay and proximal mu must be >= 0, momentum in [0, 1)")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 @dataclass

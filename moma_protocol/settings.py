@@ -21,8 +21,13 @@ import math
 from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any
 
-from moma_core.objectives import OBJECTIVES, ObjectiveConfig
-from moma_core.train import OPTIMIZERS, TrainConfig, cosine_factor
+from moma_core.method_config import (
+    OBJECTIVES,
+    OPTIMIZERS,
+    ObjectiveConfig,
+    TrainConfig,
+    cosine_factor,
+)
 
 AGGREGATIONS = ("fedavg", "fedprox", "median", "trimmed-mean", "fedadam")
 AUGMENTS = ("randaugment", "flip", "none")

@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Collection
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
-from torch import nn
 
-from moma_core.models import norm_state_keys
+if TYPE_CHECKING:  # the protocol itself needs no torch: a status query stays light
+    import torch
+    from torch import nn
 
 ARRAYS = "arrays"
 CONFIG = "config"
@@ -211,6 +212,8 @@ def local_keys(fedbn: bool, student: nn.Module) -> set[str]:
     The one definition both sides use: the site to leave them out of its reply, the
     coordinator to accept updates without them.
     """
+    from moma_core.models import norm_state_keys
+
     return norm_state_keys(student) if fedbn else set()
 
 

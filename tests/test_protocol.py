@@ -27,10 +27,10 @@ from client.site_config import SiteConfigError
 from client.site_errors import (
     ConfigError,
     MissingTeacher,
-    StudentMismatch,
     error_category,
     error_reply,
 )
+from client.site_training import StudentMismatch
 from moma_core.checkpoint import CheckpointError
 from moma_core.data.datasets import DataError
 from moma_core.data.synthetic import TARGET_CLASSES

@@ -41,8 +41,7 @@ def test_training_needs_the_cached_teacher(site):
 
 
 def test_a_global_student_of_another_label_space_is_refused(site):
-    from client.site_errors import StudentMismatch
-    from client.site_training import site_data, student_for
+    from client.site_training import StudentMismatch, site_data, student_for
     from moma_core.checkpoint import CheckpointError
 
     settings, _, _ = site
