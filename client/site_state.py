@@ -22,7 +22,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from moma_core.checkpoint import CheckpointError, _atomic, load_model, sha256_file
+from moma_core.atomic import atomic_write
+from moma_core.checkpoint import CheckpointError, load_model, sha256_file
 from moma_core.models import Architecture
 
 _SHA = re.compile(r"^[0-9a-f]{64}$")
@@ -91,16 +92,16 @@ class TeacherCache:
         if actual != sha:
             raise CheckpointError(f"teacher received with SHA-256 {actual[:12]}…, "
                                   f"announced {sha[:12]}…: refused")
-        if sidecar.get("sha256") != sha:
+        if not isinstance(sidecar, dict) or sidecar.get("sha256") != sha:
             raise CheckpointError("teacher sidecar names another SHA-256: refused")
         self._verify_signature(sha, sidecar, signature)
         path = self.path(sha)
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic(path, lambda tmp: Path(tmp).write_bytes(data))
-        _atomic(path.with_suffix(".json"),
+        atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+        atomic_write(path.with_suffix(".json"),
                 lambda tmp: Path(tmp).write_text(json.dumps(sidecar, indent=2)))
         if signature is not None:
-            _atomic(self.dir / f"{sha}.sig.json",
+            atomic_write(self.dir / f"{sha}.sig.json",
                     lambda tmp: Path(tmp).write_text(json.dumps(signature, indent=2)))
         return path
 
@@ -167,6 +168,6 @@ class SiteState:
         self.dir.mkdir(parents=True, exist_ok=True)
         for name, tensors in (("objective", objective_state), ("local", local)):
             clean = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-            _atomic(self.dir / f"{name}.safetensors",
+            atomic_write(self.dir / f"{name}.safetensors",
                     lambda tmp, t=clean: save_file(t, str(tmp)))
-        _atomic(self.meta_path, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
+        atomic_write(self.meta_path, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))

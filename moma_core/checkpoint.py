@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -18,6 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from moma_core.atomic import atomic_write
 from moma_core.models import Architecture, build_model
 
 PICKLE_SUFFIXES = {".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt"}
@@ -47,21 +46,42 @@ def save_checkpoint(path: str | Path, state: dict[str, torch.Tensor], arch: Arch
         raise CheckpointError(f"{path}: weights are written as .safetensors only")
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    _atomic(path, lambda tmp: save_file(tensors, str(tmp)))
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
     digest = sha256_file(path)
     sidecar = {"architecture": arch.to_dict(), "sha256": digest, "meta": meta or {}}
-    _atomic(sidecar_path(path), lambda tmp: Path(tmp).write_text(json.dumps(sidecar, indent=2)))
+    text = json.dumps(sidecar, indent=2)
+    atomic_write(sidecar_path(path), lambda tmp: Path(tmp).write_text(text))
     return digest
 
 
 def read_sidecar(path: str | Path) -> dict:
+    """The sidecar of a checkpoint: a JSON object with a usable ``architecture``."""
     side = sidecar_path(path)
     if not side.is_file():
         raise CheckpointError(f"{path}: sidecar {side.name} is missing")
     try:
-        return json.loads(side.read_text())
-    except json.JSONDecodeError as exc:
+        sidecar = json.loads(side.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{side}: not valid JSON ({exc})") from exc
+    if not isinstance(sidecar, dict):
+        raise CheckpointError(f"{side}: not a sidecar (a JSON object expected)")
+    sidecar_architecture(sidecar, side)
+    return sidecar
+
+
+def sidecar_architecture(sidecar: dict, where: str | Path) -> Architecture:
+    """The sidecar's architecture, or one clear :class:`CheckpointError`."""
+    arch = sidecar.get("architecture")
+    if not isinstance(arch, dict) or not isinstance(arch.get("model_name"), str) or \
+            not isinstance(arch.get("classes"), list) or \
+            not all(isinstance(c, str) for c in arch["classes"]) or not arch["classes"]:
+        raise CheckpointError(f"{where}: the sidecar has no usable 'architecture' (model_name "
+                              "and a list of class names)")
+    try:
+        return Architecture.from_dict(arch)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{where}: the sidecar's architecture is not usable ({exc})"
+                              ) from None
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], Architecture, dict]:
@@ -70,8 +90,6 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], Architec
     refuse_pickle(path)
     sidecar = read_sidecar(path)
     digest = sha256_file(path)
-    if not isinstance(sidecar, dict):
-        raise CheckpointError(f"{sidecar_path(path)}: not a sidecar (a JSON object expected)")
     named = sidecar.get("sha256")
     if not isinstance(named, str) or len(named) != 64:
         raise CheckpointError(f"{sidecar_path(path)}: no valid SHA-256 of the weights; the "
@@ -84,7 +102,7 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], Architec
         state = load_file(str(path))
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
-    return state, Architecture.from_dict(sidecar["architecture"]), sidecar
+    return state, sidecar_architecture(sidecar, sidecar_path(path)), sidecar
 
 
 def refuse_pickle(path: Path) -> None:
@@ -135,14 +153,3 @@ def load_model(path: str | Path, expect: Architecture | None = None
     check_state_matches(model, state, str(path))
     model.load_state_dict(state)
     return model, arch, sidecar
-
-
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

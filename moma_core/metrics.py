@@ -3,13 +3,6 @@
 from __future__ import annotations
 
 import torch
-from torchmetrics.functional.classification import (
-    multiclass_accuracy,
-    multiclass_cohen_kappa,
-    multiclass_confusion_matrix,
-    multiclass_f1_score,
-    multiclass_recall,
-)
 
 
 def classification_metrics(preds: torch.Tensor, targets: torch.Tensor, num_classes: int
@@ -19,6 +12,14 @@ def classification_metrics(preds: torch.Tensor, targets: torch.Tensor, num_class
     Returns accuracy (micro), macro_f1, kappa (Cohen, quadratic weights), per_class_recall (list)
     and confusion (rows: true class, columns: predicted).
     """
+    from torchmetrics.functional.classification import (  # ~3 s to import: only when scoring
+        multiclass_accuracy,
+        multiclass_cohen_kappa,
+        multiclass_confusion_matrix,
+        multiclass_f1_score,
+        multiclass_recall,
+    )
+
     preds = preds.long().cpu()
     targets = targets.long().cpu()
     if preds.shape != targets.shape or preds.numel() == 0:

@@ -3,30 +3,25 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from moma_core.atomic import atomic_write
 
 
 def write_json(path: str | Path, obj: object) -> None:
     """Write ``obj`` as indented JSON, atomically (a crash never leaves half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, default=float)
-    os.replace(tmp, path)
+    text = json.dumps(obj, indent=2, default=float)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def plot_curves(path: str | Path, x: Sequence[float], panels: dict[str, dict[str, Sequence]],
                 xlabel: str, title: str = "") -> Path:
     """One subplot per panel, one line per series: ``{"loss": {"train": [...]}, ...}``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)

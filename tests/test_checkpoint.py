@@ -78,3 +78,31 @@ def test_missing_sidecar_and_file(tmp_path):
 def test_only_safetensors_are_written(tmp_path):
     with pytest.raises(CheckpointError):
         save_checkpoint(tmp_path / "x.pt", {}, ARCH)
+
+
+@pytest.mark.parametrize("sidecar", [
+    [1, 2, 3],
+    {"sha256": "x"},
+    {"architecture": "test_efficientnet"},
+    {"architecture": {"model_name": "test_efficientnet"}},
+    {"architecture": {"model_name": "test_efficientnet", "classes": [1, 2]}},
+    {"architecture": {"model_name": "test_efficientnet", "classes": ["a"], "image_size": "x"}},
+])
+def test_a_sidecar_without_a_usable_architecture_is_one_clear_error(tmp_path, sidecar):
+    """Bad sidecars: a JSON list, no architecture, one without classes — never a traceback."""
+    import json
+
+    from moma_core.checkpoint import load_model, read_sidecar, save_checkpoint, sidecar_path
+    from moma_core.models import Architecture, build_model
+
+    arch = Architecture("test_efficientnet", ("a", "b"), 32)
+    path = tmp_path / "m.safetensors"
+    digest = save_checkpoint(path, build_model(arch).state_dict(), arch)
+    if isinstance(sidecar, dict):
+        sidecar = {"sha256": digest, **sidecar}
+    sidecar_path(path).write_text(json.dumps(sidecar))
+    for load in (read_sidecar, load_model):
+        with pytest.raises(CheckpointError) as err:
+            load(path)
+        assert "\n" not in str(err.value)
+        assert "sidecar" in str(err.value) or "architecture" in str(err.value)

@@ -406,7 +406,9 @@ def class_counts(dataset: Dataset) -> dict[str, int]:
     return {name: int(c) for name, c in zip(classes, counts, strict=True)}
 
 
-def _part_sizes(n: int, fractions: Sequence[float]) -> list[int]:
+def largest_remainder(n: int, fractions: Sequence[float]) -> list[int]:
+    """``n`` split in proportion to ``fractions`` (summing to 1), each part an integer: the
+    largest remainders get the leftover units (ties: the earlier part)."""
     frac = np.asarray(fractions, dtype=float)
     if frac.ndim != 1 or len(frac) < 1 or (frac < 0).any() or not np.isclose(frac.sum(), 1.0):
         raise ValueError(f"fractions must be non-negative and sum to 1, got {list(fractions)}")
@@ -414,6 +416,7 @@ def _part_sizes(n: int, fractions: Sequence[float]) -> list[int]:
     order = np.argsort(-(frac * n - sizes), kind="stable")
     sizes[order[: n - sizes.sum()]] += 1
     return sizes.tolist()
+
 
 
 def split_indices(
@@ -427,7 +430,7 @@ def split_indices(
     Stratified by ``labels`` when given; a part falls back to a plain random split where a
     class is too small to stratify.
     """
-    sizes = _part_sizes(n, fractions)
+    sizes = largest_remainder(n, fractions)
     y = None if labels is None else np.asarray(labels)
     if y is not None and len(y) != n:
         raise ValueError(f"labels has length {len(y)}, expected {n}")

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from moma_core.data.datasets import ArrayImageDataset
+from moma_core.data.datasets import ArrayImageDataset, largest_remainder
 from moma_core.data.transforms import RGB_FROM_HED
 
 __all__ = [
@@ -567,9 +567,7 @@ def _labels(
                 f"positive sum, got {list(class_probs)}"
             )
         probs = probs / probs.sum()
-    counts = np.floor(probs * n).astype(int)
-    order = np.argsort(-(probs * n - counts), kind="stable")
-    counts[order[: n - counts.sum()]] += 1
+    counts = largest_remainder(n, probs)
     return rng.permutation(np.repeat(np.arange(n_classes), counts)).astype(np.int64)
 
 
