@@ -55,8 +55,12 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--site-index", type=int, default=None)
     g.add_argument("--num-sites", type=int, default=3)
     g.add_argument("--n", type=int, default=800)
-    p.add_argument("--skip-bad-images", action="store_true")
-    p.add_argument("--check-only", action="store_true", help="validate the data and exit")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="skip images that cannot be decoded (counted) instead of failing")
+    p.add_argument("--allow-outside-paths", action="store_true",
+                   help="a CSV manifest may name images outside its folder")
+    p.add_argument("--check-only", action="store_true",
+                   help="decode every image as training will, report, and exit")
     return p
 
 
@@ -97,7 +101,8 @@ def node_config(args: argparse.Namespace) -> str:
     values = {"data-path": data, "cache-dir": str(args.cache_dir.resolve()),
               "device": args.device, "site-name": args.site_name or args.cache_dir.name,
               "num-sites": args.num_sites, "n": args.n,
-              "skip-bad-images": "true" if args.skip_bad_images else "false"}
+              "skip-bad-images": "true" if args.skip_bad_images else "false",
+              "allow-outside-paths": "true" if args.allow_outside_paths else "false"}
     if args.kit_info is not None:
         values["teacher-signer"] = str(args.kit_info.teacher_signer.resolve())
     if args.site_index is not None:
@@ -109,12 +114,14 @@ def node_config(args: argparse.Namespace) -> str:
 def check_data(args: argparse.Namespace) -> dict:
     data = open_site_data(args.data, seed=0, n=args.n, site_index=args.site_index,
                           num_sites=args.num_sites,
-                          on_error="skip" if args.skip_bad_images else "raise")
+                          on_error="skip" if args.skip_bad_images else "raise",
+                          allow_outside_paths=args.allow_outside_paths)
     counts = data.counts()
     console.print(f"site data {args.data}: {len(data.train)} train / {len(data.val)} val")
     for split, per_class in counts.items():
         console.print(f"  {split}: " + ", ".join(f"{c}={n}" for c, n in per_class.items()))
-    skipped = getattr(getattr(data.train, "base", None), "skipped", [])
+    skipped = {p for split in (data.train, data.val)
+               for p in getattr(getattr(split, "base", None), "skipped", [])}
     if skipped:
         console.print(f"[yellow]skipped {len(skipped)} unreadable images")
     return counts

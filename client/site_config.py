@@ -3,7 +3,9 @@
 Keys (``flower-supernode --node-config 'data-path="/data/kather" cache-dir="/var/moma"'``):
 ``data-path`` (ImageFolder dir, .csv, .npz, or ``synthetic:target``), ``cache-dir`` (teacher
 cache and site state), ``device`` (auto/cpu/cuda), ``site-name``; for synthetic data
-``site-index``, ``num-sites``, ``n``; ``skip-bad-images`` (true/false); ``teacher-signer``
+``site-index``, ``num-sites``, ``n``; ``skip-bad-images`` (true/false);
+``allow-outside-paths`` (true/false: a CSV manifest may name images outside its folder);
+``teacher-signer``
 (the coordinator's teacher-signing public key from the site's kit: teachers must be signed).
 In a simulated federation Flower sets ``partition-id``/``num-partitions`` instead: the site is
 then entry ``partition-id`` of the run-scoped spec file named by the run config's
@@ -36,6 +38,7 @@ class SiteSettings:
     class_probs: tuple[float, ...] | None = None
     data_seed: int = 0
     teacher_signer: Path | None = None
+    allow_outside_paths: bool = False
 
 
 def site_settings(node_config: dict, simulation_sites: str = "") -> SiteSettings:
@@ -65,6 +68,7 @@ def site_settings(node_config: dict, simulation_sites: str = "") -> SiteSettings
         class_probs=tuple(float(p) for p in str(probs).split(",")) if probs else None,
         data_seed=int(cfg.get("data-seed", 0)),
         teacher_signer=Path(str(cfg["teacher-signer"])) if cfg.get("teacher-signer") else None,
+        allow_outside_paths=str(cfg.get("allow-outside-paths", "false")).lower() == "true",
     )
 
 

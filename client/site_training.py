@@ -43,7 +43,8 @@ def site_data(settings: SiteSettings, image_size: int, augment: str) -> SiteData
                           seed=settings.data_seed, n=settings.n,
                           site_index=settings.site_index, num_sites=settings.num_sites,
                           class_probs=settings.class_probs,
-                          on_error="skip" if settings.skip_bad_images else "raise")
+                          on_error="skip" if settings.skip_bad_images else "raise",
+                          allow_outside_paths=settings.allow_outside_paths)
 
 
 def student_for(run: RunConfig, data: SiteData, global_state: dict[str, torch.Tensor],

@@ -72,7 +72,8 @@ def open_site_data(source: str, image_size: int = 64, augment: str = "randaugmen
                    stain_jitter: float = 0.0, seed: int = 0, n: int = 800,
                    site_index: int | None = None, num_sites: int = 1,
                    class_probs: Sequence[float] | None = None, val_fraction: float = 0.25,
-                   on_error: str = "raise", classes: Sequence[str] | None = None) -> SiteData:
+                   on_error: str = "raise", classes: Sequence[str] | None = None,
+                   allow_outside_paths: bool = False) -> SiteData:
     """Train/val datasets of a source (see module docstring).
 
     Synthetic: ``n`` training and ``n·val_fraction`` validation images drawn with the site's
@@ -97,8 +98,9 @@ def open_site_data(source: str, image_size: int = 64, augment: str = "randaugmen
     if not path.exists():
         raise DataError(f"data source {source!r}: no such file or directory "
                         "(or use synthetic:source / synthetic:target)")
-    base = load_dataset(path, split="train", on_error=on_error, classes=classes)
-    val_base = _optional_split(path, "val", on_error, list(base.classes))
+    base = load_dataset(path, split="train", on_error=on_error, classes=classes,
+                        allow_outside=allow_outside_paths)
+    val_base = _optional_split(path, "val", on_error, list(base.classes), allow_outside_paths)
     if val_base is not None:
         return SiteData(Transformed(base, range(len(base)), train_tf),
                         Transformed(val_base, range(len(val_base)), eval_tf), list(base.classes))
@@ -139,7 +141,8 @@ def _synthetic(task, n, seed, image_size, style, class_probs):
     return ArrayImageDataset(images, labels, list(TASKS[task]))
 
 
-def _optional_split(path: Path, split: str, on_error: str, classes: list[str]):
+def _optional_split(path: Path, split: str, on_error: str, classes: list[str],
+                    allow_outside: bool = False):
     if path.is_dir() and (path / split).is_dir() and (path / "train").is_dir():
         return load_dataset(path, split=split, on_error=on_error, classes=classes)
     if path.suffix == ".npz":
@@ -149,5 +152,6 @@ def _optional_split(path: Path, split: str, on_error: str, classes: list[str]):
     if path.suffix == ".csv":
         with open(path, newline="") as f:
             if any(row.get("split") == split for row in csv.DictReader(f)):
-                return load_dataset(path, split=split, on_error=on_error, classes=classes)
+                return load_dataset(path, split=split, on_error=on_error, classes=classes,
+                                    allow_outside=allow_outside)
     return None

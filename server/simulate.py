@@ -186,7 +186,8 @@ def _partitioned_sites(args, out_dir: Path, cache: Path, seed: int):
                 path, label = samples[j]
                 w.writerow([str(Path(path).resolve()), ds.classes[label]])
         sites.append({"data-path": str(manifest), "cache-dir": str(cache / f"site-{i}"),
-                      "site-name": f"site-{i}", "device": "cpu"})
+                      "site-name": f"site-{i}", "device": "cpu",
+                      "allow-outside-paths": True})  # the manifest lists the user's files
     return sites, tuple(ds.classes)
 
 

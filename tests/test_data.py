@@ -162,7 +162,7 @@ def test_csv_manifest_integer_labels_root_and_split(tmp_path: Path) -> None:
 def test_csv_manifest_label_not_in_classes(tmp_path: Path) -> None:
     _save_image(tmp_path / "a.png")
     csv_path = _manifest(tmp_path / "m.csv", ["path,label", "a.png,tumor", "a.png,necrosis"])
-    with pytest.raises(DataError, match=r"row 3.*necrosis"):
+    with pytest.raises(DataError, match=r"line 3.*necrosis"):
         csv_manifest(csv_path, classes=["tumor", "stroma"])
 
 

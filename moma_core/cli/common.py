@@ -36,6 +36,8 @@ def add_data_args(p: argparse.ArgumentParser, source: str, n: int) -> None:
     g.add_argument("--stain-jitter", type=float, default=0.0, help="HED jitter strength")
     g.add_argument("--skip-bad-images", action="store_true",
                    help="skip unreadable images (counted) instead of failing")
+    g.add_argument("--allow-outside-paths", action="store_true",
+                   help="a CSV manifest may name images outside its folder")
 
 
 def run_cli(main: Callable[[], int]) -> Callable[[], int]:

@@ -56,7 +56,8 @@ def distill(args: argparse.Namespace) -> dict:
                          "(and --model when training CE-only without one)")
     data = open_site_data(args.source, args.image_size, args.augment, args.stain_jitter,
                           args.seed, args.n, args.site_index, args.num_sites,
-                          on_error="skip" if args.skip_bad_images else "raise")
+                          on_error="skip" if args.skip_bad_images else "raise",
+                          allow_outside_paths=args.allow_outside_paths)
     model_name = args.model or arch.model_name
     s_arch = Architecture(model_name, tuple(data.classes), args.image_size)
     student = build_model(s_arch)

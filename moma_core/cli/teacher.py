@@ -40,7 +40,8 @@ def train_teacher(args: argparse.Namespace) -> tuple[str, list[dict]]:
     device = resolve_device(args.device)
     data = open_site_data(args.source, args.image_size, args.augment, args.stain_jitter,
                           args.seed, args.n, args.site_index, args.num_sites,
-                          on_error="skip" if args.skip_bad_images else "raise")
+                          on_error="skip" if args.skip_bad_images else "raise",
+                          allow_outside_paths=args.allow_outside_paths)
     console.print(f"teacher {args.model} on {args.source}: classes {data.counts()['train']}")
     arch = Architecture(args.model, tuple(data.classes), args.image_size)
     model = build_model(arch)

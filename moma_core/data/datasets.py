@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import os
+import warnings
 import zipfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -111,12 +112,39 @@ class FileImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[object, int]:
         path, label = self.samples[index]
-        try:
+        return _apply(self.transform, decode_image(path)), label
+
+
+def decode_image(path: str) -> Image.Image:
+    """Read and fully decode an image file into 8-bit RGB — the one decode of training,
+    evaluation and ``--check-only``.
+
+    16-bit images are scaled to 8 bits (not clipped); a decompression bomb (more pixels than
+    PIL's ``Image.MAX_IMAGE_PIXELS``) is refused as such; anything PIL cannot decode to the
+    last pixel (truncated or corrupt data) is a :class:`DataError` naming the file.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
-                image = img.convert("RGB")
-        except _PIL_ERRORS as exc:
-            raise DataError(f"cannot read image {path}: {exc}") from exc
-        return _apply(self.transform, image), label
+                img.load()
+                return _to_8bit_rgb(img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DataError(f"image {path} is a decompression bomb (more than "
+                        f"{Image.MAX_IMAGE_PIXELS} pixels): refused") from exc
+    except FileNotFoundError as exc:
+        raise DataError(f"missing image file: {path}") from exc
+    except _PIL_ERRORS as exc:
+        raise DataError(f"cannot read image {path}: {exc}") from exc
+
+
+def _to_8bit_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr = np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    return img.convert("RGB")
 
 
 def _apply(transform: Callable | None, image: Image.Image) -> object:
@@ -132,29 +160,27 @@ def _check_label_range(labels: np.ndarray, n_classes: int) -> None:
 # --------------------------------------------------------------------------- file checks
 
 
-def _unreadable(path: str) -> bool:
-    """True when PIL cannot open and verify ``path``."""
+def _problem(path: str) -> str | None:
+    """Why ``path`` cannot be used (decoded as training will decode it), or None."""
     try:
-        with Image.open(path) as img:
-            img.verify()
-    except _PIL_ERRORS:
-        return True
-    return False
+        decode_image(path)
+    except DataError as exc:
+        return str(exc)
+    return None
 
 
 def _check_files(paths: Sequence[str], on_error: str) -> set[str]:
-    """Open+verify every file (threaded); raise on the first bad one or return the bad set."""
+    """Decode every file fully (threaded); raise on the first bad one or return the bad set."""
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
     workers = min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        flags = list(pool.map(_unreadable, paths, chunksize=64))
-    bad = [p for p, is_bad in zip(paths, flags, strict=True) if is_bad]
+        problems = list(pool.map(_problem, paths, chunksize=64))
+    bad = [(p, why) for p, why in zip(paths, problems, strict=True) if why]
     if bad and on_error == "raise":
-        what = "unreadable or corrupt" if os.path.exists(bad[0]) else "missing"
         more = f" (and {len(bad) - 1} more bad files)" if len(bad) > 1 else ""
-        raise DataError(f"{what} image file: {bad[0]}{more}")
-    return set(bad)
+        raise DataError(f"{bad[0][1]}{more}")
+    return {p for p, _ in bad}
 
 
 def _file_dataset(
@@ -249,26 +275,46 @@ def _is_int(text: str) -> bool:
     return True
 
 
+MAX_CLASSES = 1000
+
+
 def _label_index(
     rows: list[dict[str, str]], classes: Sequence[str] | None, path: Path
 ) -> tuple[list[str], list[int]]:
-    """Map row labels (class names or integers) to class indices."""
-    labels = [r["label"] for r in rows]
+    """Map row labels to class indices: either all class names or all integers 0..C-1, never
+    both, never a class beyond the declared ones (without declared classes: integers up to
+    ``MAX_CLASSES``, or the sorted names)."""
+    for row in rows:
+        if not row["label"]:
+            raise DataError(f"{path} line {row[_ROW]}: empty label")
+    kinds = {_is_int(r["label"]) for r in rows}
+    if len(kinds) > 1:
+        row = next(r for r in rows if _is_int(r["label"]) != _is_int(rows[0]["label"]))
+        raise DataError(f"{path} line {row[_ROW]}: label {row['label']!r} mixes integer and "
+                        "class-name labels; use one kind for every row")
+    integers = kinds == {True}
     if classes is None:
-        if all(_is_int(x) for x in labels):
-            classes = [str(i) for i in range(max(int(x) for x in labels) + 1)]
+        if integers:
+            top = max(int(r["label"]) for r in rows)
+            if top >= MAX_CLASSES:
+                row = next(r for r in rows if int(r["label"]) == top)
+                raise DataError(f"{path} line {row[_ROW]}: label {top} is not a class index "
+                                f"(at most {MAX_CLASSES} classes; name the classes instead)")
+            classes = [str(i) for i in range(top + 1)]
         else:
-            classes = sorted(set(labels))
+            classes = sorted({r["label"] for r in rows})
     classes = [str(c) for c in classes]
     lookup = {c: i for i, c in enumerate(classes)}
     index = []
-    for row, label in zip(rows, labels, strict=True):
-        if label in lookup:
-            index.append(lookup[label])
-        elif _is_int(label) and 0 <= int(label) < len(classes):
-            index.append(int(label))
-        else:
-            raise DataError(f"{path} row {row[_ROW]}: label {label!r} not in classes {classes}")
+    for row in rows:
+        label = row["label"]
+        if integers and not (0 <= int(label) < len(classes)):
+            raise DataError(f"{path} line {row[_ROW]}: label {label} is not a class index "
+                            f"0..{len(classes) - 1}")
+        if not integers and label not in lookup:
+            raise DataError(f"{path} line {row[_ROW]}: label {label!r} not in classes "
+                            f"{classes}")
+        index.append(int(label) if integers else lookup[label])
     return classes, index
 
 
@@ -279,11 +325,15 @@ def csv_manifest(
     classes: Sequence[str] | None = None,
     root: str | Path | None = None,
     split: str | None = None,
+    allow_outside: bool = False,
 ) -> FileImageDataset:
     """CSV with header ``path,label[,patient_id][,split]``.
 
-    Relative paths resolve against ``root`` (default: the CSV's folder). Labels are class names
-    or integer indices; classes default to the sorted unique labels (``0..max`` for integers).
+    Relative paths resolve against ``root`` (default: the CSV's folder); a path that leads
+    outside that folder (``../x.png``, an absolute path elsewhere, a symlink out) is refused
+    unless ``allow_outside``. Labels are class names or integer indices, one kind
+    (:func:`_label_index`); classes default to the sorted unique names (``0..max`` for
+    integers).
     With ``split`` given and a ``split`` column present, only matching rows are kept.
     Missing files count as unreadable images (see ``on_error``).
     """
@@ -297,6 +347,13 @@ def csv_manifest(
     for row in rows:
         if not row["path"]:
             raise DataError(f"{path} row {row[_ROW]}: empty path")
+    if not allow_outside:
+        inside = base.resolve()
+        for row in rows:
+            if not (base / row["path"]).resolve().is_relative_to(inside):
+                raise DataError(f"{path} line {row[_ROW]}: path {row['path']!r} leads outside "
+                                f"{base}; allow it with --allow-outside-paths (node config "
+                                "allow-outside-paths)")
     class_names, labels = _label_index(rows, classes, path)
     samples = [(str(base / r["path"]), y) for r, y in zip(rows, labels, strict=True)]
     pids = [r["patient_id"] for r in rows] if "patient_id" in rows[0] else None
@@ -355,6 +412,11 @@ def npz_arrays(
             raise DataError(
                 f"{path}:{keys[1]}: expected single-label (N,) or (N,1), got {labels.shape}"
             )
+        if labels.size and not np.issubdtype(labels.dtype, np.integer):
+            if not np.issubdtype(labels.dtype, np.floating) or \
+                    not np.all(np.isfinite(labels)) or not np.all(labels == np.round(labels)):
+                raise DataError(f"{path}:{keys[1]}: labels must be integers (class indices), "
+                                f"got {labels.dtype} values such as {labels.flat[0]!r}")
         classes = _npz_classes(data)
     return ArrayImageDataset(images, labels.astype(np.int64), classes, transform)
 
@@ -368,6 +430,7 @@ def load_dataset(
     transform: Callable | None = None,
     on_error: str = "raise",
     classes: Sequence[str] | None = None,
+    allow_outside: bool = False,
 ) -> Dataset:
     """Open a dataset by path: a class-folder directory (``root/<split>`` if present), a
     ``.csv`` manifest (rows of ``split`` if it has a split column) or a MedMNIST ``.npz``."""
@@ -379,7 +442,8 @@ def load_dataset(
         raise DataError(f"dataset not found: {path}")
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        return csv_manifest(path, transform, on_error, classes, split=split)
+        return csv_manifest(path, transform, on_error, classes, split=split,
+                            allow_outside=allow_outside)
     if suffix == ".npz":
         dataset = npz_arrays(path, split, transform)
         if classes is not None:
