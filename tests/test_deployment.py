@@ -125,6 +125,7 @@ def test_killed_site_does_not_stop_the_round_and_rejoins(federation, tmp_path):
     deadline = time.time() + 180
     while not (cached.exists() and any(cached.glob("*.safetensors"))):
         assert time.time() < deadline, federation.log("server")[-3000:]
+        assert federation.procs["server"].poll() is None, federation.log("server")[-3000:]
         time.sleep(0.2)
     federation.kill("site-2")  # dies mid-round: it received the train message
     federation.site(2, 3)  # and comes back, with its cache, for the next round
@@ -141,10 +142,15 @@ def test_killed_site_does_not_stop_the_round_and_rejoins(federation, tmp_path):
     assert not rejoined["teacher_sent"]  # its cache already held the teacher
 
 
-def _wait(condition, what: str, timeout: float = 600.0) -> None:
+def _wait(condition, what: str, timeout: float = 600.0, federation=None) -> None:
+    """Wait for ``condition``; fail at once (with its log) if the coordinator has exited."""
     deadline = time.time() + timeout
     while not condition():
         assert time.time() < deadline, f"timed out waiting for {what}"
+        server = federation.procs.get("server") if federation is not None else None
+        if server is not None and server.poll() is not None:
+            pytest.fail(f"moma-server exited ({server.returncode}) while waiting for {what}:\n"
+                        + federation.log("server")[-3000:])
         time.sleep(0.5)
 
 
@@ -161,7 +167,7 @@ def test_sigkill_leaves_nothing_and_resume_trains_each_round_once(federation, tm
         federation.site(i, 2)
     results = tmp_path / "runs" / "dep" / "results.json"
     _wait(lambda: results.exists() and len(json.loads(results.read_text())["rounds"]) >= 1,
-          "round 1")
+          "round 1", federation=federation)
     server_tag = str((tmp_path / "runs" / "dep" / ".moma-server.lock").resolve())
     first = federation.procs["server"]
     # a second coordinator on the same run folder is refused, naming the first one's PID
