@@ -21,7 +21,8 @@ class RunFailed(RuntimeError):
 
 def _site_failures(entry: dict) -> str:
     bad = [f"{v['site_name']} {v['status']}" + (f" ({v['reason']})" if v.get("reason") else "")
-           for v in entry["sites"].values() if v["status"] != "ok"]
+           for v in sorted(entry["sites"].values(), key=lambda v: v["site_name"])
+           if v["status"] != "ok"]
     return "; ".join(bad) or "too few sites trained"
 
 

@@ -89,8 +89,12 @@ class RoundReport:
         return sum(s.bytes_up for s in self.sites)
 
     def reasons(self) -> list[str]:
+        """One line per site that did not train, in site-name order (replies arrive in any
+        order; the report and the error message should not)."""
+        failed = sorted((s for s in self.sites if s.status != OK),
+                        key=lambda s: (s.site_name, s.node_id))
         return [f"{s.site_name}: {s.status}{f' ({s.reason})' if s.reason else ''}"
-                for s in self.sites if s.status != OK]
+                for s in failed]
 
     def to_json(self) -> dict:
         sites = {str(s.node_id): {k: v for k, v in asdict(s).items() if k != "node_id"}

@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from moma_core.data.datasets import DataError, csv_manifest, decode_image, load_dataset
+from moma_core.data.datasets import (
+    DataError,
+    csv_manifest,
+    decode_image,
+    image_folder,
+    load_dataset,
+)
 from moma_core.sources import open_site_data
 
 
@@ -156,3 +162,56 @@ def test_npz_float_labels_are_refused_unless_integral(tmp_path):
         load_dataset(tmp_path / "f.npz")
     np.savez(tmp_path / "i.npz", train_images=images, train_labels=np.array([0.0, 1.0, 1.0]))
     assert load_dataset(tmp_path / "i.npz").targets == [0, 1, 1]
+
+
+def test_decoding_leaves_the_process_wide_warning_filters_alone(tmp_path):
+    """Files are decoded in threads: ``warnings.catch_warnings`` there is not thread-safe (it
+    left a DecompressionBombWarning 'error' filter behind, and let a bomb through meanwhile)."""
+    from unittest import mock
+
+    root = _folder(tmp_path / "data")
+    with mock.patch.object(warnings, "catch_warnings",
+                           side_effect=AssertionError("catch_warnings used while decoding")):
+        assert len(image_folder(root)) == 8  # decoded in a thread pool
+
+
+def test_declared_classes_that_look_like_integers_are_names(tmp_path):
+    ds = csv_manifest(_manifest(tmp_path, ["5", "3", "4"]), classes=["3", "4", "5"])
+    assert ds.targets == [2, 0, 1] and ds.classes == ["3", "4", "5"]
+
+
+@pytest.mark.parametrize("labels,extra,message", [
+    ([0, -1, 1], {}, "label -1 is not a class index"),
+    ([0, 999999, 1], {}, "label 999999 is not a class index (at most 1000"),
+    ([0, 2, 1], {"classes": np.array(["a", "b"])}, "label 2 is not a class index 0..1"),
+])
+def test_npz_labels_outside_the_classes_name_the_file(tmp_path, labels, extra, message):
+    path = tmp_path / "d.npz"
+    np.savez(path, train_images=np.zeros((3, 8, 8, 3), dtype=np.uint8),
+             train_labels=np.array(labels), **extra)
+    with pytest.raises(DataError) as err:
+        load_dataset(path)
+    assert message in str(err.value) and str(path) in str(err.value)
+
+
+@pytest.mark.parametrize("sidecar", [["not", "an", "object"], {"meta": {"epochs": 1}}])
+def test_moma_teacher_sign_refuses_a_broken_sidecar_with_one_line(
+        tmp_path, monkeypatch, capsys, sidecar):
+    import json
+
+    from moma_core.checkpoint import save_checkpoint, sidecar_path
+    from moma_core.cli.teacher import main
+    from moma_core.models import Architecture, build_model
+
+    arch = Architecture("test_efficientnet", ("a", "b"), 32)
+    path = tmp_path / "teacher.safetensors"
+    digest = save_checkpoint(path, build_model(arch).state_dict(), arch,
+                             {"epochs": 1, "source": "synthetic:source"})
+    if isinstance(sidecar, dict):
+        sidecar = {"sha256": digest, **sidecar}
+    sidecar_path(path).write_text(json.dumps(sidecar))
+    monkeypatch.setattr(sys, "argv", ["moma-teacher", "sign", str(path), "--key",
+                                      str(tmp_path / "k.key")])
+    assert main() == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "sidecar" in err[0]

@@ -231,8 +231,8 @@ def test_a_run_in_which_no_site_trains_fails_with_the_reasons(tmp_path):
     sites = [{"data-path": str(tmp_path / "missing"), "cache-dir": str(tmp_path / f"c{i}"),
               "site-name": f"site-{i}", "device": "cpu"} for i in range(2)]
     run = tiny_run(run_name="none", num_rounds=2)
-    with pytest.raises(RuntimeError, match=r"no round trained a student: round 1: site-0 "
-                                           r"failed \(data-error\)"):
+    with pytest.raises(RuntimeError, match=r"no round trained a student: round 1: site-0 failed "
+                                           r"\(data-error\); site-1 failed \(data-error\)"):
         _simulate(tmp_path, run, 2, _app(), sites=sites)
     results = json.loads((tmp_path / "runs" / "none" / "results.json").read_text())
     assert results["final"]["status"] == "failed" and len(results["final"]["reasons"]) == 2

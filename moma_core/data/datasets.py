@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import os
-import warnings
 import zipfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -39,7 +38,7 @@ __all__ = [
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 ON_ERROR = ("raise", "skip")
 _ROW = "\0row"  # key holding a manifest row's line number (the header is line 1)
-_PIL_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+_PIL_ERRORS = (OSError, EOFError, SyntaxError, ValueError)
 
 
 class DataError(ValueError):
@@ -124,18 +123,31 @@ def decode_image(path: str) -> Image.Image:
     last pixel (truncated or corrupt data) is a :class:`DataError` naming the file.
     """
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                img.load()
-                return _to_8bit_rgb(img)
+        with Image.open(path) as img:
+            _refuse_bomb(img, path)
+            img.load()
+            return _to_8bit_rgb(img)
+    except DataError:
+        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise DataError(f"image {path} is a decompression bomb (more than "
-                        f"{Image.MAX_IMAGE_PIXELS} pixels): refused") from exc
+        raise _bomb(path) from exc  # PIL's own check (the warning only where made an error)
     except FileNotFoundError as exc:
         raise DataError(f"missing image file: {path}") from exc
     except _PIL_ERRORS as exc:
         raise DataError(f"cannot read image {path}: {exc}") from exc
+
+
+def _bomb(path: str) -> DataError:
+    return DataError(f"image {path} is a decompression bomb (more than "
+                     f"{Image.MAX_IMAGE_PIXELS} pixels): refused")
+
+
+def _refuse_bomb(img: Image.Image, path: str) -> None:
+    """PIL only warns between 1x and 2x ``MAX_IMAGE_PIXELS``; refuse those too, without
+    touching the (process-wide, not thread-safe) warning filters."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and img.width * img.height > limit:
+        raise _bomb(path)
 
 
 def _to_8bit_rgb(img: Image.Image) -> Image.Image:
@@ -160,12 +172,27 @@ def _check_label_range(labels: np.ndarray, n_classes: int) -> None:
 # --------------------------------------------------------------------------- file checks
 
 
+_DECODED: set[tuple] = set()  # files that decoded fully: (path, mtime, size, pixel limit)
+
+
 def _problem(path: str) -> str | None:
-    """Why ``path`` cannot be used (decoded as training will decode it), or None."""
+    """Why ``path`` cannot be used (decoded as training will decode it), or None.
+
+    A file that decoded fully is remembered (until it changes) so that reopening a site's data
+    each round does not decode everything again in a long-lived process."""
+    try:
+        st = os.stat(path)
+        key: tuple | None = (path, st.st_mtime_ns, st.st_size, Image.MAX_IMAGE_PIXELS)
+    except OSError:
+        key = None
+    if key in _DECODED:
+        return None
     try:
         decode_image(path)
     except DataError as exc:
         return str(exc)
+    if key is not None:
+        _DECODED.add(key)
     return None
 
 
@@ -281,41 +308,54 @@ MAX_CLASSES = 1000
 def _label_index(
     rows: list[dict[str, str]], classes: Sequence[str] | None, path: Path
 ) -> tuple[list[str], list[int]]:
-    """Map row labels to class indices: either all class names or all integers 0..C-1, never
-    both, never a class beyond the declared ones (without declared classes: integers up to
-    ``MAX_CLASSES``, or the sorted names)."""
+    """Map row labels to class indices: the declared class names, or else one kind for every
+    row — all class names or all integers 0..C-1 — never a class beyond the declared ones
+    (without declared classes: the sorted names, or integers below ``MAX_CLASSES``)."""
     for row in rows:
         if not row["label"]:
             raise DataError(f"{path} line {row[_ROW]}: empty label")
-    kinds = {_is_int(r["label"]) for r in rows}
-    if len(kinds) > 1:
-        row = next(r for r in rows if _is_int(r["label"]) != _is_int(rows[0]["label"]))
-        raise DataError(f"{path} line {row[_ROW]}: label {row['label']!r} mixes integer and "
-                        "class-name labels; use one kind for every row")
-    integers = kinds == {True}
-    if classes is None:
-        if integers:
-            top = max(int(r["label"]) for r in rows)
-            if top >= MAX_CLASSES:
-                row = next(r for r in rows if int(r["label"]) == top)
-                raise DataError(f"{path} line {row[_ROW]}: label {top} is not a class index "
-                                f"(at most {MAX_CLASSES} classes; name the classes instead)")
-            classes = [str(i) for i in range(top + 1)]
-        else:
-            classes = sorted({r["label"] for r in rows})
-    classes = [str(c) for c in classes]
-    lookup = {c: i for i, c in enumerate(classes)}
-    index = []
+    declared = None if classes is None else [str(c) for c in classes]
+    if declared is not None and all(r["label"] in declared for r in rows):
+        lookup = {c: i for i, c in enumerate(declared)}  # names win (classes "3","4","5")
+        return declared, [lookup[r["label"]] for r in rows]
+    first_int = _is_int(rows[0]["label"])
+    mixed = next((r for r in rows if _is_int(r["label"]) != first_int), None)
+    if mixed is not None:
+        raise DataError(f"{path} line {mixed[_ROW]}: label {mixed['label']!r} mixes integer "
+                        "and class-name labels; use one kind for every row")
+    if first_int:
+        return _integer_labels(rows, declared, path)
+    return _name_labels(rows, declared, path)
+
+
+def _integer_labels(
+    rows: list[dict[str, str]], declared: list[str] | None, path: Path
+) -> tuple[list[str], list[int]]:
+    values = [int(r["label"]) for r in rows]
+    if declared is None:
+        top = max(values)
+        if top >= MAX_CLASSES:
+            row = rows[values.index(top)]
+            raise DataError(f"{path} line {row[_ROW]}: label {top} is not a class index "
+                            f"(at most {MAX_CLASSES} classes; name the classes instead)")
+        declared = [str(i) for i in range(max(top, 0) + 1)]
+    for row, value in zip(rows, values, strict=True):
+        if not 0 <= value < len(declared):
+            raise DataError(f"{path} line {row[_ROW]}: label {value} is not a class index "
+                            f"0..{len(declared) - 1}")
+    return declared, values
+
+
+def _name_labels(
+    rows: list[dict[str, str]], declared: list[str] | None, path: Path
+) -> tuple[list[str], list[int]]:
+    names = declared if declared is not None else sorted({r["label"] for r in rows})
+    lookup = {c: i for i, c in enumerate(names)}
     for row in rows:
-        label = row["label"]
-        if integers and not (0 <= int(label) < len(classes)):
-            raise DataError(f"{path} line {row[_ROW]}: label {label} is not a class index "
-                            f"0..{len(classes) - 1}")
-        if not integers and label not in lookup:
-            raise DataError(f"{path} line {row[_ROW]}: label {label!r} not in classes "
-                            f"{classes}")
-        index.append(int(label) if integers else lookup[label])
-    return classes, index
+        if row["label"] not in lookup:
+            raise DataError(f"{path} line {row[_ROW]}: label {row['label']!r} not in classes "
+                            f"{names}")
+    return names, [lookup[r["label"]] for r in rows]
 
 
 def csv_manifest(
@@ -377,19 +417,46 @@ def _to_rgb(images: np.ndarray, source: str) -> np.ndarray:
     return images
 
 
-def _npz_classes(data: np.lib.npyio.NpzFile) -> list[str]:
+def _npz_labels(data: np.lib.npyio.NpzFile, key: str, path: Path) -> np.ndarray:
+    """Labels ``key`` as int64 class indices: (N,) or (N,1), integer-valued, non-negative."""
+    labels = data[key]
+    if labels.ndim == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    if labels.ndim != 1:
+        raise DataError(f"{path}:{key}: expected single-label (N,) or (N,1), got {labels.shape}")
+    if labels.size and not np.issubdtype(labels.dtype, np.integer):
+        bad = labels.flat[0]
+        if np.issubdtype(labels.dtype, np.floating):
+            wrong = labels[~np.isfinite(labels) | (labels != np.round(labels))]
+            bad = wrong[0] if wrong.size else None
+        if bad is not None:
+            raise DataError(f"{path}:{key}: labels must be integers (class indices), got "
+                            f"{labels.dtype} values such as {bad.item()!r}")
+    labels = labels.astype(np.int64)
+    if labels.size and labels.min() < 0:
+        raise DataError(f"{path}:{key}: label {labels.min()} is not a class index")
+    return labels
+
+
+def _npz_classes(data: np.lib.npyio.NpzFile, path: Path) -> list[str]:
     if "classes" in data.files:
         return [str(c) for c in data["classes"].tolist()]
     label_keys = [k for k in data.files if k.endswith("_labels")]
-    maxima = [int(data[k].max()) for k in label_keys if data[k].size]
+    maxima = [int(labels.max()) for k in label_keys
+              if (labels := _npz_labels(data, k, path)).size]
     n_classes = max(maxima, default=-1) + 1
+    if n_classes > MAX_CLASSES:
+        raise DataError(f"{path}: label {n_classes - 1} is not a class index (at most "
+                        f"{MAX_CLASSES} classes without a 'classes' array)")
     return [f"class_{i}" for i in range(n_classes)]
 
 
 def npz_arrays(
     path: str | Path, split: str = "train", transform: Callable | None = None
 ) -> ArrayImageDataset:
-    """MedMNIST-style ``.npz`` (``{split}_images``, ``{split}_labels``; optional ``classes``)."""
+    """MedMNIST-style ``.npz`` (``{split}_images``, ``{split}_labels``; optional ``classes``).
+
+    Labels must be integer class indices (float arrays of whole numbers are accepted)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"npz file not found: {path}")
@@ -405,20 +472,12 @@ def npz_arrays(
                 f"available keys: {sorted(data.files)}"
             )
         images = _to_rgb(data[keys[0]], f"{path}:{keys[0]}")
-        labels = data[keys[1]]
-        if labels.ndim == 2 and labels.shape[1] == 1:
-            labels = labels[:, 0]
-        if labels.ndim != 1:
-            raise DataError(
-                f"{path}:{keys[1]}: expected single-label (N,) or (N,1), got {labels.shape}"
-            )
-        if labels.size and not np.issubdtype(labels.dtype, np.integer):
-            if not np.issubdtype(labels.dtype, np.floating) or \
-                    not np.all(np.isfinite(labels)) or not np.all(labels == np.round(labels)):
-                raise DataError(f"{path}:{keys[1]}: labels must be integers (class indices), "
-                                f"got {labels.dtype} values such as {labels.flat[0]!r}")
-        classes = _npz_classes(data)
-    return ArrayImageDataset(images, labels.astype(np.int64), classes, transform)
+        labels = _npz_labels(data, keys[1], path)
+        classes = _npz_classes(data, path)
+    if labels.size and labels.max() >= len(classes):
+        raise DataError(f"{path}:{keys[1]}: label {labels.max()} is not a class index "
+                        f"0..{len(classes) - 1}")
+    return ArrayImageDataset(images, labels, classes, transform)
 
 
 # --------------------------------------------------------------------------- dispatch & utils
