@@ -33,6 +33,10 @@ class ObjectiveConfig:
     momentum: float = 0.999  # m
     attention_keys: str = "reference"  # "reference" | "trained"
     teacher_update: str = "momentum"  # "momentum" | "frozen"
+    key_head_init: str = "copy"  # g_t: "copy" of g_s, or "independent" (the reference)
+    # what enters the queue: "reference" A_enq(k̂) (the authors' code: negatives through another
+    # random map than the positives), or "keys" k = A_k(k̂) itself (MoCo's rule)
+    queue_keys: str = "reference"
 
     def __post_init__(self) -> None:
         if self.kind not in OBJECTIVES:
@@ -41,6 +45,10 @@ class ObjectiveConfig:
             raise ValueError("attention_keys must be 'reference' or 'trained'")
         if self.teacher_update not in ("momentum", "frozen"):
             raise ValueError("teacher_update must be 'momentum' or 'frozen'")
+        if self.queue_keys not in ("reference", "keys"):
+            raise ValueError("queue_keys must be 'reference' or 'keys'")
+        if self.key_head_init not in ("copy", "independent"):
+            raise ValueError("key_head_init must be 'copy' or 'independent'")
         if self.queue_size < 1 or self.feat_dim < 1 or self.num_heads < 1:
             raise ValueError("queue size, feature dimension and heads must be at least 1")
         if not 0 <= self.momentum < 1 or self.nce_temperature <= 0 or self.kd_temperature <= 0:

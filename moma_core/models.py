@@ -1,16 +1,20 @@
 """Classifier backbones by timm name: build, pooled feature + logits, architecture description.
 
 Every network in MoMA-FL is a plain timm model created with ``pretrained=False``; the pooled
-feature is ``forward_head(forward_features(x), pre_logits=True)`` and the logits are the model's
-own classifier applied to it, so any timm backbone is swappable by name.
+feature is ``forward_head(forward_features(x), pre_logits=True)`` taken *before* the head's
+dropout (as the reference's projection heads see it), and the logits are the model's own
+classifier applied to the dropped-out feature, exactly as ``model(x)`` computes them. Any timm
+backbone is swappable by name.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import asdict, dataclass, field
 
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -71,10 +75,49 @@ def feature_dim(model: nn.Module) -> int:
 
 
 def features_and_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pooled feature ``f`` (B×d) and logits ``z`` (B×C) in one forward pass."""
-    f = model.forward_head(model.forward_features(x), pre_logits=True)
-    z = model.get_classifier()(f)
+    """Pooled feature ``f`` (B×d, before dropout) and logits ``z`` (B×C) in one forward pass.
+
+    timm's ``forward_head(pre_logits=True)`` applies the classifier's dropout in training mode;
+    MoMA's projection head must see the feature without it (at drop rate 0.5, half of g_s's
+    input would be zeros). The head's dropout is switched off for the pooled feature and applied
+    here, on the way to the classifier only. Handled: heads that read ``model.drop_rate``
+    (EfficientNet, ResNet, MobileNet) and heads with a ``head_drop``/``head.drop`` module (ViT,
+    ConvNeXt, RegNet); any other head keeps its own behaviour.
+    """
+    feats = model.forward_features(x)
+    owner, attr = _head_dropout(model)
+    if owner is None:
+        f = model.forward_head(feats, pre_logits=True)
+        return f, model.get_classifier()(f)
+    rate = float(getattr(owner, attr))
+    setattr(owner, attr, 0.0)
+    try:
+        f = model.forward_head(feats, pre_logits=True)
+    finally:
+        setattr(owner, attr, rate)
+    z = model.get_classifier()(F.dropout(f, p=rate, training=model.training) if rate else f)
     return f, z
+
+
+_READS_DROP_RATE: dict[type, bool] = {}
+
+
+def _head_dropout(model: nn.Module) -> tuple[object | None, str]:
+    """(object, attribute) holding the head's dropout probability, or (None, "")."""
+    kind = type(model)
+    if kind not in _READS_DROP_RATE:
+        try:
+            source = inspect.getsource(kind.forward_head)
+        except (AttributeError, OSError, TypeError):
+            source = ""
+        _READS_DROP_RATE[kind] = "self.drop_rate" in source
+    if _READS_DROP_RATE[kind] and isinstance(getattr(model, "drop_rate", None), (int, float)):
+        return model, "drop_rate"
+    for module in (getattr(model, "head_drop", None),
+                   getattr(getattr(model, "head", None), "drop", None)):
+        if isinstance(module, nn.Dropout):
+            return module, "p"
+    return None, ""
 
 
 def norm_state_keys(model: nn.Module) -> set[str]:

@@ -20,7 +20,7 @@ from moma_core.heads import projection_head
 from moma_core.losses import kd_kl_loss
 from moma_core.method_config import OBJECTIVES, ObjectiveConfig  # noqa: F401 (re-export)
 from moma_core.models import feature_dim, features_and_logits
-from moma_core.momentum import momentum_update_modules, paired_parameters
+from moma_core.momentum import momentum_update, paired_parameters
 from moma_core.queue import KeyQueue
 
 
@@ -102,22 +102,38 @@ class MoMA(_TeacherObjective):
     """Momentum contrastive learning with multi-head attention distillation (Vuong & Kwak 2024).
 
     Symbols: student S with query head g_s and attention A_q; momentum teacher T with key head
-    g_t and attention A_k; A_enq maps the batch keys before they enter the queue Q (K×512).
+    g_t and attention A_k; A_enq maps the raw batch keys as they enter the queue Q (K×D). One
+    step, in the order of the reference (``helper/loops_moma.py``, ``train_distill_moma``)::
 
-        q = A_q(g_s(f_s)),   k = A_k(g_t(f_t)) (no grad in the reference),
-        L = c·CE(z_s, y) + d·KL_T(z_t ‖ z_s) + b·CE([q·k, q·Qᵀ]/τ, 0),   then Q ← A_enq(k).
+        f_s, z_s = S(x);  z_t = T(x)                          (teacher *before* its update)
+        T ← m·T + (1−m)·S;  g_t ← m·g_t + (1−m)·g_s          (parameters, ``teacher_update``)
+        k̂ = g_t(f_T(x))                                      (no grad, updated teacher)
+        q = A_q(g_s(f_s)),  k = A_k(k̂)
+        L = c·CE(z_s, y) + d·KL_T(z_t ‖ z_s) + b·CE([q·k, q·Qᵀ]/τ, 0)
+        after the optimiser step: Q ← A_enq(k̂)              (the raw keys, not k)
 
-    After each optimiser step T and g_t follow S and g_s with momentum m (``teacher_update =
-    "momentum"``, the reference); with ``"frozen"`` the teacher may be any architecture.
-    ``attention_keys = "trained"`` lets A_k and A_enq learn; the reference leaves them at their
-    random initialisation. The reference applies its third attention to the whole queue each
-    step (K tokens, a K×K matrix); here it maps the batch keys as they are enqueued (B×B).
+    With a momentum teacher and KL on, the teacher therefore runs twice per step (logits before,
+    keys after its update); with KL off (different task) or a frozen teacher, once.
 
-    Observed with the reference defaults on the synthetic benchmark: because q is not
-    re-normalised after A_q and positives (A_k) and negatives (A_enq) come from different
-    random maps, the NCE term falls to ~0 within a few epochs and adds little; and a momentum
-    teacher next to a randomly initialised student drifts towards noise, so start the student
-    from the teacher (as the paper does) or use ``teacher_update="frozen"``.
+    A_enq's output enters the queue without gradient, so A_enq is never trained (in the
+    reference neither); ``attention_keys = "trained"`` lets A_k learn, ``"reference"`` leaves
+    A_k at its random initialisation as the reference does. The attention is over the B samples
+    of the batch (B×B per head); the reference's MoMA script never applies attention to the
+    whole queue (that is its unused ``MoCoAtt`` memory).
+
+    **The NCE term with the reference's queue.** Positives are k = A_k(k̂), negatives A_enq(k̂)
+    of earlier batches: two *different* random maps of the same keys, and q = A_q(g_s(f_s)) is
+    not re-normalised. A_q learns to tell the two maps apart instead of the images, so the NCE
+    term drops to exactly 0.0 within about an epoch and then gives no gradient (measured: 0.74
+    in the first epoch, then 0.0; synthetic target task, K = 1024). This is the reference's
+    behaviour, kept by default (``queue_keys = "reference"``). ``queue_keys = "keys"`` enqueues
+    k itself (MoCo's rule): positives and negatives then come from one map and the term stays
+    near log(K+1) − small, carrying gradient throughout (6.6 of 6.9 over six epochs there).
+    The run report shows the NCE term per round.
+
+    g_t starts as a copy of g_s (``key_head_init = "copy"``) or, as in the reference, with its
+    own random initialisation (``"independent"``), then follows g_s by momentum. With a frozen
+    teacher (``teacher_update = "frozen"``, any architecture) g_t is independent and fixed.
     """
 
     name = "moma"
@@ -126,19 +142,18 @@ class MoMA(_TeacherObjective):
                  same_task: bool) -> None:
         super().__init__(teacher, cfg, same_task)
         d_s, d_t = feature_dim(student), feature_dim(self.teacher)
-        if cfg.teacher_update == "momentum" and (
-            type(student) is not type(self.teacher) or d_s != d_t
-        ):
+        momentum = cfg.teacher_update == "momentum"
+        if momentum and (type(student) is not type(self.teacher) or d_s != d_t):
             raise ValueError(
                 "teacher_update='momentum' needs the teacher and student of the same "
                 f"architecture (got {type(self.teacher).__name__}/{d_t} vs "
                 f"{type(student).__name__}/{d_s}); use teacher_update='frozen'"
             )
-        if cfg.teacher_update == "momentum":
+        if momentum:
             _check_momentum_pairs(self.teacher, student)
         emb = cfg.feat_dim if cfg.head != "none" else d_s
         self.proj_q = projection_head(d_s, cfg.feat_dim, cfg.head)
-        if cfg.teacher_update == "momentum":
+        if momentum and cfg.key_head_init == "copy":
             self.proj_k = copy.deepcopy(self.proj_q)  # key head starts as the query head
         else:
             self.proj_k = projection_head(d_t, cfg.feat_dim, cfg.head)
@@ -146,43 +161,59 @@ class MoMA(_TeacherObjective):
         self.attn_q = BatchTokenAttention(emb, cfg.num_heads)
         self.attn_k = BatchTokenAttention(emb, cfg.num_heads)
         self.attn_enqueue = BatchTokenAttention(emb, cfg.num_heads)
+        self.attn_enqueue.requires_grad_(False)
         if cfg.attention_keys == "reference":
             self.attn_k.requires_grad_(False)
-            self.attn_enqueue.requires_grad_(False)
         self.queue = KeyQueue(emb, cfg.queue_size, cfg.nce_temperature)
+        self._pairs: tuple[int, tuple[list, list]] | None = None
+        self._pending_keys: torch.Tensor | None = None
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         return (p for p in self.parameters() if p.requires_grad)
+
+    def _momentum_step(self, student: nn.Module) -> None:
+        """T ← m·T + (1−m)·S and g_t ← m·g_t + (1−m)·g_s, parameters paired once per student."""
+        if self._pairs is None or self._pairs[0] != id(student):
+            t_keys, s_params = paired_parameters(self.teacher, student)
+            h_keys, h_params = paired_parameters(self.proj_k, self.proj_q)
+            self._pairs = (id(student), (t_keys + h_keys, s_params + h_params))
+        momentum_update(*self._pairs[1], self.cfg.momentum)
 
     def loss(self, student, x, y):
         cfg = self.cfg
         f_s, z_s = features_and_logits(student, x)
         with torch.no_grad():
-            f_t, z_t = features_and_logits(self.teacher, x)
-            k_in = self.proj_k(f_t)
+            if cfg.teacher_update == "momentum":
+                z_t = features_and_logits(self.teacher, x)[1] if self.same_task else None
+                self._momentum_step(student)
+                f_t = features_and_logits(self.teacher, x)[0]
+            else:
+                f_t, z_t = features_and_logits(self.teacher, x)
+            k_raw = self.proj_k(f_t)
         ce = F.cross_entropy(z_s, y)
-        kl = self._kl(z_s, z_t)
+        kl = self._kl(z_s, z_t) if z_t is not None else z_s.new_zeros(())
         q = self.attn_q(self.proj_q(f_s))
         if cfg.attention_keys == "trained":
-            k = self.attn_k(k_in)
+            k = self.attn_k(k_raw)
         else:
             with torch.no_grad():
-                k = self.attn_k(k_in)
+                k = self.attn_k(k_raw)
         logits, labels = self.queue.logits(q, k)
         nce = F.cross_entropy(logits, labels)
-        self._pending_keys = k.detach().float()  # after_step runs outside autocast (AMP)
+        # after_step runs outside autocast (AMP): keys in the queue's own precision
+        pending = k_raw if cfg.queue_keys == "reference" else k
+        self._pending_keys = pending.detach().to(self.queue.queue.dtype)
         total = cfg.ce_weight * ce + cfg.kl_weight * kl + cfg.nce_weight * nce
         return total, {"ce": ce.detach(), "kl": kl.detach(), "nce": nce.detach()}
 
     def after_step(self, student: nn.Module) -> None:
-        keys = getattr(self, "_pending_keys", None)
-        if keys is not None:
+        """Enqueue A_enq(k̂) of the step just taken (the queue is read in place by the loss)."""
+        if self._pending_keys is not None:
             with torch.no_grad():
-                self.queue.enqueue(self.attn_enqueue(keys))
+                keys = self._pending_keys
+                self.queue.enqueue(self.attn_enqueue(keys) if self.cfg.queue_keys == "reference"
+                                   else keys)
             self._pending_keys = None
-        if self.cfg.teacher_update == "momentum":
-            momentum_update_modules(self.teacher, student, self.cfg.momentum)
-            momentum_update_modules(self.proj_k, self.proj_q, self.cfg.momentum)
 
 
 def build_objective(cfg: ObjectiveConfig, student: nn.Module,

@@ -2,6 +2,10 @@
 
 ``queue`` holds K past keys (K×D, rows L2-normalised, random-normal at start); ``queue_ptr`` is
 the FIFO write position. A batch of keys overwrites rows ptr..ptr+B-1 (mod K).
+
+The queue is only written after the backward pass (:meth:`KeyQueue.enqueue` from the objective's
+``after_step``), so the logits read it in place: no copy of the K×D queue per step (the
+reference clones it because it enqueues inside the forward pass).
 """
 
 from __future__ import annotations
@@ -25,10 +29,15 @@ class KeyQueue(nn.Module):
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
 
     def logits(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """NCE logits [q·k, q·Qᵀ]/τ (B×(1+K)) and their labels (all 0: the positive)."""
+        """NCE logits [q·k, q·Qᵀ]/τ (B×(1+K)) and their labels (all 0: the positive).
+
+        q is divided by τ before the products (B×D values instead of B×(1+K)); the queue must
+        not be written before the backward pass of these logits.
+        """
+        q = q / self.temperature
         pos = (q * k).sum(dim=1, keepdim=True)
-        neg = q @ self.queue.detach().clone().t()
-        logits = torch.cat([pos, neg], dim=1) / self.temperature
+        neg = q @ self.queue.t()
+        logits = torch.cat([pos, neg], dim=1)
         return logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
 
     @torch.no_grad()

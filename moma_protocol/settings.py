@@ -56,11 +56,18 @@ class ObjectiveSettings:
                               ("momentum", "frozen"))
     attention_keys: str = opt(_OBJ.attention_keys, "keys of the queue attention",
                               ("reference", "trained"))
+    queue_keys: str = opt(_OBJ.queue_keys, "what MoMA enqueues: reference A_enq(raw keys) or "
+                          "keys (the positives' own map; keeps the NCE term alive)",
+                          ("reference", "keys"))
+    key_head_init: str = opt(_OBJ.key_head_init, "MoMA's key head g_t: copy of g_s or "
+                             "independent (the reference)", ("copy", "independent"))
 
     def config(self) -> ObjectiveConfig:
         return ObjectiveConfig(kind=self.objective, queue_size=self.queue_size,
                                teacher_update=self.teacher_update,
-                               attention_keys=self.attention_keys)
+                               attention_keys=self.attention_keys,
+                               key_head_init=self.key_head_init,
+                               queue_keys=self.queue_keys)
 
 
 @dataclass(frozen=True)
