@@ -37,6 +37,9 @@ class ObjectiveConfig:
     # what enters the queue: "reference" A_enq(k̂) (the authors' code: negatives through another
     # random map than the positives), or "keys" k = A_k(k̂) itself (MoCo's rule)
     queue_keys: str = "reference"
+    # teacher logits for KL: "before-update" (the reference: a second teacher forward per step
+    # when KL is on) or "after-update" (one forward; z_t from the just-updated teacher)
+    kl_teacher: str = "before-update"
 
     def __post_init__(self) -> None:
         if self.kind not in OBJECTIVES:
@@ -45,6 +48,8 @@ class ObjectiveConfig:
             raise ValueError("attention_keys must be 'reference' or 'trained'")
         if self.teacher_update not in ("momentum", "frozen"):
             raise ValueError("teacher_update must be 'momentum' or 'frozen'")
+        if self.kl_teacher not in ("before-update", "after-update"):
+            raise ValueError("kl_teacher must be 'before-update' or 'after-update'")
         if self.queue_keys not in ("reference", "keys"):
             raise ValueError("queue_keys must be 'reference' or 'keys'")
         if self.key_head_init not in ("copy", "independent"):

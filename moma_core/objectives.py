@@ -114,6 +114,8 @@ class MoMA(_TeacherObjective):
 
     With a momentum teacher and KL on, the teacher therefore runs twice per step (logits before,
     keys after its update); with KL off (different task) or a frozen teacher, once.
+    ``kl_teacher = "after-update"`` takes z_t from the updated teacher's one forward (z_t then
+    differs from the reference's by about lr·(1−m), 1e-5 to 1e-4) and saves that forward.
 
     A_enq's output enters the queue without gradient, so A_enq is never trained (in the
     reference neither); ``attention_keys = "trained"`` lets A_k learn, ``"reference"`` leaves
@@ -184,14 +186,16 @@ class MoMA(_TeacherObjective):
         f_s, z_s = features_and_logits(student, x)
         with torch.no_grad():
             if cfg.teacher_update == "momentum":
-                z_t = features_and_logits(self.teacher, x)[1] if self.same_task else None
+                before = self.same_task and cfg.kl_teacher == "before-update"
+                z_t = features_and_logits(self.teacher, x)[1] if before else None
                 self._momentum_step(student)
-                f_t = features_and_logits(self.teacher, x)[0]
+                f_t, z_after = features_and_logits(self.teacher, x)
+                z_t = z_t if before else z_after
             else:
                 f_t, z_t = features_and_logits(self.teacher, x)
             k_raw = self.proj_k(f_t)
         ce = F.cross_entropy(z_s, y)
-        kl = self._kl(z_s, z_t) if z_t is not None else z_s.new_zeros(())
+        kl = self._kl(z_s, z_t)
         q = self.attn_q(self.proj_q(f_s))
         if cfg.attention_keys == "trained":
             k = self.attn_k(k_raw)

@@ -59,6 +59,9 @@ class ObjectiveSettings:
     queue_keys: str = opt(_OBJ.queue_keys, "what MoMA enqueues: reference A_enq(raw keys) or "
                           "keys (the positives' own map; keeps the NCE term alive)",
                           ("reference", "keys"))
+    kl_teacher: str = opt(_OBJ.kl_teacher, "MoMA's KL logits from the teacher before its "
+                          "momentum update (reference) or after it (one teacher forward)",
+                          ("before-update", "after-update"))
     key_head_init: str = opt(_OBJ.key_head_init, "MoMA's key head g_t: copy of g_s or "
                              "independent (the reference)", ("copy", "independent"))
 
@@ -67,7 +70,7 @@ class ObjectiveSettings:
                                teacher_update=self.teacher_update,
                                attention_keys=self.attention_keys,
                                key_head_init=self.key_head_init,
-                               queue_keys=self.queue_keys)
+                               queue_keys=self.queue_keys, kl_teacher=self.kl_teacher)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moma_core.losses import kd_kl_loss
 from moma_core.models import create_classifier, features_and_logits
 from moma_core.objectives import MoMA, ObjectiveConfig
 
@@ -200,3 +201,20 @@ def test_queue_keys_option_enqueues_the_positive_keys_themselves():
     with torch.no_grad():
         k = obj.attn_k(obj.proj_k(features_and_logits(obj.teacher.eval(), x)[0]))
     _close(obj.queue.queue[:B], k, "enqueued keys")
+
+
+def test_kl_after_update_takes_the_updated_teachers_logits_in_one_forward():
+    torch.manual_seed(0)
+    teacher = create_classifier("test_efficientnet", C, drop_rate=0.0).double()
+    student = create_classifier("test_efficientnet", C, drop_rate=0.0).double()
+    x, y = torch.randn(B, 3, 32, 32, dtype=torch.float64), torch.randint(0, C, (B,))
+    kls = {}
+    for mode in ("before-update", "after-update"):
+        cfg = ObjectiveConfig(queue_size=K, feat_dim=32, momentum=M, kl_teacher=mode)
+        obj = MoMA(teacher, student, cfg, same_task=True).double()
+        before = obj.teacher(x).detach() if mode == "before-update" else None
+        _, parts = obj.loss(student, x, y)
+        z_t = before if before is not None else obj.teacher(x).detach()  # teacher now updated
+        _close(parts["kl"], kd_kl_loss(student(x).detach(), z_t, T), f"kl {mode}")
+        kls[mode] = float(parts["kl"])
+    assert kls["before-update"] != kls["after-update"]
