@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from deploy.runtime import free_port  # noqa: E402
-from tests.helpers import IMAGE_SIZE, tiny_teacher  # noqa: E402
+from tests.helpers import IMAGE_SIZE, TARGET_CLASSES, tiny_teacher  # noqa: E402
 
 BIN = Path(sys.executable).parent
 
@@ -47,7 +47,8 @@ def main() -> int:
 
         start("server", [str(BIN / "moma-server"), "--teacher", str(teacher), "--name", "b",
                          "--runs-dir", str(root / "runs"), "--port", str(port), "--insecure",
-                         "--rounds", str(args.rounds), "--run-config",
+                         "--rounds", str(args.rounds), "--classes", ",".join(TARGET_CLASSES),
+                         "--run-config",
                          f"image-size={IMAGE_SIZE} batch-size=16 queue-size=64 "
                          'optimizer="adamw" lr=0.003 augment="flip"'])
         for i in range(2):

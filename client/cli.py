@@ -118,6 +118,7 @@ def check_data(args: argparse.Namespace) -> dict:
                           allow_outside_paths=args.allow_outside_paths)
     counts = data.counts()
     console.print(f"site data {args.data}: {len(data.train)} train / {len(data.val)} val")
+    console.print(f"  classes (label order): {','.join(data.classes)}", markup=False)
     for split, per_class in counts.items():
         console.print(f"  {split}: " + ", ".join(f"{c}={n}" for c, n in per_class.items()))
     skipped = {p for split in (data.train, data.val)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -20,9 +21,11 @@ from client.site_config import SiteSettings
 from client.site_errors import MissingTeacher
 from client.site_state import SiteState, TeacherCache
 from moma_core.checkpoint import CheckpointError
+from moma_core.data.datasets import DataError
 from moma_core.evaluate import evaluate
 from moma_core.models import Architecture, build_model
-from moma_core.objectives import build_objective, same_task
+from moma_core.objectives import build_objective, same_task, training_set
+from moma_core.seeding import derive_seed, seed_everything
 from moma_core.sources import SiteData, make_loader, open_site_data
 from moma_core.standalone import resolve_device
 from moma_core.train import train_local
@@ -37,14 +40,25 @@ class StudentMismatch(CheckpointError):
 
 
 @functools.lru_cache(maxsize=4)
-def site_data(settings: SiteSettings, image_size: int, augment: str) -> SiteData:
-    """The site's datasets (cached in-process between rounds of one run)."""
-    return open_site_data(settings.data_path, image_size=image_size, augment=augment,
+def site_data(settings: SiteSettings, image_size: int, augment: str,
+              classes: tuple[str, ...] | None = None) -> SiteData:
+    """The site's datasets (cached in-process between rounds of one run).
+
+    With the run's ``classes``, labels are mapped by class *name* to the run's label order
+    (folder, manifest and NPZ class names); a site whose classes are not the run's, or come in
+    another fixed order (synthetic data), is refused — never trained with swapped labels.
+    """
+    data = open_site_data(settings.data_path, image_size=image_size, augment=augment,
                           seed=settings.data_seed, n=settings.n,
                           site_index=settings.site_index, num_sites=settings.num_sites,
                           class_probs=settings.class_probs,
                           on_error="skip" if settings.skip_bad_images else "raise",
-                          allow_outside_paths=settings.allow_outside_paths)
+                          allow_outside_paths=settings.allow_outside_paths,
+                          classes=list(classes) if classes else None)
+    if classes and tuple(data.classes) != tuple(classes):
+        raise DataError(f"this site's classes {list(data.classes)} are not the run's "
+                        f"{list(classes)} (same names, same order)")
+    return data
 
 
 def student_for(run: RunConfig, data: SiteData, global_state: dict[str, torch.Tensor],
@@ -82,16 +96,19 @@ def train_round(settings: SiteSettings, run: RunConfig, server_round: int,
                              "its hash or signature check)")
     state = SiteState(settings.cache_dir, fed.run_name)
     saved, local = state.load(teacher_sha)
-    data = site_data(settings, fed.image_size, tr.augment)
+    data = site_data(settings, fed.image_size, tr.augment, run.class_names)
+    seed = derive_seed(fed.seed, settings.site_name, server_round)
+    seed_everything(seed)  # the objective's heads, attention and queue start the same way
     student = student_for(run, data, global_state, local)
     teacher, t_arch = cache.load(teacher_sha) if distils else (None, None)
     objective = build_objective(run.objective_config(), student, teacher,
-                                same_task(t_arch.classes, data.classes) if t_arch else None)
+                                same_task(t_arch.classes, data.classes) if t_arch else None,
+                                n_data=len(data.train))
     if saved is not None:
         objective.load_state_dict(saved)
-    cfg = run.train_config(server_round)
-    loader = make_loader(data.train, tr.batch_size, train=True,
-                         seed=cfg.seed or 0, device=device)
+    cfg = replace(run.train_config(server_round), seed=seed)
+    loader = make_loader(training_set(objective, data.train), tr.batch_size, train=True,
+                         seed=seed, device=device)
     result = train_local(student, objective, loader, cfg, device)
     keep = local_keys(fed.fedbn, student)
     state.save(objective.state_dict(), {k: v for k, v in result.state.items() if k in keep},
@@ -112,7 +129,7 @@ def evaluate_round(settings: SiteSettings, run: RunConfig,
     """Metrics of the global student on this site's validation split."""
     device = resolve_device(settings.device)
     fed = run.federation
-    data = site_data(settings, fed.image_size, run.training.augment)
+    data = site_data(settings, fed.image_size, run.training.augment, run.class_names)
     local = SiteState(settings.cache_dir, fed.run_name).local_layers()
     student = student_for(run, data, global_state, local)
     loader = make_loader(data.val, run.training.batch_size * 2, train=False, device=device)

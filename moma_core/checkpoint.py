@@ -2,7 +2,9 @@
 
 ``<name>.safetensors`` holds the tensors; ``<name>.json`` holds the :class:`Architecture`, the
 SHA-256 of the weights file and free-form metadata. Loading verifies the hash and, for a model,
-that every tensor name and shape matches the architecture the sidecar names.
+that every tensor name and shape matches the architecture the sidecar names. BatchNorm step
+counters (``num_batches_tracked``) may be absent: the federation's global checkpoints do not
+carry them (only floating-point tensors travel), and the model keeps its own.
 """
 
 from __future__ import annotations
@@ -118,13 +120,28 @@ def refuse_pickle(path: Path) -> None:
             ".safetensors only (convert with safetensors.torch.save_file)")
 
 
+#: Buffers a checkpoint may leave out; the model's own are kept (BatchNorm step counters: the
+#: federation ships floating-point tensors only, see ``moma_protocol.wire.wire_state``).
+OPTIONAL_BUFFERS = frozenset({"num_batches_tracked"})
+
+
+def is_optional_tensor(key: str) -> bool:
+    """Whether a state-dict key names a buffer a checkpoint may leave out."""
+    return key.rsplit(".", 1)[-1] in OPTIONAL_BUFFERS
+
+
 def check_state_matches(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
-    """Raise naming every missing, unexpected or mis-shaped tensor."""
+    """Raise naming every missing, unexpected or mis-shaped tensor.
+
+    A missing optional buffer (:data:`OPTIONAL_BUFFERS`) is not a problem; one present in the
+    file must still have the model's shape.
+    """
     expected = model.state_dict()
     problems = []
     for k, v in expected.items():
         if k not in state:
-            problems.append(f"missing tensor {k} {tuple(v.shape)}")
+            if not is_optional_tensor(k):
+                problems.append(f"missing tensor {k} {tuple(v.shape)}")
         elif tuple(state[k].shape) != tuple(v.shape):
             problems.append(f"tensor {k}: shape {tuple(state[k].shape)} in file, "
                             f"{tuple(v.shape)} expected")
@@ -137,9 +154,12 @@ def check_state_matches(model: nn.Module, state: dict[str, torch.Tensor], what: 
 
 def load_model(path: str | Path, expect: Architecture | None = None
                ) -> tuple[nn.Module, Architecture, dict]:
-    """Build the sidecar's architecture and load the weights into it (strict).
+    """Build the sidecar's architecture and load the weights into it.
 
-    With ``expect``, the sidecar must name the same model and classes.
+    Every tensor of the model must be in the file with its shape, and nothing else, except that
+    absent optional buffers (BatchNorm ``num_batches_tracked``) keep the model's own values, so
+    every checkpoint the product writes loads — the federation's global ones included. With
+    ``expect``, the sidecar must name the same model and classes.
     """
     state, arch, sidecar = load_checkpoint(path)
     if expect is not None:
@@ -151,5 +171,6 @@ def load_model(path: str | Path, expect: Architecture | None = None
                                   f"{list(expect.classes)} expected")
     model = build_model(arch)
     check_state_matches(model, state, str(path))
-    model.load_state_dict(state)
+    own = {k: v for k, v in model.state_dict().items() if k not in state}
+    model.load_state_dict({**own, **state})  # strict: ``own`` holds only optional buffers
     return model, arch, sidecar

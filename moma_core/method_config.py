@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 
-OBJECTIVES = ("ce", "kd", "moma")
+OBJECTIVES = ("ce", "kd", "moma", "crckd")
 
 
 @dataclass

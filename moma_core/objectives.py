@@ -1,4 +1,4 @@
-"""Training objectives behind one interface: CE-only, vanilla KD and MoMA.
+"""Training objectives behind one interface: CE-only, vanilla KD, MoMA (and CRCKD, moma_core.crckd).
 
 An objective owns everything the loss needs besides the student (teacher, projection heads,
 attention, queue) — all of it site-private state. The training loop only calls
@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import Dataset
 
 from moma_core.attention import BatchTokenAttention
 from moma_core.heads import projection_head
@@ -221,12 +222,14 @@ class MoMA(_TeacherObjective):
 
 
 def build_objective(cfg: ObjectiveConfig, student: nn.Module,
-                    teacher: nn.Module | None = None, same_task: bool | None = None
-                    ) -> Objective:
+                    teacher: nn.Module | None = None, same_task: bool | None = None,
+                    n_data: int | None = None) -> Objective:
     """The objective ``cfg.kind`` for ``student``; ``same_task`` decides whether KL is used.
 
     Pass ``same_task`` from the class *names* of teacher and student (:func:`same_task`); when
     omitted it falls back to comparing class counts, which cannot tell two 4-class tasks apart.
+    CRCKD keeps one memory-bank row per training sample: give ``n_data`` (the training set's
+    size) and feed it :func:`training_set` batches, which carry each sample's index.
     """
     if cfg.kind == "ce":
         return CrossEntropyOnly(cfg)
@@ -236,7 +239,24 @@ def build_objective(cfg: ObjectiveConfig, student: nn.Module,
         same_task = _num_classes(teacher) == _num_classes(student)
     if cfg.kind == "kd":
         return VanillaKD(teacher, cfg, same_task)
+    if cfg.kind == "crckd":
+        from moma_core.crckd import CRCKD  # (crckd builds on this module)
+
+        if n_data is None:
+            raise ValueError("objective 'crckd' needs the training set's size (n_data)")
+        return CRCKD(teacher, student, n_data, same_task=same_task, ce_weight=cfg.ce_weight,
+                     consistency_weight=cfg.kl_weight)
     return MoMA(teacher, student, cfg, same_task)
+
+
+def training_set(objective: Objective, dataset: Dataset) -> Dataset:
+    """``dataset`` as the objective consumes it: items ``(x, y, index)`` for objectives with
+    per-sample state (``needs_index``), else unchanged."""
+    if getattr(objective, "needs_index", False):
+        from moma_core.data.indexed import WithIndex
+
+        return WithIndex(dataset)
+    return dataset
 
 
 def _check_momentum_pairs(teacher: nn.Module, student: nn.Module) -> None:

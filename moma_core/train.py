@@ -21,6 +21,7 @@ from moma_core.method_config import (  # noqa: F401 (re-export)
     cosine_factor,
 )
 from moma_core.objectives import Objective
+from moma_core.seeding import seed_everything
 
 
 class TrainingDiverged(RuntimeError):
@@ -53,7 +54,7 @@ def train_local(student: nn.Module, objective: Objective, loader: DataLoader,
     ``max_steps``). Raises :class:`TrainingDiverged` on a non-finite loss.
     """
     if cfg.seed is not None:
-        torch.manual_seed(cfg.seed)
+        seed_everything(cfg.seed)
     device = torch.device(device)
     student.to(device).train()
     objective.to(device).train()
@@ -74,12 +75,13 @@ def train_local(student: nn.Module, objective: Objective, loader: DataLoader,
         sums: dict[str, float] = {}
         count = 0
         student.train()
-        for x, y in loader:
+        for batch in loader:
             if step >= total_steps:
                 break
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+            extra = {"index": batch[2].to(device)} if len(batch) > 2 else {}
             with torch.autocast(device.type, enabled=use_amp):
-                loss, parts = objective.loss(student, x, y)
+                loss, parts = objective.loss(student, x, y, **extra)
                 if anchor is not None:
                     loss = loss + _proximal_term(student, anchor, cfg.proximal_mu)
             if not torch.isfinite(loss):

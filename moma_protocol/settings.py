@@ -49,7 +49,7 @@ _OBJ, _TRAIN = ObjectiveConfig, TrainConfig
 
 @dataclass(frozen=True)
 class ObjectiveSettings:
-    objective: str = opt(_OBJ.kind, "moma, kd or ce (the CE-only baseline)", OBJECTIVES)
+    objective: str = opt(_OBJ.kind, "moma, kd, crckd or ce (the CE-only baseline)", OBJECTIVES)
     queue_size: int = opt(_OBJ.queue_size, "MoMA's key queue K (see moma_core.objectives)",
                           lo=1)
     teacher_update: str = opt(_OBJ.teacher_update, "momentum (MoMA) or frozen teacher",

@@ -94,7 +94,8 @@ def error_reason(msg: Message) -> str:
 
 
 # -- normal replies --------------------------------------------------------------------------
-TRAIN_METRICS = frozenset({"train-loss", "train-ce", "train-kl", "train-nce", "train-steps",
+TRAIN_METRICS = frozenset({"train-loss", "train-ce", "train-kl", "train-nce", "train-ccd",
+                           "train-crp", "train-steps",
                            "train-time-s", TEACHER_CACHED, NUM_EXAMPLES})
 EVALUATE_METRICS = frozenset({"loss", "accuracy", "macro-f1", "kappa", NUM_EXAMPLES})
 STATUS_METRICS = frozenset({HAS_TEACHER})

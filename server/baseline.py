@@ -15,7 +15,7 @@ from pathlib import Path
 from moma_core.checkpoint import load_model
 from moma_core.evaluate import evaluate
 from moma_core.models import Architecture, build_model
-from moma_core.objectives import build_objective, same_task
+from moma_core.objectives import build_objective, same_task, training_set
 from moma_core.report import markdown_table, write_json
 from moma_core.sources import make_loader, open_site_data
 from moma_core.train import train_local
@@ -40,13 +40,14 @@ def local_only(run: RunConfig, sites: list[dict], teacher: Path | None) -> list[
                               class_probs=[float(p) for p in str(site["class-probs"]).split(",")]
                               if site.get("class-probs") else None)
         student = build_model(arch)
-        student.load_state_dict(initial_student(run, arch, package), strict=False)
+        student.load_state_dict(initial_student(run, arch, package)[0], strict=False)
         objective = build_objective(run.objective_config(), student, t_model,
                                     same_task(package.architecture.classes, data.classes)
-                                    if package else None)
+                                    if package else None, n_data=len(data.train))
         for rnd in range(1, fed.num_rounds + 1):
             cfg = run.train_config(rnd)
-            loader = make_loader(data.train, tr.batch_size, train=True, seed=cfg.seed or 0)
+            loader = make_loader(training_set(objective, data.train), tr.batch_size, train=True,
+                                 seed=cfg.seed or 0)
             train_local(student, objective, loader, cfg)
         m = evaluate(student, make_loader(eval_set, 128, train=False), len(arch.classes))
         rows.append({"model": f"local-only {site.get('site-name', '?')}",

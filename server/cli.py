@@ -45,8 +45,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--insecure", action="store_true",
                    help="plaintext, no site authentication (local trials only)")
     p.add_argument("--rounds", type=int, help="number of rounds")
-    p.add_argument("--classes", help="comma-separated target classes (default: the synthetic "
-                                     "target task)")
+    p.add_argument("--classes", help="comma-separated target classes in label order "
+                                     "(required; each site's moma-client --check-only lists "
+                                     "its own)")
     p.add_argument("--eval-source", default="",
                    help="coordinator's held-out set (path or synthetic:target)")
     p.add_argument("--eval-sites", type=int, default=1,
@@ -62,13 +63,11 @@ def overrides(args: argparse.Namespace, out_root: Path, teacher: Path | None,
               registry: Path | None) -> dict:
     """The run config this command submits: its options, then ``--run-config``; validated
     (unknown key, wrong type, out of range: one line) before anything starts."""
-    from moma_core.data.synthetic import TARGET_CLASSES
-
     values: dict = {"run-name": args.name, "output-dir": str(out_root),
                     "teacher-path": str(teacher or ""), "eval-source": args.eval_source,
                     "eval-sites": args.eval_sites, "resume": args.resume,
                     "site-registry": str(registry or ""),
-                    "classes": args.classes or ",".join(TARGET_CLASSES)}
+                    "classes": args.classes or ""}
     if args.rounds is not None:
         values["num-rounds"] = args.rounds
     extra = _parse_kv(args.run_config)
@@ -80,6 +79,10 @@ def overrides(args: argparse.Namespace, out_root: Path, teacher: Path | None,
     run = RunConfig.from_flat(values)
     if run.objective.objective != "ce" and teacher is None:
         raise ConfigError(f"objective {run.objective.objective!r} needs --teacher")
+    if not run.class_names:
+        raise ConfigError("give --classes: the target task's class names in label order, "
+                          "e.g. --classes benign,grade_1,grade_2 (moma-client --check-only "
+                          "prints a site's)")
     return values
 
 

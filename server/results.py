@@ -26,6 +26,12 @@ def _site_failures(entry: dict) -> str:
     return "; ".join(bad) or "too few sites trained"
 
 
+def _loss_terms(train: dict | None) -> dict:
+    """The sites' mean loss terms of a round (CE, KL, NCE: which terms still carry signal)."""
+    train = train or {}
+    return {name: train.get(f"train-{name}", "") for name in ("ce", "kl", "nce")}
+
+
 def _eval_keys(m: dict | None) -> dict | None:
     if not m:
         return None
@@ -141,6 +147,9 @@ class RunResults:
             "global macro-F1 / kappa": {"F1": series("server_eval", "macro_f1"),
                                         "kappa": series("server_eval", "kappa")},
             "per-site val accuracy": per_site,
+            "site loss terms (train)": {
+                name: [(r.get("train") or {}).get(f"train-{name}") for r in rounds]
+                for name in ("ce", "kl", "nce")},
             "bytes on the wire (MB)": {
                 "down": [r["bytes_down"] / 1e6 for r in rounds],
                 "up": [r["bytes_up"] / 1e6 for r in rounds]},
@@ -157,6 +166,7 @@ class RunResults:
                          "test F1": s.get("macro_f1", ""), "test kappa": s.get("kappa", ""),
                          "site val acc": f.get("accuracy", ""),
                          "sites ok": sum(v.get("status") == "ok" for v in r["sites"].values()),
+                         **_loss_terms(r.get("train")),
                          "status": r.get("status", "ok"),
                          "MB down": r["bytes_down"] / 1e6, "MB up": r["bytes_up"] / 1e6,
                          "wall s": r["wall_s"]})
@@ -164,7 +174,8 @@ class RunResults:
         text = [f"# MoMA-FL run `{cfg.get('run-name')}`", "",
                 f"Objective `{cfg.get('objective')}`, student `{cfg.get('student-model')}`, "
                 f"aggregation `{cfg.get('aggregation')}`, {cfg.get('num-rounds')} rounds; "
-                f"teacher SHA-256 `{(self.data.get('teacher_sha256') or '-')[:16]}…`.", "",
+                f"teacher SHA-256 `{(self.data.get('teacher_sha256') or '-')[:16]}…`; "
+                f"round-1 student: {self.data.get('init', 'not recorded')}.", "",
                 "## Per round", "",
                 markdown_table(rows, list(rows[0]) if rows else ["round"]), "",
                 "![curves](curves.png)", ""]

@@ -59,16 +59,29 @@ def server_eval_set(source: str, run: RunConfig, sites: int) -> Dataset | None:
     return open_eval_data(source, size, classes=run.class_names or None)
 
 
-def initial_student(run: RunConfig, arch: Architecture,
-                    teacher: TeacherPackage | None) -> dict[str, torch.Tensor]:
+def initial_student(run: RunConfig, arch: Architecture, teacher: TeacherPackage | None
+                    ) -> tuple[dict[str, torch.Tensor], str]:
+    """The round-1 student and how it was made (recorded in results.json as ``init``).
+
+    Every objective, the CE-only baseline included, starts from the teacher's weights when
+    ``init-from-teacher`` is set and the teacher has the student's architecture, so that the
+    arms of a comparison start from the same point.
+    """
     torch.manual_seed(run.federation.seed)
     model = build_model(arch)
-    if teacher is not None and run.federation.init_from_teacher and \
-            teacher.architecture.model_name == arch.model_name:
+    if not run.federation.init_from_teacher:
+        how = "random (init-from-teacher is off)"
+    elif teacher is None:
+        how = "random (no teacher given)"
+    elif teacher.architecture.model_name != arch.model_name:
+        how = (f"random (teacher {teacher.architecture.model_name} is not the student "
+               f"{arch.model_name})")
+    else:
         t_model = build_model(teacher.architecture)
         t_model.load_state_dict(load_safetensors(teacher.data))
-        init_student_from_teacher(model, t_model)
-    return wire_state(model.state_dict())
+        copied = init_student_from_teacher(model, t_model)
+        how = f"teacher ({copied} of {len(model.state_dict())} tensors)"
+    return wire_state(model.state_dict()), how
 
 
 def run_federation(grid: Grid, run: RunConfig) -> dict:
@@ -78,7 +91,11 @@ def run_federation(grid: Grid, run: RunConfig) -> dict:
         raise ValueError("run config 'classes' is empty: name the target task's classes")
     if run.objective.objective != "ce" and not co.teacher_path:
         raise ValueError(f"objective {run.objective.objective} needs a teacher: set teacher-path")
-    teacher = package_teacher(co.teacher_path) if run.objective.objective != "ce" else None
+    distils = run.objective.objective != "ce"
+    # the CE baseline ships no teacher, but starts from it like the other arms
+    package = package_teacher(co.teacher_path) if co.teacher_path and (
+        distils or fed.init_from_teacher) else None
+    teacher = package if distils else None
     arch = Architecture(fed.student_model, run.class_names, fed.image_size)
     results = RunResults(Path(co.output_dir) / fed.run_name)
     first = results.start(run.to_flat(), teacher.sha256 if teacher else None, co.resume)
@@ -88,7 +105,12 @@ def run_federation(grid: Grid, run: RunConfig) -> dict:
                                                        ).items()}
     coordinator = Coordinator(grid, run, teacher, names)
     last = results.last_checkpoint() if first > 1 else None
-    state = last if last is not None else initial_student(run, arch, teacher)
+    if last is not None:
+        state = last
+    else:
+        state, how = initial_student(run, arch, package)
+        results.data["init"] = how
+        log.info("round-1 student: %s", how)
     if last is not None:
         log.info("resuming after round %d", first - 1)
         saved_rng = results.data.get("server_state", {}).get("rng")

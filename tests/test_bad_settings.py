@@ -69,6 +69,13 @@ def test_moma_server_refuses_bad_run_settings_before_starting(call, teacher, tmp
     assert not (tmp_path / "runs").exists()  # nothing started, nothing written
 
 
+def test_moma_server_needs_the_target_classes(call, teacher, tmp_path):
+    r = call("moma-server", "--teacher", teacher, "--insecure", "--runs-dir",
+             tmp_path / "runs", "--name", "bad", "--port", "1")
+    _one_line_error(r, "give --classes")
+    assert not (tmp_path / "runs").exists()
+
+
 def test_moma_server_needs_a_teacher_to_distil(tmp_path):
     r = _run(BIN / "moma-server", "--insecure", "--runs-dir", tmp_path / "runs", "--port", "1")
     _one_line_error(r, "objective 'moma' needs --teacher")  # the installed script, end to end

@@ -14,7 +14,7 @@ import pytest
 from safetensors.torch import load_file
 
 from deploy.runtime import free_port
-from tests.helpers import IMAGE_SIZE, tiny_teacher
+from tests.helpers import IMAGE_SIZE, TARGET_CLASSES, tiny_teacher
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -43,6 +43,7 @@ class Federation:
             str(BIN / "moma-server"), "--teacher", str(teacher), "--name", "dep",
             "--runs-dir", str(self.root / "runs"), "--port", str(self.port), "--insecure",
             "--rounds", str(rounds), "--eval-source", "synthetic:target",
+            "--classes", ",".join(TARGET_CLASSES),
             "--eval-sites", str(sites), "--run-config",
             f"{SMALL} min-train-nodes={min(sites, 2)} min-available-nodes={sites} "
             f"round-timeout={timeout}"])
@@ -173,7 +174,8 @@ def test_sigkill_leaves_nothing_and_resume_trains_each_round_once(federation, tm
     # a second coordinator on the same run folder is refused, naming the first one's PID
     second = subprocess.run(
         [str(BIN / "moma-server"), "--teacher", str(teacher), "--name", "dep", "--runs-dir",
-         str(tmp_path / "runs"), "--port", str(free_port()), "--insecure", "--resume"],
+         str(tmp_path / "runs"), "--port", str(free_port()), "--insecure", "--resume",
+         "--classes", ",".join(TARGET_CLASSES)],
         capture_output=True, text=True, timeout=300)
     assert second.returncode == 2 and f"PID {first.pid}" in second.stderr, second.stderr
     children = tagged_pids(server_tag)

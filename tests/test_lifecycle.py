@@ -121,7 +121,8 @@ def test_busy_port_is_one_line_and_exit_2_for_both_commands(tmp_path):
         env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
         server = subprocess.run(
             [str(bin_dir / "moma-server"), "--teacher", str(teacher), "--insecure", "--port",
-             str(port), "--runs-dir", str(tmp_path / "runs"), "--name", "busy"],
+             str(port), "--runs-dir", str(tmp_path / "runs"), "--name", "busy",
+             "--classes", "a,b"],
             capture_output=True, text=True, env=env, timeout=CEILING)
         site = subprocess.run(
             [str(bin_dir / "moma-client"), "--insecure", "--server", "127.0.0.1:1",

@@ -25,7 +25,7 @@ import pytest
 
 from deploy.federation import Federation
 from moma_core.checkpoint import sha256_file
-from tests.helpers import IMAGE_SIZE, tiny_teacher
+from tests.helpers import IMAGE_SIZE, TARGET_CLASSES, tiny_teacher
 from tests.netns import Network, require_netns
 
 pytestmark = pytest.mark.slow
@@ -41,6 +41,7 @@ def server_cmd(fed: Path, teacher: Path, runs: Path, name: str, rounds: int = 2)
     return [str(BIN / "moma-server"), "--federation", str(fed), "--teacher", str(teacher),
             "--name", name, "--runs-dir", str(runs), "--host", "0.0.0.0", "--port", str(PORT),
             "--rounds", str(rounds), "--eval-source", "synthetic:target", "--eval-sites", "2",
+            "--classes", ",".join(TARGET_CLASSES),
             "--run-config", SMALL]
 
 

@@ -52,3 +52,46 @@ def test_a_global_student_of_another_label_space_is_refused(site):
     with pytest.raises(StudentMismatch) as err:
         student_for(run, data, other, {})
     assert isinstance(err.value, CheckpointError)
+
+
+def test_a_site_round_is_reproducible_from_the_run_seed(tmp_path, site):
+    """Same run seed, site and round → the same weights, even from a fresh site cache (the
+    objective's heads, attention and queue included); another site name → another shuffle."""
+    from dataclasses import replace
+
+    settings, data, sidecar = site
+    run = tiny_run()
+    start = _global(run)  # (seeds torch itself: made before the loop)
+    outputs = []
+    for cache, name in (("a", settings.site_name), ("b", settings.site_name), ("c", "other")):
+        s = replace(settings, cache_dir=tmp_path / cache, site_name=name)
+        TeacherCache(s.cache_dir).store(data, sidecar, sidecar["sha256"])
+        torch.manual_seed(len(outputs))  # whatever the process did before must not matter
+        outputs.append(train_round(s, run, 1, start, sidecar["sha256"])[0])
+    assert all(torch.equal(outputs[0][k], outputs[1][k]) for k in outputs[0])
+    assert any(not torch.equal(outputs[0][k], outputs[2][k]) for k in outputs[0])
+
+
+def test_site_labels_follow_the_runs_class_names_not_the_folder_order(tmp_path):
+    """The run names classes c,a,b; the site's folders sort a,b,c: labels are mapped by name.
+    A site with a class the run does not know, or synthetic data in another order, is refused."""
+    from client.site_training import site_data
+    from moma_core.data.datasets import DataError
+    from tests.test_eval_cli import image_folder
+
+    root = image_folder(tmp_path / "site", {"train": {"a": 2, "b": 3, "c": 4},
+                                            "val": {"a": 1, "b": 1, "c": 1}})
+    settings = site_settings({"data-path": str(root), "cache-dir": str(tmp_path / "c"),
+                              "site-name": "s", "device": "cpu"})
+    data = site_data(settings, 32, "none", ("c", "a", "b"))
+    assert data.classes == ["c", "a", "b"]
+    counts = data.counts()["train"]
+    assert counts == {"c": 4, "a": 2, "b": 3}
+    labels = sorted(int(data.train[i][1]) for i in range(len(data.train)))
+    assert labels == [0] * 4 + [1] * 2 + [2] * 3
+    with pytest.raises(DataError, match="not in classes"):
+        site_data(settings, 32, "none", ("a", "b"))
+    synthetic = site_settings(synthetic_sites(tmp_path, 1)[0])
+    order = tuple(reversed(tiny_run().class_names))
+    with pytest.raises(DataError, match="are not the run's"):
+        site_data(synthetic, 32, "none", order)

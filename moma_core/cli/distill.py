@@ -2,6 +2,8 @@
 
 The reference paper's setting, and the upper/lower baselines of the federation: MoMA, vanilla KD
 or CE-only. Writes ``runs/<name>/``: results.json, student.safetensors (+ sidecar), curves.png.
+Validation metrics each epoch; when the data has a ``test`` split (synthetic data always), the
+final student is scored on it too (``final.test`` in results.json).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from moma_core.checkpoint import load_model, save_checkpoint
 from moma_core.cli.common import add_data_args, add_training_args, run_cli
 from moma_core.models import Architecture, build_model
 from moma_core.objectives import (
+    OBJECTIVES,
     ObjectiveConfig,
     build_objective,
     init_student_from_teacher,
@@ -21,24 +24,33 @@ from moma_core.objectives import (
 )
 from moma_core.progress import console
 from moma_core.report import plot_curves, write_json
-from moma_core.sources import open_eval_data, open_site_data
-from moma_core.standalone import fit, resolve_device
+from moma_core.seeding import seed_everything
+from moma_core.sources import open_site_data
+from moma_core.standalone import PLAIN, final_scores, fit, open_test_split, resolve_device
 from moma_core.train import TrainConfig
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moma-distill", description=__doc__.splitlines()[0])
     p.add_argument("--teacher", type=Path, help="teacher .safetensors (sidecar beside it)")
-    p.add_argument("--objective", choices=["moma", "kd", "ce"], default="moma")
+    p.add_argument("--objective", choices=list(OBJECTIVES), default=ObjectiveConfig.kind)
     p.add_argument("--model", default=None, help="student timm model (default: the teacher's)")
     p.add_argument("--init", choices=["teacher", "scratch"], default="teacher",
                    help="start the student from the teacher's weights where they match")
     p.add_argument("--teacher-update", choices=["momentum", "frozen"], default="momentum")
     p.add_argument("--attention-keys", choices=["reference", "trained"], default="reference")
     p.add_argument("--queue-size", type=int, default=ObjectiveConfig.queue_size)
+    p.add_argument("--queue-keys", choices=["reference", "keys"],
+                   default=ObjectiveConfig.queue_keys,
+                   help="what MoMA enqueues (see docs/configuration.md)")
+    p.add_argument("--kl-teacher", choices=["before-update", "after-update"],
+                   default=ObjectiveConfig.kl_teacher)
+    p.add_argument("--key-head-init", choices=["copy", "independent"],
+                   default=ObjectiveConfig.key_head_init)
     p.add_argument("--name", default=None, help="run name (default: distill-<objective>)")
     p.add_argument("--runs-dir", type=Path, default=Path("runs"))
-    p.add_argument("--test-n", type=int, default=400, help="synthetic: held-out test images")
+    p.add_argument("--test-n", type=int, default=400,
+                   help="synthetic: held-out test images (0: no test split)")
     add_data_args(p, source="synthetic:target", n=800)
     add_training_args(p, epochs=10, lr=TrainConfig.lr)
     return p
@@ -60,19 +72,25 @@ def distill(args: argparse.Namespace) -> dict:
                           allow_outside_paths=args.allow_outside_paths)
     model_name = args.model or arch.model_name
     s_arch = Architecture(model_name, tuple(data.classes), args.image_size)
+    seed_everything(args.seed)  # fresh heads, projection, attention and queue: same seed, same
     student = build_model(s_arch)
     if teacher is not None and args.init == "teacher":
         init_student_from_teacher(student, teacher)
     obj_cfg = ObjectiveConfig(kind=args.objective, teacher_update=args.teacher_update,
-                              attention_keys=args.attention_keys, queue_size=args.queue_size)
+                              attention_keys=args.attention_keys, queue_size=args.queue_size,
+                              queue_keys=args.queue_keys, kl_teacher=args.kl_teacher,
+                              key_head_init=args.key_head_init)
     objective = build_objective(obj_cfg, student, teacher,
-                                same_task(arch.classes, data.classes) if arch else None)
+                                same_task(arch.classes, data.classes) if arch else None,
+                                n_data=len(data.train))
     cfg = TrainConfig(epochs=args.epochs, lr=args.lr, optimizer=args.optimizer,
                       weight_decay=args.weight_decay, seed=args.seed, amp=args.amp)
-    test = None
-    if args.source.startswith("synthetic:"):
-        test = open_eval_data(args.source, args.image_size, args.seed, args.test_n,
-                              args.site_index, args.num_sites)
+    if args.test_n < 0:
+        raise ValueError(f"--test-n {args.test_n}: give 0 (no test split) or more images")
+    test = open_test_split(args.source, args.image_size, args.seed, args.test_n,
+                           args.site_index, args.num_sites, data.classes,
+                           "skip" if args.skip_bad_images else "raise",
+                           args.allow_outside_paths)
     name = args.name or f"distill-{args.objective}"
     out = args.runs_dir / name
     console.print(f"{args.objective} student {model_name} on {args.source}: "
@@ -93,9 +111,8 @@ def distill(args: argparse.Namespace) -> dict:
         "validation": {"accuracy": [r["val_accuracy"] for r in history],
                        "macro-F1": [r["val_macro_f1"] for r in history],
                        "kappa": [r["val_kappa"] for r in history]}}, "epoch", name)
-    final = history[-1].get("test", history[-1])
-    acc = final.get("accuracy", final.get("val_accuracy"))
-    console.print(f"{name}: accuracy {acc:.3f} → {out}/results.json, curves.png")
+    console.print(f"{name}: {final_scores(history[-1])} → {out}/results.json, curves.png",
+                  **PLAIN)
     return results
 
 

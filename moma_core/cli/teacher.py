@@ -1,7 +1,8 @@
 """``moma-teacher``: train the teacher classifier on the source task and write it.
 
 Output: ``<out>.safetensors`` and the sidecar ``<out>.json`` (architecture, classes, input size,
-normalisation, SHA-256, training metrics).
+normalisation, SHA-256, training metrics: ``val_*`` on the validation split and, when the data has
+a ``test`` split (synthetic data always), ``test_*`` on it).
 
 ``moma-teacher sign TEACHER.safetensors --key teacher-signing.key`` signs a teacher with the
 coordinator's Ed25519 key (``moma-deploy``) and writes ``<stem>.sig.json`` beside it.
@@ -18,8 +19,9 @@ from moma_core.cli.common import add_data_args, add_training_args, run_cli
 from moma_core.models import Architecture, build_model
 from moma_core.objectives import ObjectiveConfig, build_objective
 from moma_core.progress import console
+from moma_core.seeding import seed_everything
 from moma_core.sources import open_site_data
-from moma_core.standalone import fit, resolve_device
+from moma_core.standalone import PLAIN, final_scores, fit, open_test_split, resolve_device
 from moma_core.train import TrainConfig
 
 #: A teacher is trained from scratch: a larger rate than a student distilled from its init.
@@ -30,6 +32,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moma-teacher", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="efficientnet_b0", help="timm model name")
     p.add_argument("--out", type=Path, default=Path("teachers/teacher.safetensors"))
+    p.add_argument("--test-n", type=int, default=400,
+                   help="synthetic: held-out test images (0: no test split)")
     add_data_args(p, source="synthetic:source", n=2000)
     add_training_args(p, epochs=10, lr=TEACHER_LR)
     return p
@@ -44,17 +48,34 @@ def train_teacher(args: argparse.Namespace) -> tuple[str, list[dict]]:
                           allow_outside_paths=args.allow_outside_paths)
     console.print(f"teacher {args.model} on {args.source}: classes {data.counts()['train']}")
     arch = Architecture(args.model, tuple(data.classes), args.image_size)
+    seed_everything(args.seed)  # same seed, same initial weights
     model = build_model(arch)
     cfg = TrainConfig(epochs=args.epochs, lr=args.lr, optimizer=args.optimizer,
                       weight_decay=args.weight_decay, seed=args.seed, amp=args.amp)
     objective = build_objective(ObjectiveConfig(kind="ce"), model)
-    _, history = fit(model, objective, data, cfg, args.batch_size, device, "teacher")
-    meta = {"source": args.source, "epochs": args.epochs, "seed": args.seed,
-            "val_accuracy": history[-1]["val_accuracy"],
-            "val_macro_f1": history[-1]["val_macro_f1"]}
-    digest = save_checkpoint(args.out, model.state_dict(), arch, meta)
-    console.print(f"wrote {args.out} (sha256 {digest[:16]}…)")
+    if args.test_n < 0:
+        raise ValueError(f"--test-n {args.test_n}: give 0 (no test split) or more images")
+    test = open_test_split(args.source, args.image_size, args.seed, args.test_n,
+                           args.site_index, args.num_sites, data.classes,
+                           "skip" if args.skip_bad_images else "raise",
+                           args.allow_outside_paths)
+    _, history = fit(model, objective, data, cfg, args.batch_size, device, "teacher", test)
+    digest = save_checkpoint(args.out, model.state_dict(), arch, teacher_meta(args, history[-1]))
+    console.print(f"wrote {args.out} (sha256 {digest[:16]}…): {final_scores(history[-1])}",
+                  **PLAIN)
     return digest, history
+
+
+def teacher_meta(args: argparse.Namespace, last: dict) -> dict:
+    """The sidecar's ``meta``: settings and final scores, each key named by its split."""
+    meta = {"source": args.source, "epochs": args.epochs, "seed": args.seed,
+            "val_accuracy": last["val_accuracy"], "val_macro_f1": last["val_macro_f1"],
+            "val_kappa": last["val_kappa"]}
+    if last.get("test"):
+        meta |= {"test_accuracy": last["test"]["accuracy"],
+                 "test_macro_f1": last["test"]["macro_f1"], "test_kappa": last["test"]["kappa"],
+                 "test_num_examples": last["test"]["num_examples"]}
+    return meta
 
 
 def sign_parser() -> argparse.ArgumentParser:
