@@ -48,7 +48,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--demo", action="store_true",
                    help="small CPU settings, train the teacher if missing, local-only baseline")
     p.add_argument("--teacher", type=Path, default=None, help="teacher .safetensors")
-    p.add_argument("--sites", type=int, default=3)
+    p.add_argument("--sites", type=int, default=None, help="number of sites (default 3)")
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--objective", choices=OBJECTIVES, default=None)
     p.add_argument("--student-model", default=None)
@@ -67,6 +67,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--label-skew", type=float, default=0.0,
                    help="synthetic: Dirichlet α of each site's class mix (0: balanced)")
     p.add_argument("--data", default=None, help="a user dataset to split among the sites")
+    p.add_argument("--site-data", nargs="+", default=None, metavar="PATH",
+                   help="one dataset per simulated site (folder, CSV or NPZ): real hospitals")
+    p.add_argument("--classes", default=None,
+                   help="comma-separated class names in label order (default: from the data)")
     p.add_argument("--partitioner", choices=PARTITIONERS, default="iid")
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet α (partitioner)")
     p.add_argument("--resume", action="store_true", help="continue runs/<name>/")
@@ -95,12 +99,25 @@ def settings(args: argparse.Namespace) -> argparse.Namespace:
                 setattr(args, k, v)
     if args.n is None:
         args.n = SYNTHETIC_N
+    args.sites_given = args.sites is not None
+    if args.sites is None:
+        args.sites = 3
     if args.sites < 1:
         raise ConfigError(f"--sites {args.sites}: simulate at least 1 site")
     if args.n < 1:
         raise ConfigError(f"--n {args.n}: give at least 1 image per site")
     if args.label_skew < 0 or args.alpha <= 0:
         raise ConfigError("--label-skew must be >= 0 and --alpha > 0")
+    if args.site_data is not None:
+        if args.data is not None:
+            raise ConfigError("--site-data and --data exclude each other")
+        if args.sites_given and args.sites != len(args.site_data):
+            raise ConfigError(f"--sites {args.sites} but {len(args.site_data)} --site-data "
+                              "paths: leave --sites out")
+        args.sites = len(args.site_data)
+        missing = [p for p in args.site_data if not Path(p).exists()]
+        if missing:
+            raise ConfigError(f"--site-data {missing[0]}: no such file or directory")
     return args
 
 
@@ -149,6 +166,8 @@ def site_configs(args: argparse.Namespace, out_dir: Path, seed: int
                  ) -> tuple[list[dict], tuple[str, ...]]:
     """Node configs of the simulated sites, and the task's classes."""
     cache = out_dir / "site-cache"
+    if args.site_data is not None:
+        return _site_folders(args, cache)
     if args.data is None:
         rng = np.random.default_rng(seed)
         sites = []
@@ -191,6 +210,38 @@ def _partitioned_sites(args, out_dir: Path, cache: Path, seed: int):
     return sites, tuple(ds.classes)
 
 
+def _site_folders(args: argparse.Namespace, cache: Path) -> tuple[list[dict], tuple[str, ...]]:
+    """One simulated site per ``--site-data`` path; the classes from the sites' data check.
+
+    Each site opens its own data, as ``moma-client --check-only`` does. Without ``--classes``
+    the run's classes are the sites' class names (sorted when the sites disagree, e.g. a site
+    without any image of one class); a site's labels are mapped to them by name.
+    """
+    from moma_core.sources import open_site_data
+
+    names: list[str] = []
+    per_site = []
+    for path in args.site_data:
+        data = open_site_data(str(path), image_size=32, augment="none")
+        per_site.append(list(data.classes))
+        name = Path(path).stem or "site"
+        names.append(name if name not in names else f"{name}-{len(names)}")
+    if args.classes:
+        classes = tuple(c.strip() for c in args.classes.split(",") if c.strip())
+        unknown = sorted({c for site in per_site for c in site} - set(classes))
+        if unknown:
+            raise ConfigError(f"--classes {','.join(classes)} lacks {unknown} found in the "
+                              "site data")
+    elif all(site == per_site[0] for site in per_site):
+        classes = tuple(per_site[0])
+    else:
+        classes = tuple(sorted({c for site in per_site for c in site}))
+    sites = [{"data-path": str(Path(p).resolve()), "cache-dir": str(cache / name),
+              "site-name": name, "device": "cpu"} for p, name in zip(args.site_data, names,
+                                                                     strict=True)]
+    return sites, classes
+
+
 def _domains(path: str) -> list[str]:
     if not str(path).endswith(".csv"):
         raise ValueError("the domain partitioner needs a CSV manifest with a 'domain' column")
@@ -219,6 +270,8 @@ def simulate(args: argparse.Namespace) -> dict:
 
         model = read_sidecar(teacher)["architecture"]["model_name"]
     sites, classes = site_configs(args, out_dir, draft.federation.seed)
+    if args.classes and args.site_data is None:  # the sites refuse a list that is not theirs
+        classes = tuple(c.strip() for c in args.classes.split(",") if c.strip())
     run = run_config(args, out_dir, classes, teacher, model)
     (out_dir / "sites.json").write_text(json.dumps(sites, indent=2))
     fed = run.federation
@@ -226,7 +279,8 @@ def simulate(args: argparse.Namespace) -> dict:
                   f"{run.objective.objective} ({fed.student_model}, {fed.aggregation}) → "
                   f"{out_dir}")
     final = run_simulated(run, args.sites)
-    if args.demo and not args.no_local_baseline and args.data is None:
+    if args.demo and not args.no_local_baseline and args.data is None and \
+            args.site_data is None:
         console.print("local-only baseline: each site alone, same objective and budget …")
         section = local_only_section(run, sites, teacher, out_dir)
         results = RunResults(out_dir)
@@ -267,7 +321,7 @@ def run_simulated(run: RunConfig, num_sites: int, client_app=None) -> dict:
     context = Context(run_id=flwr_run.run_id, node_id=0, node_config={}, state=RecordDict(),
                       run_config=get_fused_config_from_dir(app_dir, overrides))
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-               "init_args": {"num_cpus": max(os.cpu_count() or 1, 1), "log_to_driver": True}}
+               "init_args": {"num_cpus": usable_cpus(), "log_to_driver": True}}
     _run_simulation(num_supernodes=num_sites, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
                     client_app=client_app,
                     client_app_attr=None if client_app else COMPONENTS["clientapp"],
@@ -279,6 +333,14 @@ def run_simulated(run: RunConfig, num_sites: int, client_app=None) -> dict:
     if not final:
         raise RuntimeError("the simulated federation did not finish; see the log above")
     return final
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, not the machine's count)."""
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except AttributeError:  # not Linux
+        return max(os.cpu_count() or 1, 1)
 
 
 def _quiet_engine_logs() -> None:

@@ -75,3 +75,56 @@ def test_simulation_on_a_partitioned_user_dataset(tmp_path):
     sites_ok = [s for s in results["rounds"][0]["sites"].values() if s["status"] == "ok"]
     assert len(sites_ok) == 2
     assert sorted(s["num_examples"] for s in sites_ok) != [0, 0]
+
+
+def _site_args(tmp_path, *extra):
+    from server.simulate import parser, settings
+
+    return settings(parser().parse_args(["--runs-dir", str(tmp_path / "runs"), *map(str, extra)]))
+
+
+def test_site_data_options_are_checked_and_classes_come_from_the_sites(tmp_path):
+    import shutil
+
+    from moma_protocol.settings import ConfigError
+    from server.simulate import site_configs
+
+    a = _image_folder(tmp_path / "hospital-a", per_class=3)
+    b = _image_folder(tmp_path / "hospital-b", per_class=3)
+    shutil.rmtree(b / TARGET_CLASSES[-1])  # this hospital has no image of the last class
+    for bad, text in ([("--site-data", a, "--data", a), "exclude each other"],
+                      [("--site-data", a, b, "--sites", "3"), "leave --sites out"],
+                      [("--site-data", a, tmp_path / "nowhere"), "no such file"]):
+        with pytest.raises(ConfigError, match=text):
+            _site_args(tmp_path, *bad)
+    args = _site_args(tmp_path, "--site-data", a, b)
+    sites, classes = site_configs(args, tmp_path / "runs" / "x", 0)
+    assert args.sites == 2 and [s["site-name"] for s in sites] == ["hospital-a", "hospital-b"]
+    assert classes == tuple(sorted(TARGET_CLASSES))  # the union, in name order
+    with pytest.raises(ConfigError, match="lacks"):
+        site_configs(_site_args(tmp_path, "--site-data", a, b, "--classes", "benign,grade_1"),
+                     tmp_path / "runs" / "x", 0)
+
+
+@pytest.mark.slow
+def test_simulation_with_one_dataset_per_site(tmp_path):
+    """Two hospitals' folders; one lacks a class: both train, labels mapped by class name."""
+    import shutil
+
+    from tests.helpers import tiny_teacher
+
+    a = _image_folder(tmp_path / "hospital-a", per_class=6)
+    b = _image_folder(tmp_path / "hospital-b", per_class=6)
+    shutil.rmtree(b / TARGET_CLASSES[0])
+    teacher = tiny_teacher(tmp_path / "teacher.safetensors")
+    r = subprocess.run([sys.executable, "-m", "server.simulate", "--name", "h", "--runs-dir",
+                        tmp_path / "runs", "--teacher", teacher, "--rounds", "1",
+                        "--site-data", a, b, "--image-size", "32", "--queue-size", "64",
+                        "--batch-size", "8", "--optimizer", "adamw", "--lr", "0.003",
+                        "--augment", "flip"], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = json.loads((tmp_path / "runs" / "h" / "results.json").read_text())
+    assert results["config"]["classes"] == ",".join(sorted(TARGET_CLASSES))
+    sites = {s["site_name"]: s for s in results["rounds"][0]["sites"].values()}
+    assert set(sites) == {"hospital-a", "hospital-b"}
+    assert all(s["status"] == "ok" for s in sites.values())
