@@ -137,14 +137,15 @@ def train(msg: Message, context: Context) -> Message:
     sha, server_round, score_incoming = _round_fields(msg)
     if P.TEACHER in msg.content:
         _store_teacher(msg, settings, sha)
-    global_state = msg.content[P.ARRAYS].to_torch_state_dict()
+    global_state = P.unpack_global(msg.content[P.ARRAYS].to_torch_state_dict())
     records: dict = {}
     if score_incoming:
         n_val, m = evaluate_round(settings, run, global_state)
         records[P.EVAL_METRICS] = MetricRecord({**m, P.NUM_EXAMPLES: n_val})
     state, n, metrics = train_round(settings, run, server_round, global_state, sha)
     metrics[P.NUM_EXAMPLES] = n
-    records = {P.ARRAYS: ArrayRecord(state), P.METRICS: MetricRecord(metrics), **records}
+    sent = P.pack_update(state, global_state, run.federation.transfer_dtype)
+    records = {P.ARRAYS: ArrayRecord(sent), P.METRICS: MetricRecord(metrics), **records}
     return Message(RecordDict(records), reply_to=msg)
 
 
@@ -154,6 +155,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     from client.site_training import evaluate_round
 
     settings, run = site_and_run(context)
-    n, metrics = evaluate_round(settings, run, msg.content[P.ARRAYS].to_torch_state_dict())
+    n, metrics = evaluate_round(settings, run,
+                                P.unpack_global(msg.content[P.ARRAYS].to_torch_state_dict()))
     metrics[P.NUM_EXAMPLES] = n
     return Message(RecordDict({P.METRICS: MetricRecord(metrics)}), reply_to=msg)

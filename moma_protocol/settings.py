@@ -30,6 +30,7 @@ from moma_core.method_config import (
 )
 
 AGGREGATIONS = ("fedavg", "fedprox", "median", "trimmed-mean", "fedadam")
+TRANSFER_DTYPES = ("float32", "float16")  # see moma_protocol.wire.pack_global
 AUGMENTS = ("randaugment", "flip", "none")
 
 
@@ -99,6 +100,9 @@ class FederationSettings:
     server_lr: float = opt(0.01, "server learning rate eta (aggregation = fedadam)", lo=0,
                            lo_open=True)
     fedbn: bool = opt(False, "keep normalisation layers at the sites (FedBN)")
+    transfer_dtype: str = opt("float32", "student tensors on the wire: float32, or float16 "
+                              "(half the bytes; updates as changes, aggregated in float32)",
+                              TRANSFER_DTYPES)
     init_from_teacher: bool = opt(True, "start the student from the teacher's weights")
     fraction_train: float = opt(1.0, "share of connected sites sampled per round", lo=0,
                                 lo_open=True, hi=1)

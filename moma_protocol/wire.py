@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
+from moma_protocol.settings import TRANSFER_DTYPES  # noqa: F401 (documented here)
+
 if TYPE_CHECKING:  # the protocol itself needs no torch: a status query stays light
     import torch
     from torch import nn
@@ -221,6 +223,67 @@ def local_keys(fedbn: bool, student: nn.Module) -> set[str]:
 def wire_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The tensors of a student that travel: floating point only (BN counters stay home)."""
     return {k: v.detach().cpu() for k, v in state.items() if v.is_floating_point()}
+
+
+#: ``transfer-dtype``: how student tensors travel. float16 halves the bytes both ways: the
+#: global student goes down rounded to float16, a site's update goes up as its float16 *change*
+#: from the student it received (small values keep their relative precision), and the
+#: coordinator adds it to its own float32 copy — aggregation stays in float32 and the rounding
+#: of one round never accumulates. A tensor float16 cannot hold (a value beyond ±65504) travels
+#: as float32, and a float32 array in an update is a full value, not a change.
+_FP16_MAX = 65504.0
+
+
+def _fits_half(t: torch.Tensor) -> bool:
+    return bool(t.numel() == 0 or t.detach().abs().max() <= _FP16_MAX)
+
+
+def pack_global(state: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
+    """The global student as it goes down (``transfer-dtype``)."""
+    if dtype == "float32":
+        return state
+    return {k: v.half() if v.is_floating_point() and _fits_half(v) else v
+            for k, v in state.items()}
+
+
+def unpack_global(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The received global student in float32 (what the site trains from)."""
+    return {k: v.float() if v.dtype == _torch().float16 else v for k, v in state.items()}
+
+
+def pack_update(new: dict[str, torch.Tensor], start: dict[str, torch.Tensor], dtype: str
+                ) -> dict[str, torch.Tensor]:
+    """A site's new student as it goes up: itself (float32), or its float16 change from
+    ``start`` (the float32 view of the student it received)."""
+    if dtype == "float32":
+        return new
+    out = {}
+    for k, v in new.items():
+        delta = v - start[k] if k in start and start[k].shape == v.shape else None
+        out[k] = delta.half() if delta is not None and _fits_half(delta) else v.float()
+    return out
+
+
+def unpack_update(update: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]
+                  ) -> dict[str, torch.Tensor]:
+    """A site's student in float32: float16 arrays are changes from ``reference`` (the
+    coordinator's float32 global student); others are full values. An array that has no
+    counterpart of its shape is returned as it came, for the update check to reject."""
+    half = _torch().float16
+    out = {}
+    for k, v in update.items():
+        ref = reference.get(k)
+        if v.dtype == half and ref is not None and ref.shape == v.shape:
+            out[k] = ref.float() + v.float()
+        else:
+            out[k] = v.float() if v.dtype == half else v
+    return out
+
+
+def _torch():
+    import torch
+
+    return torch
 
 
 def bytes_to_array(data: bytes) -> np.ndarray:

@@ -53,6 +53,7 @@ class SiteReport:
     bytes_down: int = 0
     bytes_up: int = 0
     teacher_sent: bool = False
+    teacher_bytes: int = 0  # of bytes_down: the teacher package (first contact only)
     num_examples: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
     incoming_eval: dict[str, float] | None = None  # the student it received, on its val split
@@ -245,7 +246,9 @@ class Coordinator:
                                    P.EVALUATE_FLAG: node in scorers})
             records = {P.ARRAYS: arrays, P.CONFIG: config}
             if self.teacher is not None and node not in self.confirmed:
-                records.update(self.teacher.records())
+                package = self.teacher.records()
+                records.update(package)
+                sites[node].teacher_bytes = record_nbytes(RecordDict(package))
             content = RecordDict(records)
             sites[node].bytes_down += record_nbytes(content)
             sites[node].teacher_sent = P.TEACHER in records
@@ -260,7 +263,8 @@ class Coordinator:
         unconfirmed = [n for n in nodes if n not in self.confirmed]
         if self.teacher is not None and unconfirmed:
             self._ask_teacher_status(unconfirmed, sites)
-        msgs = self.train_messages(rnd, nodes, ArrayRecord(state), sites)
+        dtype = self.run.federation.transfer_dtype
+        msgs = self.train_messages(rnd, nodes, ArrayRecord(P.pack_global(state, dtype)), sites)
         log.info("round %d: training on %d sites (teacher sent to %d)", rnd, len(nodes),
                  sum(s.teacher_sent for s in sites.values()))
         replies = exchange(self.grid, msgs, self.run.federation.round_timeout)
@@ -297,7 +301,7 @@ class Coordinator:
                 continue
             if P.EVAL_METRICS in reply.content:
                 site.incoming_eval = dict(reply.content[P.EVAL_METRICS])
-            update = reply.content[P.ARRAYS].to_torch_state_dict()
+            update = P.unpack_update(reply.content[P.ARRAYS].to_torch_state_dict(), reference)
             metrics = dict(reply.content[P.METRICS])
             site.num_examples = int(metrics.pop(P.NUM_EXAMPLES, 0))
             site.metrics = metrics
@@ -319,7 +323,8 @@ class Coordinator:
 
         Returns the weighted metrics, per-site metrics (or failure), bytes down and up.
         """
-        content = RecordDict({P.ARRAYS: ArrayRecord(state),
+        arrays = P.pack_global(state, self.run.federation.transfer_dtype)
+        content = RecordDict({P.ARRAYS: ArrayRecord(arrays),
                               P.CONFIG: ConfigRecord({P.SERVER_ROUND: rnd})})
         msgs = [Message(content, dst_node_id=n, message_type=MessageType.EVALUATE)
                 for n in nodes]

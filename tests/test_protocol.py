@@ -365,3 +365,34 @@ def test_coordinator_checks_evaluation_replies():
     assert per_site["3"] == {"status": "failed", "reason": P.UNKNOWN_ERROR, "site-name": "3"}
     recorded = json.dumps(per_site, default=str)
     assert SECRET not in recorded and "feature" not in recorded
+
+
+def test_half_precision_transfer_halves_the_bytes_and_keeps_small_updates():
+    """float16 on the wire: the global student goes down rounded, the update goes up as its
+    change; the coordinator's float32 copy plus the change recovers a step far below float16's
+    resolution of the weights themselves."""
+    import torch
+
+    from moma_protocol.wire import pack_global, pack_update, unpack_global, unpack_update
+
+    torch.manual_seed(0)
+    exact = {"w": 1.0 + torch.rand(64, 64), "big": torch.full((3,), 1e6), "n": torch.ones(2)}
+    down = pack_global(exact, "float16")
+    assert down["w"].dtype == torch.float16 and down["big"].dtype == torch.float32
+    start = unpack_global(down)  # what the site trains from
+    assert start["w"].dtype == torch.float32
+    step = torch.full((64, 64), 1e-4)  # below float16's spacing (~1e-3) at values in [1, 2)
+    new = {"w": start["w"] + step, "big": start["big"] + 1.0, "n": start["n"] * 2}
+    up = pack_update(new, start, "float16")
+    assert up["w"].dtype == torch.float16 and up["big"].dtype == torch.float16
+    assert torch.equal((down["w"] + up["w"]).float(), down["w"].float())  # lost in float16 …
+    got = unpack_update(up, exact)
+    assert torch.allclose(got["w"] - exact["w"], step, rtol=0, atol=1e-6)  # … kept as a change
+    assert torch.allclose(got["big"], exact["big"] + 1.0)
+    assert torch.equal(got["n"], exact["n"] * 2)
+    sizes = {d: sum(v.numel() * v.element_size() for v in pack_global(exact, d).values())
+             for d in ("float32", "float16")}
+    assert sizes["float16"] < 0.51 * sizes["float32"] + 12
+    wrong = unpack_update({"w": torch.zeros(3, dtype=torch.float16)}, exact)
+    assert wrong["w"].shape == (3,)  # left for the update check to reject
+    assert pack_global(exact, "float32") is exact and pack_update(new, start, "float32") is new

@@ -239,3 +239,26 @@ def test_a_run_in_which_no_site_trains_fails_with_the_reasons(tmp_path):
     assert [r["status"] for r in results["rounds"]] == ["failed", "failed"]
     assert all("server_eval" not in r for r in results["rounds"])
     assert "The run failed" in (tmp_path / "runs" / "none" / "report.md").read_text()
+
+
+def test_half_precision_transfer_halves_the_bytes_of_a_round(tmp_path):
+    """transfer-dtype float16: a round's bytes per site are about half of two float32
+    students (down and up), the sites train, and the global student moved in float32."""
+    runs = {}
+    for dtype in ("float32", "float16"):
+        run = tiny_run(run_name=f"t-{dtype}", num_rounds=1, transfer_dtype=dtype,
+                       fraction_evaluate=0.0)
+        (tmp_path / dtype).mkdir()
+        _, results, _ = _simulate(tmp_path / dtype, run, 2, _app())
+        runs[dtype] = results["rounds"][0]
+    student = build_model(Architecture("test_efficientnet", tuple(tiny_run().class_names),
+                                       IMAGE_SIZE))
+    fp32 = sum(v.numel() * 4 for v in student.state_dict().values() if v.is_floating_point())
+    for dtype, factor in (("float32", 1.0), ("float16", 0.5)):
+        r = runs[dtype]
+        assert r["status"] == "ok" and all(s["status"] == "ok" for s in r["sites"].values())
+        per_site = (r["bytes_down"] + r["bytes_up"]) / 2
+        teacher = max(s.get("teacher_bytes", 0) for s in r["sites"].values())
+        ratio = (per_site - teacher) / (2 * fp32)
+        assert factor <= ratio < factor + 0.05, (dtype, ratio)  # + headers, config, metrics
+        assert r["start_digest"] != r["end_digest"]

@@ -1,0 +1,342 @@
+"""The arms of ``moma-bench accuracy``: how each one trains, and how each is scored.
+
+Every arm of one scenario and seed is built from the same ``moma-simulate`` options (the
+simulation's own :func:`server.simulate.settings`, :func:`~server.simulate.site_configs` and
+:func:`~server.simulate.run_config`), so all arms see the same sites, the same data, the same
+run settings and the same seeds; only the objective, the aggregation and FedBN differ.
+
+* **federated** arms run the product: the ServerApp and ClientApp in Flower's simulation
+  engine (:func:`server.simulate.run_simulated`). The teacher is named in the run config of
+  every arm, the CE-only baseline's included, so that the coordinator starts each one from the
+  teacher's weights (:func:`server.server_app.initial_student`; ``moma-simulate`` itself gives a
+  CE run no teacher, hence a random start).
+* **local-only** trains each site's student alone and **centralised** one student on the pooled
+  training splits of all sites: plain moma_core, :func:`moma_core.train.train_local` round by
+  round with the federation's :meth:`RunConfig.train_config` (learning rate over rounds, local
+  epochs), the round seeds a site derives (:func:`moma_core.seeding.derive_seed`) and the
+  objective's state carried between rounds, as a site keeps it. Both start from the same
+  round-1 student as the federation (``initial_student``); the SHA-256 of that start is recorded
+  and is the federated runs' ``rounds[0].start_digest``.
+
+Scoring: every held-out image is scored by the model its own site would use (the global
+student; with FedBN the global student with that site's own normalisation layers; local-only:
+the site's own student). Per site: accuracy, macro-F1, quadratic kappa and the confusion
+matrix; pooled: the same metrics over all sites' held-out images (summed confusion matrices).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from torch.utils.data import ConcatDataset, Dataset
+
+from moma_core.checkpoint import load_model
+from moma_core.evaluate import evaluate
+from moma_core.metrics import classification_metrics
+from moma_core.models import Architecture, build_model
+from moma_core.objectives import build_objective, same_task, training_set
+from moma_core.seeding import derive_seed, seed_everything
+from moma_core.sources import SYNTHETIC, SiteData, make_loader, open_site_data
+from moma_core.train import train_local
+from moma_protocol.settings import RunConfig
+from server.server_app import initial_student, state_digest
+from server.teacher_package import package_teacher
+
+METRICS = ("accuracy", "macro_f1", "kappa")
+TERMS = ("train-nce", "train-kl", "train-ce")
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One way of training: federated (the product), each site alone, or all data pooled."""
+
+    name: str
+    kind: str  # "federated" | "local" | "central"
+    objective: str
+    aggregation: str = "fedavg"
+    fedbn: bool = False
+    about: str = ""
+
+    @property
+    def needs_same_task(self) -> bool:
+        return self.objective == "kd"  # vanilla KD has nothing to distil from another task
+
+
+ARMS: tuple[Arm, ...] = (
+    Arm("local-only", "local", "moma",
+        about="each site alone: MoMA on its own training split, never averaged"),
+    Arm("fedavg-ce", "federated", "ce", about="FedAvg, cross-entropy only (no distillation)"),
+    Arm("fedavg-kd", "federated", "kd",
+        about="FedAvg + Hinton KD (CE + KL; same task only)"),
+    Arm("fedavg-crckd", "federated", "crckd", about="FedAvg + CRCKD (Xing et al. 2021)"),
+    Arm("fedavg-moma", "federated", "moma", about="FedAvg + MoMA (the product's default)"),
+    Arm("fedprox-moma", "federated", "moma", aggregation="fedprox",
+        about="MoMA with FedProx (proximal term mu = proximal-mu at the sites)"),
+    Arm("fedbn-moma", "federated", "moma", fedbn=True,
+        about="MoMA with FedBN (normalisation layers stay at the sites)"),
+    Arm("centralised-moma", "central", "moma",
+        about="MoMA on the pooled training data of all sites (no federation)"),
+)
+ARM_NAMES = tuple(a.name for a in ARMS)
+#: the arms whose loss has MoMA's terms (NCE, KL, CE per round in the plots)
+MOMA_ARMS = tuple(a.name for a in ARMS if a.objective == "moma")
+
+
+def arm(name: str) -> Arm:
+    return next(a for a in ARMS if a.name == name)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A benchmark setting: the teacher and the data/training options of ``moma-simulate``."""
+
+    name: str
+    teacher: Path
+    sim_args: tuple[str, ...]
+    eval_n: int | None = None  # synthetic: held-out images per site (None: the val split)
+    task: str = ""  # "same" | "different": whether the teacher knows the sites' classes
+    teacher_source: str = ""  # what the teacher is trained on when missing ("": given)
+
+
+@dataclass
+class Setup:
+    """What every arm of one scenario and seed shares."""
+
+    args: argparse.Namespace  # moma-simulate's options, checked
+    run: RunConfig
+    sites: list[dict]  # the simulated sites' node configs
+    out_dir: Path
+
+
+def setup(scenario: Scenario, arm_: Arm, seed: int, runs_dir: Path) -> Setup:
+    """The arm's ``moma-simulate`` options, sites and run settings (nothing is trained)."""
+    from server import simulate as sim
+
+    argv = [*scenario.sim_args, "--name", arm_.name, "--runs-dir", str(runs_dir),
+            "--seed", str(seed), "--objective", arm_.objective,
+            "--aggregation", arm_.aggregation, "--teacher", str(scenario.teacher),
+            "--no-local-baseline", *(["--fedbn"] if arm_.fedbn else [])]
+    args = sim.settings(sim.parser().parse_args(argv))
+    out_dir = (args.runs_dir / args.name).resolve()
+    sites, classes = sim.site_configs(args, out_dir, seed)
+    if args.classes and args.site_data is None:
+        classes = tuple(c.strip() for c in args.classes.split(",") if c.strip())
+    run = sim.run_config(args, out_dir, classes, scenario.teacher, None)
+    return Setup(args, run, sites, out_dir)
+
+
+# -- the arms ---------------------------------------------------------------------------------
+def run_arm(arm_: Arm, scenario: Scenario, seed: int, folder: Path, log: Path) -> dict:
+    """Train one arm (``folder``: this scenario and seed) and score it; returns its result."""
+    start = time.time()
+    runs_dir = folder / "runs"
+    if arm_.kind == "federated":
+        shutil.rmtree(runs_dir / arm_.name, ignore_errors=True)  # an attempt that failed
+        s = setup(scenario, arm_, seed, runs_dir)
+        s.out_dir.mkdir(parents=True, exist_ok=True)
+        with redirected_output(log):
+            out = run_federated(s)
+    else:
+        s = setup(scenario, arm_, seed, folder / "scratch")
+        s.out_dir.mkdir(parents=True, exist_ok=True)
+        out = run_local(s, scenario.teacher, pooled=arm_.kind == "central")
+    held_out = held_out_sets(s.run, s.sites, scenario.eval_n)
+    scores = score(out.pop("models"), held_out, len(s.run.class_names))
+    return {"arm": arm_.name, "kind": arm_.kind, "about": arm_.about,
+            "scenario": scenario.name, "seed": seed, "status": "ok",
+            "objective": arm_.objective, "aggregation": arm_.aggregation, "fedbn": arm_.fedbn,
+            "kl_on": _kl_on(arm_, s.run, scenario.teacher), **out, **scores,
+            "run_config": s.run.to_flat(), "wall_s": time.time() - start}
+
+
+def run_federated(s: Setup) -> dict:
+    """The product's federation (ServerApp + ClientApp, Flower's simulation engine)."""
+    from server.simulate import run_simulated
+
+    (s.out_dir / "sites.json").write_text(json.dumps(s.sites, indent=2))
+    run_simulated(s.run, s.args.sites)
+    results = json.loads((s.out_dir / "results.json").read_text())
+    rounds = results["rounds"]
+    last = Path(rounds[-1]["checkpoint"])
+    global_model = load_model(last)[0]
+    models = []
+    for site in s.sites:
+        model = copy.deepcopy(global_model)
+        if s.run.federation.fedbn:  # the site's own normalisation layers (its private state)
+            local = Path(site["cache-dir"]) / "runs" / s.run.federation.run_name / \
+                "local.safetensors"
+            model.load_state_dict(load_file(str(local)), strict=False)
+        models.append(model)
+    steps: dict[str, float] = {}
+    for r in rounds:
+        for v in r["sites"].values():
+            steps[v["site_name"]] = steps.get(v["site_name"], 0.0) + \
+                float((v.get("metrics") or {}).get("train-steps", 0.0))
+    return {"models": models, "init": results.get("init"),
+            "init_digest": rounds[0].get("start_digest"),
+            "rounds": [{k: (r.get("train") or {}).get(k) for k in TERMS} for r in rounds],
+            "round_status": [r.get("status") for r in rounds],
+            "steps_per_site": steps, "run_dir": str(s.out_dir), "checkpoint": str(last)}
+
+
+def start_student(run: RunConfig, teacher: Path) -> tuple[nn.Module, str, str]:
+    """The federation's round-1 student as a model, how it was made and its SHA-256."""
+    fed = run.federation
+    arch = Architecture(fed.student_model, run.class_names, fed.image_size)
+    state, how = initial_student(run, arch, package_teacher(teacher))
+    model = build_model(arch)
+    model.load_state_dict(state, strict=False)  # BN step counters are not in the wire state
+    return model, how, state_digest(state)
+
+
+def run_local(s: Setup, teacher: Path, pooled: bool) -> dict:
+    """Each site alone (``pooled`` false) or one student on all sites' training data."""
+    datas = [open_site(site, s.run) for site in s.sites]
+    if pooled:
+        groups = [("centralised", ConcatDataset([d.train for d in datas]))]
+    else:
+        groups = [(str(site.get("site-name", f"site-{i}")), d.train)
+                  for i, (site, d) in enumerate(zip(s.sites, datas, strict=True))]
+    models, steps, per_round, how, digest = [], {}, [], "", ""
+    for name, train in groups:
+        model, how, digest, history, n_steps = train_alone(s.run, train, name, teacher)
+        models.append(model)
+        steps[name] = n_steps
+        per_round.append(history)
+    rounds = [_weighted_terms([h[r] for h in per_round]) for r in range(len(per_round[0]))]
+    if pooled:
+        models = models * len(s.sites)  # one model scores every site
+    return {"models": models, "init": how, "init_digest": digest, "rounds": rounds,
+            "round_status": ["ok"] * len(rounds), "steps_per_site": steps}
+
+
+def train_alone(run: RunConfig, train: Dataset, name: str, teacher: Path
+                ) -> tuple[nn.Module, str, str, list[dict], int]:
+    """Rounds of :func:`train_local` on one training set, as a site trains them, unaveraged.
+
+    Returns the model, how it started, the start's SHA-256, per-round loss terms and steps.
+    """
+    fed, tr = run.federation, run.training
+    student, how, digest = start_student(run, teacher)
+    t_model, t_arch = (None, None)
+    if run.objective.objective != "ce":
+        t_model, t_arch, _ = load_model(teacher)
+    objective, history, steps = None, [], 0
+    for rnd in range(1, fed.num_rounds + 1):
+        seed = derive_seed(fed.seed, name, rnd)
+        if objective is None:  # built once: its state (momentum teacher, queue) carries over
+            seed_everything(seed)
+            objective = build_objective(
+                run.objective_config(), student, t_model,
+                same_task(t_arch.classes, run.class_names) if t_arch else None,
+                n_data=len(train))
+        cfg = replace(run.train_config(rnd), seed=seed)
+        loader = make_loader(training_set(objective, train), tr.batch_size, train=True,
+                             seed=seed)
+        result = train_local(student, objective, loader, cfg)
+        steps += int(result.metrics["steps"])
+        history.append({**{f"train-{k}": v for k, v in result.metrics.items()},
+                        "num-examples": result.num_examples})
+    return student, how, digest, history, steps
+
+
+def _weighted_terms(entries: list[dict]) -> dict:
+    total = sum(e["num-examples"] for e in entries)
+    return {k: (sum(e[k] * e["num-examples"] for e in entries) / total
+                if all(k in e for e in entries) else None) for k in TERMS}
+
+
+def _kl_on(arm_: Arm, run: RunConfig, teacher: Path) -> bool:
+    if arm_.objective == "ce":
+        return False
+    from moma_core.checkpoint import read_sidecar
+
+    classes = read_sidecar(teacher)["architecture"]["classes"]
+    return same_task(classes, run.class_names)
+
+
+# -- data and scoring -------------------------------------------------------------------------
+def open_site(site: dict, run: RunConfig, val_fraction: float = 0.25) -> SiteData:
+    """A simulated site's data, opened as the site opens it (client.site_training.site_data)."""
+    probs = site.get("class-probs")
+    return open_site_data(
+        str(site["data-path"]), image_size=run.federation.image_size,
+        augment=run.training.augment, seed=int(site.get("data-seed", 0)),
+        n=int(site.get("n", 800)), site_index=site.get("site-index"),
+        num_sites=int(site.get("num-sites", 1)),
+        class_probs=[float(p) for p in str(probs).split(",")] if probs else None,
+        val_fraction=val_fraction, classes=list(run.class_names) or None,
+        allow_outside_paths=str(site.get("allow-outside-paths", "false")).lower() == "true")
+
+
+def held_out_sets(run: RunConfig, sites: list[dict], eval_n: int | None
+                  ) -> list[tuple[str, Dataset]]:
+    """Each site's held-out split: never trained on by any arm.
+
+    A synthetic site's is drawn from its own style and class mix (``eval_n`` images; the
+    training split does not depend on it); a dataset's is its validation split as the site
+    holds it out.
+    """
+    out = []
+    for i, site in enumerate(sites):
+        synthetic = str(site["data-path"]).startswith(SYNTHETIC)
+        frac = eval_n / int(site.get("n", 800)) if synthetic and eval_n else 0.25
+        out.append((str(site.get("site-name", f"site-{i}")), open_site(site, run, frac).val))
+    return out
+
+
+def score(models: list[nn.Module], held_out: list[tuple[str, Dataset]], num_classes: int
+          ) -> dict:
+    """Per-site and pooled metrics; ``models[i]`` scores site ``i``'s held-out images."""
+    sites = {}
+    for model, (name, data) in zip(models, held_out, strict=True):
+        m = evaluate(model, make_loader(data, 128, train=False), num_classes)
+        sites[name] = {k: m[k] for k in (*METRICS, "num_examples", "confusion")}
+    total = [[sum(s["confusion"][i][j] for s in sites.values()) for j in range(num_classes)]
+             for i in range(num_classes)]
+    return {"sites": sites, "pooled": metrics_from_confusion(total)}
+
+
+def metrics_from_confusion(confusion: list[list[int]]) -> dict:
+    """Accuracy, macro-F1, quadratic kappa (and n) of a confusion matrix (rows: true class)."""
+    targets, preds = [], []
+    for t, row in enumerate(confusion):
+        for p, count in enumerate(row):
+            targets += [t] * int(count)
+            preds += [p] * int(count)
+    m = classification_metrics(torch.tensor(preds), torch.tensor(targets), len(confusion))
+    return {**{k: m[k] for k in METRICS}, "num_examples": len(targets)}
+
+
+@contextlib.contextmanager
+def redirected_output(path: Path) -> Iterator[None]:
+    """Send this process's stdout and stderr (the engines' logs, Ray's workers') to ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(path, "ab") as f:
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        os.close(saved[0])
+        os.close(saved[1])
