@@ -28,7 +28,7 @@ def tiny_run(**overrides):
     values = dict(run_name="t", num_rounds=2, student_model="test_efficientnet",
                   classes=",".join(TARGET_CLASSES), image_size=IMAGE_SIZE, local_epochs=1,
                   batch_size=16, lr=0.003, optimizer="adamw", augment="flip", queue_size=64,
-                  min_train_nodes=2, min_available_nodes=2, round_timeout=120.0)
+                  min_train_nodes=2, min_available_nodes=2, round_timeout=600.0)
     values.update(overrides)
     return RunConfig.from_flat({k.replace("_", "-"): v for k, v in values.items()})
 

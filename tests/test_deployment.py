@@ -89,7 +89,7 @@ def federation(tmp_path):
 
 def test_two_sites_two_rounds_over_grpc(federation, tmp_path):
     teacher = tiny_teacher(tmp_path / "teacher.safetensors")
-    federation.server(teacher, rounds=2, sites=2, timeout=120)
+    federation.server(teacher, rounds=2, sites=2, timeout=600)
     for i in range(2):
         federation.site(i, 2)
     rc = federation.wait_server(400)
@@ -123,11 +123,9 @@ def test_killed_site_does_not_stop_the_round_and_rejoins(federation, tmp_path):
     for i in range(3):
         federation.site(i, 3)
     cached = tmp_path / "site-2" / "teachers"
-    deadline = time.time() + 180
-    while not (cached.exists() and any(cached.glob("*.safetensors"))):
-        assert time.time() < deadline, federation.log("server")[-3000:]
-        assert federation.procs["server"].poll() is None, federation.log("server")[-3000:]
-        time.sleep(0.2)
+    # a generous ceiling: three sites and a SuperLink start slowly on a busy 2-core machine
+    _wait(lambda: cached.exists() and any(cached.glob("*.safetensors")),
+          "site-2 to cache the teacher", timeout=1200, federation=federation)
     federation.kill("site-2")  # dies mid-round: it received the train message
     federation.site(2, 3)  # and comes back, with its cache, for the next round
     rc = federation.wait_server(1200)

@@ -15,7 +15,7 @@ import pytest
 
 from deploy.lifecycle import BusyError, InstanceLock, check_port_free, tagged_pids
 
-CEILING = 120.0  # generous: a busy 2-core machine
+CEILING = 600.0  # generous: a busy 2-core machine
 
 
 def wait_until(condition, timeout: float = CEILING, what: str = "condition") -> None:

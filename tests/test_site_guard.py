@@ -45,12 +45,12 @@ FOREIGN_APP = textwrap.dedent('''
     @server.main()
     def main(grid: Grid, context) -> None:
         import time
-        deadline = time.time() + 240
+        deadline = time.time() + 900
         while not list(grid.get_node_ids()) and time.time() < deadline:
             time.sleep(1)
         nodes = list(grid.get_node_ids())
         msgs = [Message(RecordDict(), dst_node_id=n, message_type="query") for n in nodes]
-        for reply in grid.send_and_receive(msgs, timeout=120):
+        for reply in grid.send_and_receive(msgs, timeout=600):
             print("REPLY", reply.has_error(), reply.error.reason if reply.has_error() else "")
 ''')
 

@@ -28,13 +28,13 @@ def test_moma_client_checks_data_and_reports_counts(tmp_path):
     root = _image_folder(tmp_path / "slides")
     r = subprocess.run([BIN / "moma-client", "--server", "127.0.0.1:1", "--data", root,
                         "--cache-dir", tmp_path / "cache", "--check-only"],
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert "benign=" in r.stderr and "grade_3=" in r.stderr and "36 train / 12 val" in r.stderr
     (root / "grade_1" / "broken.png").write_bytes(b"not an image")
     r = subprocess.run([BIN / "moma-client", "--server", "127.0.0.1:1", "--data", root,
                         "--cache-dir", tmp_path / "cache", "--insecure"],
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 2 and "broken.png" in r.stderr  # refused before connecting
     assert "connecting" not in r.stderr
 
@@ -63,7 +63,7 @@ def test_simulation_on_a_partitioned_user_dataset(tmp_path):
                         "--data", root, "--partitioner", "dirichlet", "--alpha", "1.0",
                         "--image-size", "32", "--queue-size", "64", "--batch-size", "8",
                         "--optimizer", "adamw", "--lr", "0.003", "--augment", "flip"],
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     sites = json.loads((tmp_path / "runs" / "user" / "sites.json").read_text())
     counts = []
