@@ -76,6 +76,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue runs/<name>/")
     p.add_argument("--no-local-baseline", action="store_true")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="cpu",
+                   help="where simulated sites train: cpu, cuda or cuda:N")
+    p.add_argument("--gpus-per-site", type=float, default=None,
+                   help="share of a GPU each simulated site reserves (Ray); default with "
+                        "--device cuda: 1/sites of one GPU, at most 1")
     return p
 
 
@@ -118,6 +123,7 @@ def settings(args: argparse.Namespace) -> argparse.Namespace:
         missing = [p for p in args.site_data if not Path(p).exists()]
         if missing:
             raise ConfigError(f"--site-data {missing[0]}: no such file or directory")
+    check_device(args)
     return args
 
 
@@ -162,6 +168,32 @@ def ensure_teacher(args: argparse.Namespace, run: RunConfig) -> Path:
     return path
 
 
+def check_device(args: argparse.Namespace) -> None:
+    """``--device`` and ``--gpus-per-site``: valid values, and CUDA present when asked for."""
+    if args.device != "cpu" and not (args.device == "cuda" or args.device.startswith("cuda:")
+                                     and args.device[5:].isdigit()):
+        raise ConfigError(f"--device {args.device!r}: give cpu, cuda or cuda:N")
+    if args.gpus_per_site is not None and not 0 <= args.gpus_per_site <= 1:
+        raise ConfigError(f"--gpus-per-site {args.gpus_per_site}: give a share from 0 to 1")
+    if args.device == "cpu":
+        if args.gpus_per_site:
+            raise ConfigError("--gpus-per-site needs --device cuda")
+        args.gpus_per_site = 0.0
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError(f"--device {args.device}: no CUDA device on this machine")
+    if args.gpus_per_site is None:
+        args.gpus_per_site = min(1.0, 1.0 / max(args.sites, 1))
+
+
+def backend_config(gpus_per_site: float = 0.0) -> dict:
+    """Ray resources: one CPU per simulated site (of this process's CPUs), a GPU share each."""
+    return {"client_resources": {"num_cpus": 1, "num_gpus": float(gpus_per_site)},
+            "init_args": {"num_cpus": usable_cpus(), "log_to_driver": True}}
+
+
 def site_configs(args: argparse.Namespace, out_dir: Path, seed: int
                  ) -> tuple[list[dict], tuple[str, ...]]:
     """Node configs of the simulated sites, and the task's classes."""
@@ -174,7 +206,7 @@ def site_configs(args: argparse.Namespace, out_dir: Path, seed: int
         for i in range(args.sites):
             cfg = {"data-path": "synthetic:target", "cache-dir": str(cache / f"site-{i}"),
                    "site-index": i, "num-sites": args.sites, "n": args.n,
-                   "site-name": f"site-{i}", "device": "cpu", "data-seed": seed}
+                   "site-name": f"site-{i}", "device": args.device, "data-seed": seed}
             if args.label_skew > 0:
                 probs = rng.dirichlet([args.label_skew] * len(TARGET_CLASSES))
                 probs = np.maximum(probs, 0.02)
@@ -205,7 +237,7 @@ def _partitioned_sites(args, out_dir: Path, cache: Path, seed: int):
                 path, label = samples[j]
                 w.writerow([str(Path(path).resolve()), ds.classes[label]])
         sites.append({"data-path": str(manifest), "cache-dir": str(cache / f"site-{i}"),
-                      "site-name": f"site-{i}", "device": "cpu",
+                      "site-name": f"site-{i}", "device": args.device,
                       "allow-outside-paths": True})  # the manifest lists the user's files
     return sites, tuple(ds.classes)
 
@@ -237,7 +269,7 @@ def _site_folders(args: argparse.Namespace, cache: Path) -> tuple[list[dict], tu
     else:
         classes = tuple(sorted({c for site in per_site for c in site}))
     sites = [{"data-path": str(Path(p).resolve()), "cache-dir": str(cache / name),
-              "site-name": name, "device": "cpu"} for p, name in zip(args.site_data, names,
+              "site-name": name, "device": args.device} for p, name in zip(args.site_data, names,
                                                                      strict=True)]
     return sites, classes
 
@@ -278,7 +310,7 @@ def simulate(args: argparse.Namespace) -> dict:
     console.print(f"simulating {args.sites} sites × {fed.num_rounds} rounds of "
                   f"{run.objective.objective} ({fed.student_model}, {fed.aggregation}) → "
                   f"{out_dir}")
-    final = run_simulated(run, args.sites)
+    final = run_simulated(run, args.sites, gpus_per_site=args.gpus_per_site)
     if args.demo and not args.no_local_baseline and args.data is None and \
             args.site_data is None:
         console.print("local-only baseline: each site alone, same objective and budget …")
@@ -291,7 +323,8 @@ def simulate(args: argparse.Namespace) -> dict:
     return final
 
 
-def run_simulated(run: RunConfig, num_sites: int, client_app=None) -> dict:
+def run_simulated(run: RunConfig, num_sites: int, client_app=None,
+                  gpus_per_site: float = 0.0) -> dict:
     """Run the product's ServerApp and ClientApp in Flower's simulation engine.
 
     Both sides get the run config a deployment gives them: the app folder's defaults fused
@@ -320,8 +353,7 @@ def run_simulated(run: RunConfig, num_sites: int, client_app=None) -> dict:
     TaskIdentity.node_id = SUPERLINK_NODE_ID
     context = Context(run_id=flwr_run.run_id, node_id=0, node_config={}, state=RecordDict(),
                       run_config=get_fused_config_from_dir(app_dir, overrides))
-    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-               "init_args": {"num_cpus": usable_cpus(), "log_to_driver": True}}
+    backend = backend_config(gpus_per_site)
     _run_simulation(num_supernodes=num_sites, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
                     client_app=client_app,
                     client_app_attr=None if client_app else COMPONENTS["clientapp"],

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from moma_protocol.settings import ConfigError
 from tests.helpers import tiny_teacher
 
 BIN = Path(sys.executable).parent
@@ -107,3 +108,30 @@ def test_standalone_commands_refuse_zero_epochs(call, teacher, tmp_path, command
              "--runs-dir" if command == "moma-distill" else "--seed",
              tmp_path if command == "moma-distill" else "0")
     _one_line_error(r, "epochs 0: give at least 1")
+
+
+def test_simulate_device_options_are_checked_on_a_machine_without_cuda(tmp_path):
+    """The GPU path: --device and --gpus-per-site parse and reach Ray's resources; on this
+    CPU-only machine --device cuda is one clear line (docs/federation.md: simulating on GPUs)."""
+    import torch
+
+    from server.simulate import backend_config, parser, settings
+
+    def args(*extra):
+        return settings(parser().parse_args(["--runs-dir", str(tmp_path), *extra]))
+
+    cpu = args()
+    assert cpu.device == "cpu" and cpu.gpus_per_site == 0.0
+    assert backend_config(cpu.gpus_per_site)["client_resources"] == {"num_cpus": 1,
+                                                                      "num_gpus": 0.0}
+    assert backend_config(0.25)["client_resources"]["num_gpus"] == 0.25
+    for extra, text in ((["--device", "gpu"], "give cpu, cuda or cuda:N"),
+                        (["--gpus-per-site", "0.5"], "needs --device cuda"),
+                        (["--device", "cuda", "--gpus-per-site", "2"], "share from 0 to 1")):
+        with pytest.raises(ConfigError, match=text):
+            args(*extra)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA device"):
+            args("--device", "cuda:0")
+    else:  # on a GPU machine the default share is 1/sites
+        assert args("--device", "cuda", "--sites", "4").gpus_per_site == 0.25
