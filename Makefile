@@ -28,7 +28,7 @@ test-fast: $(STAMP)
 
 # benchmarks: figures, not tests
 bench: $(STAMP)
-	$(BIN)/python bench/moma_step.py
+	$(BIN)/python bench/perf.py --p1
 	$(BIN)/python bench/deployed_round.py
 
 lint: $(STAMP)

@@ -34,7 +34,13 @@ from moma_core.objectives import OBJECTIVES
 from moma_core.partition import PARTITIONERS, partition
 from moma_core.progress import console
 from moma_core.train import OPTIMIZERS
-from moma_protocol.settings import AGGREGATIONS, AUGMENTS, ConfigError, RunConfig
+from moma_protocol.settings import (
+    AGGREGATIONS,
+    AUGMENTS,
+    TRANSFER_DTYPES,
+    ConfigError,
+    RunConfig,
+)
 from server.baseline import local_only_section
 from server.flwr_app import write_app
 from server.results import RunResults
@@ -62,6 +68,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--augment", choices=AUGMENTS, default=None)
     p.add_argument("--queue-size", type=int, default=None)
     p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--transfer-dtype", choices=TRANSFER_DTYPES, default=None,
+                   help="student tensors on the wire (float16: half the bytes)")
     p.add_argument("--n", type=int, default=None, help="synthetic: training images per site "
                                                         f"(default {SYNTHETIC_N})")
     p.add_argument("--label-skew", type=float, default=0.0,
@@ -93,7 +101,7 @@ RUN_KEYS = {"rounds": "num-rounds", "objective": "objective", "student_model": "
             "aggregation": "aggregation", "fedbn": "fedbn", "local_epochs": "local-epochs",
             "batch_size": "batch-size", "lr": "lr", "optimizer": "optimizer",
             "augment": "augment", "queue_size": "queue-size", "image_size": "image-size",
-            "seed": "seed"}
+            "seed": "seed", "transfer_dtype": "transfer-dtype"}
 
 
 def settings(args: argparse.Namespace) -> argparse.Namespace:
