@@ -186,6 +186,7 @@ def main() -> int:
 
     cpus = usable_cpus()
     figures: dict = {"meta": {"date": time.strftime("%Y-%m-%d"), "cpus": cpus,
+                              "out": str(args.out),
                               "machine": platform.machine(), "torch": torch.__version__}}
     p1_json = args.out / "p1_moma_step.json"
     if args.p1 or not p1_json.is_file():
@@ -247,6 +248,9 @@ def summary_markdown(f: dict) -> str:
               f"RandAugment loader {lo['loader_images_per_s']:.0f} images/s, MoMA step "
               f"(test_efficientnet, 64 px, B=32, all threads) {lo['moma_step_images_per_s']:.0f}"
               f" images/s: loader / step = {lo['loader_over_step']:.2f}."]
+    deployed = Path(f["meta"].get("out", "runs/bench-perf")) / "deployed_round.md"
+    if deployed.is_file():
+        lines += ["", *deployed.read_text().rstrip("\n").splitlines()]
     if "p8" in f:
         lines += ["", "## P8: 100 simulated sites", "",
                   f"2 rounds of a tiny model: peak resident memory of the process tree "
