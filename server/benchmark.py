@@ -32,9 +32,10 @@ from pathlib import Path
 
 from moma_core.cli.common import run_cli
 from moma_core.data.synthetic import TASKS
+from moma_core.method_config import OPTIMIZERS
 from moma_core.partition import PARTITIONERS
 from moma_core.report import markdown_table, plot_curves, write_json
-from moma_protocol.settings import ConfigError
+from moma_protocol.settings import AUGMENTS, ConfigError
 from server.benchmark_arms import (
     ARM_NAMES,
     METRICS,
@@ -42,19 +43,20 @@ from server.benchmark_arms import (
     TERMS,
     Scenario,
     arm,
+    one_thread,
     redirected_output,
     run_arm,
     setup,
 )
 
 #: ``--quick``: a few minutes per scenario on a CPU (one seed allowed).
-QUICK = {"sites": [3], "seeds": [0], "rounds": 2, "local_epochs": 1, "n": 200,
-         "image_size": 32, "eval_n": 120, "queue_size": 256, "teacher_n": 600,
-         "teacher_epochs": 5}
+QUICK = {"sites": [3], "seeds": [0], "rounds": 3, "local_epochs": 1, "n": 200,
+         "image_size": 32, "eval_n": 120, "queue_size": 256, "teacher_n": 1200,
+         "teacher_epochs": 10}
 #: the full benchmark (hours on a CPU): 3 and 5 sites, 3 seeds.
 FULL = {"sites": [3, 5], "seeds": [0, 1, 2], "rounds": 10, "local_epochs": 1, "n": 400,
-        "image_size": 48, "eval_n": 200, "queue_size": 1024, "teacher_n": 2000,
-        "teacher_epochs": 10}
+        "image_size": 48, "eval_n": 200, "queue_size": 1024, "teacher_n": 4000,
+        "teacher_epochs": 15}
 #: settings shared by both presets (the demo's CPU settings)
 COMMON = {"model": "test_efficientnet", "batch_size": 32, "lr": 0.003, "optimizer": "adamw",
           "augment": "flip", "label_skew": 0.5, "tasks": ["same", "different"]}
@@ -76,7 +78,7 @@ def parser() -> argparse.ArgumentParser:
                        description=__doc__.splitlines()[0])
     a.add_argument("--out", type=Path, default=Path("runs/bench-accuracy"))
     a.add_argument("--quick", action="store_true",
-                   help="small CPU preset (3 sites, 2 rounds, 32 px, 1 seed allowed)")
+                   help="small CPU preset (3 sites, 3 rounds, 32 px, 1 seed allowed)")
     a.add_argument("--arms", nargs="+", default=None, metavar="ARM",
                    help=f"arms to run (default all): {' '.join(ARM_NAMES)}")
     a.add_argument("--seeds", nargs="+", type=int, default=None,
@@ -108,8 +110,11 @@ def parser() -> argparse.ArgumentParser:
     t = a.add_argument_group("training (every arm)")
     t.add_argument("--rounds", type=int, default=None)
     t.add_argument("--local-epochs", type=int, default=None)
-    t.add_argument("--image-size", type=int, default=None)
-    t.add_argument("--model", default=None, help="student and teacher timm model")
+    t.add_argument("--image-size", type=int, default=None, help="default: the preset's, or "
+                   "--teacher's")
+    t.add_argument("--model", default=None,
+                   help="student (and trained teachers') timm model; default "
+                        f"{COMMON['model']}, or --teacher's")
     t.add_argument("--batch-size", type=int, default=None)
     t.add_argument("--lr", type=float, default=None)
     t.add_argument("--optimizer", default=None)
@@ -134,6 +139,14 @@ def check_options(args: argparse.Namespace) -> argparse.Namespace:
             args.sites = [len(args.site_data)]
         elif args.sites is None:
             args.sites = [3]
+        if args.teacher is not None:  # the student is the teacher's model unless told
+            if not args.teacher.is_file():
+                raise ConfigError(f"--teacher {args.teacher}: no such file")
+            from moma_core.checkpoint import read_sidecar
+
+            t_arch = read_sidecar(args.teacher)["architecture"]
+            args.model = args.model or t_arch["model_name"]
+            args.image_size = args.image_size or int(t_arch.get("image_size", 64))
     elif args.teacher is not None:
         raise ConfigError("--teacher is for --site-data/--data: the synthetic scenarios train "
                           "their own teachers")
@@ -166,11 +179,13 @@ def check_options(args: argparse.Namespace) -> argparse.Namespace:
             raise ConfigError(f"site data {path}: no such file or directory")
     if args.data is not None and len(args.sites) != 1:
         raise ConfigError("--data: give one --sites count")
+    for opt, allowed in (("optimizer", OPTIMIZERS), ("augment", AUGMENTS)):
+        if getattr(args, opt) not in allowed:
+            raise ConfigError(f"--{opt} {getattr(args, opt)!r}: choose one of "
+                              f"{', '.join(allowed)}")
     if args.partitioner not in PARTITIONERS:
         raise ConfigError(f"--partitioner {args.partitioner!r}: choose one of "
                           f"{', '.join(PARTITIONERS)}")
-    if args.teacher is not None and not args.teacher.is_file():
-        raise ConfigError(f"--teacher {args.teacher}: no such file")
     if args.out.exists() and not args.out.is_dir():
         raise ConfigError(f"--out {args.out}: not a folder")
     return args
@@ -241,7 +256,7 @@ def ensure_teacher(args: argparse.Namespace, sc: Scenario) -> None:
                        source=source, test_n=200)
     start = time.time()
     say(f"teacher for {sc.name}: training {args.model} on {source} …", end="")
-    with redirected_output(sc.teacher.with_suffix(".log")):
+    with redirected_output(sc.teacher.with_suffix(".log")), one_thread():
         _, history = train_teacher(targs)
     test = history[-1].get("test") or {}
     say(f" done in {time.time() - start:.0f} s (test accuracy "
@@ -282,7 +297,7 @@ def accuracy(args: argparse.Namespace, command: str) -> int:
     failed = []
     for i, (sc, seed, a) in enumerate(plan, 1):
         path = result_path(args.out, sc, seed, a)
-        head = f"[{i}/{len(plan)} {_clock(time.time() - started)}] {sc.name} seed {seed} {a}"
+        head = f"[{i}/{len(plan)}] {sc.name} seed {seed} {a}"
         if path.is_file() and not args.force:
             say(f"{head}: done earlier, kept")
             continue
@@ -294,7 +309,7 @@ def accuracy(args: argparse.Namespace, command: str) -> int:
             say(f"{head}: n/a (KD needs a teacher of the same task)")
             continue
         ensure_teacher(args, sc)
-        say(f"{head} …", end="")
+        say(f"{head} (at {_clock(time.time() - started)}) …", end="")
         t0 = time.time()
         log = path.parent / "runs" / f"{a}.log"
         try:
@@ -373,7 +388,7 @@ def fmt(stat: dict | None) -> str:
 
 
 COLUMNS = ["arm", "seeds", "pooled accuracy", "pooled macro-F1", "pooled kappa",
-           "site-mean accuracy", "site-mean macro-F1", "site-mean kappa", "KL"]
+           "site-mean accuracy", "site-mean macro-F1", "site-mean kappa", "KL", "local steps"]
 
 
 def table_rows(arms: dict[str, dict]) -> list[dict]:
@@ -382,12 +397,20 @@ def table_rows(arms: dict[str, dict]) -> list[dict]:
         if agg["status"] != "ok":
             rows.append({"arm": name, "seeds": "–", "KL": f"n/a: {agg['reason']}"})
             continue
-        row = {"arm": name, "seeds": len(agg["seeds"]), "KL": "on" if agg["kl_on"] else "off"}
+        row = {"arm": name, "seeds": len(agg["seeds"]), "KL": "on" if agg["kl_on"] else "off",
+               "local steps": _steps(agg.get("steps_per_site") or {})}
         for m, label in zip(METRICS, ("accuracy", "macro-F1", "kappa"), strict=True):
             row[f"pooled {label}"] = fmt(agg["pooled"][m])
             row[f"site-mean {label}"] = fmt(agg["site_mean"][m])
         rows.append(row)
     return rows
+
+
+def _steps(per_site: dict[str, float]) -> str:
+    """``12 per site`` (their mean), or ``36 pooled`` for the centralised arm."""
+    if list(per_site) == ["centralised"]:
+        return f"{per_site['centralised']:.0f} pooled"
+    return f"{statistics.fmean(per_site.values()):.0f} per site" if per_site else "–"
 
 
 def gains(arms: dict[str, dict]) -> list[str]:
@@ -464,13 +487,15 @@ def plots(out: Path, name: str, arms: dict[str, dict]) -> dict[str, Path]:
     width = 0.8 / len(METRICS)
     for j, m in enumerate(METRICS):
         xs = [i + (j - 1) * width for i in range(len(done))]
-        ax.bar(xs, [a["pooled"][m]["mean"] for a in done.values()], width,
-               yerr=[a["pooled"][m]["std"] or 0.0 for a in done.values()], capsize=3, label=m)
+        stds = [a["pooled"][m]["std"] for a in done.values()]
+        ax.bar(xs, [a["pooled"][m]["mean"] for a in done.values()], width, label=m,
+               yerr=None if all(v is None for v in stds) else [v or 0.0 for v in stds],
+               capsize=3)
     ax.set_xticks(range(len(done)), list(done), rotation=30, ha="right")
     ax.set_ylabel("pooled held-out")
     ax.set_title(name)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
     paths["bars"] = out / "plots" / f"{name}-metrics.png"
     paths["bars"].parent.mkdir(parents=True, exist_ok=True)

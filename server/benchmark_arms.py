@@ -135,6 +135,10 @@ def setup(scenario: Scenario, arm_: Arm, seed: int, runs_dir: Path) -> Setup:
     if args.classes and args.site_data is None:
         classes = tuple(c.strip() for c in args.classes.split(",") if c.strip())
     run = sim.run_config(args, out_dir, classes, scenario.teacher, None)
+    if args.site_data is not None:
+        # moma-simulate gives --site-data runs the synthetic target task as the coordinator's
+        # held-out set, which is not the sites' task; every arm is scored here instead
+        run = run.with_values(eval_source="")
     return Setup(args, run, sites, out_dir)
 
 
@@ -152,9 +156,11 @@ def run_arm(arm_: Arm, scenario: Scenario, seed: int, folder: Path, log: Path) -
     else:
         s = setup(scenario, arm_, seed, folder / "scratch")
         s.out_dir.mkdir(parents=True, exist_ok=True)
-        out = run_local(s, scenario.teacher, pooled=arm_.kind == "central")
-    held_out = held_out_sets(s.run, s.sites, scenario.eval_n)
-    scores = score(out.pop("models"), held_out, len(s.run.class_names))
+        with one_thread():
+            out = run_local(s, scenario.teacher, pooled=arm_.kind == "central")
+    with one_thread():
+        held_out = held_out_sets(s.run, s.sites, scenario.eval_n)
+        scores = score(out.pop("models"), held_out, len(s.run.class_names))
     return {"arm": arm_.name, "kind": arm_.kind, "about": arm_.about,
             "scenario": scenario.name, "seed": seed, "status": "ok",
             "objective": arm_.objective, "aggregation": arm_.aggregation, "fedbn": arm_.fedbn,
@@ -319,6 +325,20 @@ def metrics_from_confusion(confusion: list[list[int]]) -> dict:
             preds += [p] * int(count)
     m = classification_metrics(torch.tensor(preds), torch.tensor(targets), len(confusion))
     return {**{k: m[k] for k in METRICS}, "num_examples": len(targets)}
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Train and score on one CPU thread, as each simulated site does (Ray gives it one CPU).
+
+    Also much faster on a busy machine than torch's default of one thread per core.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @contextlib.contextmanager

@@ -183,6 +183,7 @@ class Coordinator:
         self.names = dict(names or {})
         self.names_registered = names is not None  # True: names come from registered keys
         self.confirmed: set[int] = set()  # sites known to hold the teacher
+        self.contacted: set[int] = set()  # sites that answered the first-contact query
         self.aggregate = Aggregator(run.federation)
         self.local_keys: set[str] = set()  # what sites keep to themselves (FedBN)
         fed = run.federation
@@ -228,6 +229,7 @@ class Coordinator:
                 log.warning("site %s: teacher status reply rejected: protocol: %s",
                             self.name(node), problems[0])
                 continue
+            self.contacted.add(node)
             if bool(reply.content[P.METRICS][P.HAS_TEACHER]):
                 self.confirmed.add(node)
             if P.CONFIG in reply.content and not self.names_registered:
@@ -260,9 +262,12 @@ class Coordinator:
         """Train one round from ``state``; returns the new global state and the report."""
         nodes = self.sample()
         sites = {n: SiteReport(n, self.name(n)) for n in nodes}
-        unconfirmed = [n for n in nodes if n not in self.confirmed]
-        if self.teacher is not None and unconfirmed:
-            self._ask_teacher_status(unconfirmed, sites)
+        # first contact (and, with a teacher, until a site holds it): teacher status + name;
+        # a run without a teacher (CE) asks once, for the site's name
+        known = self.confirmed if self.teacher is not None else self.contacted
+        ask = [n for n in nodes if n not in known]
+        if ask:
+            self._ask_teacher_status(ask, sites)
         dtype = self.run.federation.transfer_dtype
         msgs = self.train_messages(rnd, nodes, ArrayRecord(P.pack_global(state, dtype)), sites)
         log.info("round %d: training on %d sites (teacher sent to %d)", rnd, len(nodes),

@@ -145,7 +145,8 @@ def run_config(args: argparse.Namespace, out_dir: Path, classes: tuple[str, ...]
     values.update({"run-name": args.name, "classes": ",".join(classes),
                    "min-train-nodes": args.sites, "min-available-nodes": args.sites,
                    "output-dir": str(out_dir.parent), "teacher-path": str(teacher or ""),
-                   "eval-source": "synthetic:target" if args.data is None else "",
+                   "eval-source": "synthetic:target" if args.data is None and
+                   args.site_data is None else "",
                    "eval-sites": args.sites, "resume": bool(args.resume),
                    "simulation-sites": str(out_dir / "sites.json")})
     return RunConfig.from_flat(values)
@@ -303,7 +304,9 @@ def simulate(args: argparse.Namespace) -> dict:
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     distils = draft.objective.objective != "ce"
-    teacher = ensure_teacher(args, draft) if distils else None
+    # the CE baseline too starts from the teacher when one is given (it is not shipped)
+    teacher = ensure_teacher(args, draft) if distils or args.teacher is not None or \
+        args.demo else None
     model = None
     if args.student_model is None and teacher is not None:
         from moma_core.checkpoint import read_sidecar

@@ -262,3 +262,15 @@ def test_half_precision_transfer_halves_the_bytes_of_a_round(tmp_path):
         ratio = (per_site - teacher) / (2 * fp32)
         assert factor <= ratio < factor + 0.05, (dtype, ratio)  # + headers, config, metrics
         assert r["start_digest"] != r["end_digest"]
+
+
+def test_the_ce_baseline_starts_from_the_teacher_without_shipping_it(tmp_path):
+    """CE-only: the round-1 student is the teacher's (results.json says so), no site receives
+    the teacher, and the sites are still known by their names."""
+    run = tiny_run(run_name="ce", num_rounds=1, objective="ce", fraction_evaluate=0.0)
+    _, results, _ = _simulate(tmp_path, run, 2, _app())
+    assert results["init"].startswith("teacher (") and results["teacher_sha256"] is None
+    sites = results["rounds"][0]["sites"].values()
+    assert sorted(s["site_name"] for s in sites) == ["site-0", "site-1"]
+    assert all(s["status"] == "ok" and not s["teacher_sent"] and s["teacher_bytes"] == 0
+               for s in sites)

@@ -1,0 +1,305 @@
+"""``moma-bench accuracy``: options, mean ± std and the table, reruns, and a common start.
+
+The fast tests start no federation: option checks (one line, exit code 2), the aggregation of
+hand-made per-seed results against numbers computed by hand, skipping and redoing finished arms
+(with the real local-only arm on tiny data), and the local-only and centralised arms starting
+from the federated arms' round-1 student. One slow test runs a minimal ``--quick`` benchmark end
+to end through Flower's simulation engine.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from moma_core.data.synthetic import SOURCE_CLASSES, TARGET_CLASSES
+from moma_core.models import Architecture
+from moma_protocol.wire import wire_state
+from server import benchmark as B
+from server.benchmark_arms import (
+    Scenario,
+    arm,
+    metrics_from_confusion,
+    run_local,
+    setup,
+    start_student,
+)
+from server.server_app import initial_student, state_digest
+from server.teacher_package import package_teacher
+from tests.helpers import tiny_teacher
+
+TINY = ["--quick", "--n", "24", "--eval-n", "8", "--rounds", "1"]
+
+
+def _main(monkeypatch, capsys, *argv: str) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "argv", ["moma-bench", *argv])
+    rc = B.main()
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def _tiny(tmp_path: Path, task: str, *extra: str):
+    """Checked options and the scenario of a tiny synthetic benchmark, teacher in place."""
+    args = B.check_options(B.parser().parse_args(
+        ["accuracy", *TINY, "--tasks", task, "--out", str(tmp_path / "out"), *extra]))
+    sc = B.scenarios(args)[0]
+    tiny_teacher(sc.teacher, TARGET_CLASSES if task == "same" else SOURCE_CLASSES)
+    return args, B.check_scenario(sc, args)
+
+
+# -- options ----------------------------------------------------------------------------------
+def test_installed_script_refuses_an_unknown_arm_in_one_line(tmp_path):
+    script = Path(sys.executable).parent / "moma-bench"
+    r = subprocess.run([str(script), "accuracy", "--quick", "--arms", "fedavg-moma", "nope",
+                        "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()]
+    assert "unknown arm 'nope'" in r.stderr and "local-only" in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv, text", [
+    (["--arms", "local-only", "fedavg-mona"], "unknown arm 'fedavg-mona'"),
+    (["--seeds", "0", "1"], "at least 3 seeds"),
+    (["--quick", "--seeds", "0", "0"], "distinct seeds"),
+    (["--quick", "--seeds", "x"], "invalid int value"),
+    (["--quick", "--tasks", "similar"], "unknown task 'similar'"),
+    (["--quick", "--sites", "1"], "at least 2 sites"),
+    (["--quick", "--rounds", "0"], "--rounds 0"),
+    (["--quick", "--lr", "-1"], "lr"),
+    (["--quick", "--optimizer", "rmsprop"], "optimizer"),
+    (["--quick", "--teacher", "t.safetensors"], "--teacher is for --site-data"),
+    (["--quick", "--site-data", "{tmp}/a", "{tmp}/b"], "no such file or directory"),
+    (["--quick", "--site-data", "{tmp}"], "at least 2"),
+    (["--quick", "--site-data", "{tmp}", "{tmp}", "--data", "{tmp}"], "exclude each other"),
+    (["--quick", "--site-data", "{tmp}", "{tmp}", "--sites", "2"], "leave --sites out"),
+    (["--quick", "--data", "{tmp}", "--partitioner", "bogus"], "--partitioner 'bogus'"),
+    (["--quick", "--data", "{tmp}", "--label-skew", "0.1"], "--label-skew is for"),
+    (["--quick", "--site-data", "{tmp}", "{tmp}", "--teacher", "{tmp}/t.safetensors"],
+     "no such file"),
+    ([], "required"),
+])
+def test_bad_options_are_one_line_and_exit_code_2(tmp_path, monkeypatch, capsys, argv, text):
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    command = ["accuracy", "--out", str(tmp_path / "out"), *argv] if argv else []
+    rc, _, err = _main(monkeypatch, capsys, *command)
+    assert rc == 2
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+    assert text in err
+    assert not (tmp_path / "out").exists()  # refused before anything was trained or written
+
+
+# -- aggregation and the table ----------------------------------------------------------------
+def _result(arm_name: str, seed: int, pooled: float, site_a: float, site_b: float,
+            nce: tuple[float, float]) -> dict:
+    sites = {name: {"accuracy": acc, "macro_f1": acc / 2, "kappa": acc - 0.5, "num_examples": 10}
+             for name, acc in (("site-0", site_a), ("site-1", site_b))}
+    return {"arm": arm_name, "seed": seed, "status": "ok", "kl_on": True, "init": "teacher",
+            "init_digest": f"start-{seed}", "steps_per_site": {"site-0": 4.0, "site-1": 6.0},
+            "pooled": {"accuracy": pooled, "macro_f1": pooled / 2, "kappa": pooled - 0.5},
+            "sites": sites,
+            "rounds": [{"train-nce": nce[0], "train-kl": 0.1, "train-ce": 1.0},
+                       {"train-nce": nce[1], "train-kl": 0.2, "train-ce": None}]}
+
+
+def test_mean_and_sample_std_over_seeds_by_hand():
+    results = [_result("fedavg-moma", 2, 0.8, 0.9, 0.7, (3.0, 0.1)),
+               _result("fedavg-moma", 0, 0.6, 0.5, 0.7, (1.0, 0.5)),
+               _result("fedavg-moma", 1, 0.7, 0.6, 0.8, (2.0, 0.0))]
+    agg = B.aggregate(results)
+    assert agg["seeds"] == [0, 1, 2]
+    # pooled accuracy 0.6, 0.7, 0.8: mean 0.7, sample std sqrt((0.01 + 0 + 0.01) / 2) = 0.1
+    assert agg["pooled"]["accuracy"]["mean"] == pytest.approx(0.7)
+    assert agg["pooled"]["accuracy"]["std"] == pytest.approx(0.1)
+    assert agg["pooled"]["macro_f1"]["mean"] == pytest.approx(0.35)
+    assert agg["pooled"]["kappa"]["std"] == pytest.approx(0.1)
+    # site means per seed: (0.5+0.7)/2 = 0.6, (0.6+0.8)/2 = 0.7, (0.9+0.7)/2 = 0.8
+    assert agg["site_mean"]["accuracy"]["values"] == pytest.approx([0.6, 0.7, 0.8])
+    assert agg["site_mean"]["accuracy"]["std"] == pytest.approx(0.1)
+    # site-0 over seeds: 0.5, 0.6, 0.9 → mean 2/3, std sqrt(0.08667 / 2) = 0.20817
+    assert agg["sites"]["site-0"]["accuracy"]["mean"] == pytest.approx(2 / 3)
+    assert agg["sites"]["site-0"]["accuracy"]["std"] == pytest.approx(0.208167, abs=1e-6)
+    # per-round terms: mean over seeds; a term missing in any seed is None
+    assert agg["rounds"]["train-nce"] == pytest.approx([2.0, 0.2])
+    assert agg["rounds"]["train-ce"] == [1.0, None]
+    assert B.fmt(agg["pooled"]["accuracy"]) == "0.700 ± 0.100"
+    assert B.fmt(B.mean_std([0.25])) == "0.250"  # one seed: no std
+
+
+def test_metrics_from_a_confusion_matrix_by_hand():
+    m = metrics_from_confusion([[3, 1], [1, 3]])
+    # accuracy 6/8; F1 of each class 0.75; kappa (0.75 − 0.5) / (1 − 0.5)
+    assert (m["accuracy"], m["macro_f1"], m["kappa"], m["num_examples"]) == \
+        pytest.approx((0.75, 0.75, 0.5, 8))
+    m = metrics_from_confusion([[2, 0], [2, 0]])  # everything predicted as class 0
+    assert (m["accuracy"], m["macro_f1"], m["kappa"]) == pytest.approx((0.5, 1 / 3, 0.0))
+
+
+def test_summary_table_json_and_plots_from_results_on_disk(tmp_path):
+    args = B.check_options(B.parser().parse_args(
+        ["accuracy", "--out", str(tmp_path), "--arms", "local-only", "fedavg-ce", "fedavg-kd",
+         "fedavg-moma"]))
+    sc = Scenario("same-task-3sites", tmp_path / "teacher.safetensors", (), task="same")
+    for seed, (moma, ce, local) in enumerate([(0.6, 0.5, 0.4), (0.7, 0.6, 0.5),
+                                              (0.8, 0.7, 0.3)]):
+        for name, acc in (("fedavg-moma", moma), ("fedavg-ce", ce), ("local-only", local)):
+            path = B.result_path(tmp_path, sc, seed, name)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(_result(name, seed, acc, acc, acc, (1.0, 0.0))))
+        B.result_path(tmp_path, sc, seed, "fedavg-kd").write_text(json.dumps(
+            {"arm": "fedavg-kd", "seed": seed, "status": "n/a", "reason": "needs same task"}))
+    summary = B.summarise(args, [sc], "moma-bench accuracy")
+    B.write_summary(tmp_path, summary)
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    arms = saved["scenarios"]["same-task-3sites"]["arms"]
+    assert arms["fedavg-moma"]["pooled"]["accuracy"]["mean"] == pytest.approx(0.7)
+    assert arms["local-only"]["pooled"]["accuracy"]["mean"] == pytest.approx(0.4)
+    assert arms["fedavg-kd"]["status"] == "n/a"
+    assert saved["scenarios"]["same-task-3sites"]["same_start"] is True
+    md = (tmp_path / "summary.md").read_text()
+    assert "| fedavg-moma | 3 | 0.700 ± 0.100 | 0.350 ± 0.050 | 0.200 ± 0.100 | 0.700 ± 0.100 |" \
+        in md
+    assert "| local-only | 3 | 0.400 ± 0.100 |" in md
+    assert "| fedavg-kd | – |" in md and "n/a: needs same task" in md
+    assert "5 per site" in md  # mean local steps of the two sites
+    assert "fedavg-moma − fedavg-ce: pooled accuracy +0.100" in md
+    assert "fedavg-moma − local-only: pooled accuracy +0.300" in md
+    for png in ("same-task-3sites-metrics.png", "same-task-3sites-terms.png"):
+        assert (tmp_path / "plots" / png).stat().st_size > 1000
+
+
+# -- reruns -----------------------------------------------------------------------------------
+def test_rerun_keeps_finished_arms_and_force_redoes_them(tmp_path, monkeypatch, capsys):
+    argv = ["accuracy", *TINY, "--tasks", "same", "--arms", "local-only", "--out",
+            str(tmp_path / "out")]
+    args, sc = _tiny(tmp_path, "same")
+    path = B.result_path(args.out, sc, 0, "local-only")
+
+    rc, out, _ = _main(monkeypatch, capsys, *argv)
+    assert rc == 0 and "seed 0 local-only (at " in out and "pooled accuracy" in out
+    first = json.loads(path.read_text())
+    assert first["status"] == "ok" and set(first["sites"]) == {"site-0", "site-1", "site-2"}
+
+    rc, out, _ = _main(monkeypatch, capsys, *argv)
+    assert rc == 0 and "local-only: done earlier, kept" in out
+    assert json.loads(path.read_text()) == first
+
+    rc, out, _ = _main(monkeypatch, capsys, *argv, "--force")
+    assert rc == 0 and "done earlier" not in out
+    again = json.loads(path.read_text())
+    assert again["wall_s"] != first["wall_s"]  # trained again
+    assert again["pooled"] == first["pooled"]  # same seed, same result
+
+    rc, _, err = _main(monkeypatch, capsys, *argv, "--rounds", "2")  # other settings
+    assert rc == 2 and "made with other settings" in err and len(err.strip().splitlines()) == 1
+    assert json.loads(path.read_text()) == again
+
+
+def _two_class_folder(root: Path, seed: int) -> Path:
+    """An ImageFolder of two classes that are not the synthetic task's (12 images each)."""
+    from PIL import Image
+
+    from moma_core.data.synthetic import generate
+
+    images, labels = generate("target", 48, seed=seed, image_size=32)
+    for i, (img, y) in enumerate(zip(images, labels, strict=True)):
+        if y in (0, 3):
+            folder = root / ("low" if y == 0 else "high")
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(folder / f"{i}.png")
+    return root
+
+
+def test_one_dataset_per_site_with_the_local_arms(tmp_path, monkeypatch, capsys):
+    a = _two_class_folder(tmp_path / "hospital-a", 1)
+    b = _two_class_folder(tmp_path / "hospital-b", 2)
+    teacher = tiny_teacher(tmp_path / "teacher.safetensors")  # the source task's classes
+    out = tmp_path / "out"
+    rc, stdout, err = _main(monkeypatch, capsys, "accuracy", "--quick", "--rounds", "1",
+                            "--arms", "local-only", "centralised-moma", "--site-data", str(a),
+                            str(b), "--teacher", str(teacher), "--out", str(out))
+    assert rc == 0, err
+    assert stdout.count("pooled accuracy") == 2
+    sc = json.loads((out / "summary.json").read_text())["scenarios"]["site-data-2sites"]
+    assert sc["task"] == "different" and sc["same_start"] is True
+    for name in ("local-only", "centralised-moma"):
+        result = json.loads((out / "site-data-2sites/seed-0" / f"{name}.json").read_text())
+        assert set(result["sites"]) == {"hospital-a", "hospital-b"}
+        assert result["run_config"]["classes"] == "high,low"
+        assert result["run_config"]["eval-source"] == ""  # the sites' task, not synthetic
+        held_out = sum(s["num_examples"] for s in result["sites"].values())
+        assert result["pooled"]["num_examples"] == held_out > 0  # the sites' validation splits
+        assert result["kl_on"] is False
+
+
+# -- a common start ---------------------------------------------------------------------------
+@pytest.mark.parametrize("task", ["same", "different"])
+def test_local_and_centralised_arms_start_from_the_federated_round_1_student(tmp_path, task):
+    args, sc = _tiny(tmp_path, task)
+    assert sc.task == task
+    fed = setup(sc, arm("fedavg-moma"), 0, tmp_path / "fed")
+    arch = Architecture(fed.run.federation.student_model, fed.run.class_names,
+                        fed.run.federation.image_size)
+    fed_state, how = initial_student(fed.run, arch, package_teacher(sc.teacher))
+    assert how.startswith("teacher")
+    # the CE-only baseline is given the teacher too: it starts from the same weights
+    ce = setup(sc, arm("fedavg-ce"), 0, tmp_path / "fed")
+    assert ce.run.coordinator.teacher_path == str(sc.teacher)
+    ce_state, _ = initial_student(ce.run, arch, package_teacher(ce.run.coordinator.teacher_path))
+    for name in ("local-only", "centralised-moma"):
+        s = setup(sc, arm(name), 0, tmp_path / name)
+        model, _, digest = start_student(s.run, sc.teacher)
+        state = wire_state(model.state_dict())
+        assert set(state) == set(fed_state) == set(ce_state)
+        for k in fed_state:
+            assert torch.equal(state[k], fed_state[k]), k
+            assert torch.equal(ce_state[k], fed_state[k]), k
+        out = run_local(s, sc.teacher, pooled=name == "centralised-moma")  # trains for real
+        assert out["init_digest"] == digest == state_digest(fed_state)
+        assert not torch.equal(out["models"][0].state_dict()["conv_stem.weight"],
+                               fed_state["conv_stem.weight"])  # and then it trained
+        steps = out["steps_per_site"]
+        assert list(steps) == (["centralised"] if name == "centralised-moma"
+                               else ["site-0", "site-1", "site-2"])
+
+
+# -- end to end (Ray) -------------------------------------------------------------------------
+@pytest.mark.slow
+def test_quick_benchmark_end_to_end(tmp_path):
+    out = tmp_path / "bench"
+    script = Path(sys.executable).parent / "moma-bench"
+    r = subprocess.run([str(script), "accuracy", "--quick", "--arms", "fedavg-moma",
+                        "local-only", "--seeds", "0", "--tasks", "different", "--n", "64",
+                        "--eval-n", "40", "--rounds", "2", "--teacher-n", "64",
+                        "--teacher-epochs", "1", "--out", str(out)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("pooled accuracy") == 2  # one progress line per arm
+    summary = json.loads((out / "summary.json").read_text())
+    sc = summary["scenarios"]["different-task-3sites"]
+    assert sc["task"] == "different" and sc["same_start"] is True
+    assert set(sc["arms"]) == {"fedavg-moma", "local-only"}
+    for name, agg in sc["arms"].items():
+        assert agg["status"] == "ok" and agg["seeds"] == [0] and agg["kl_on"] is False
+        for part in ("pooled", "site_mean"):
+            for metric in ("accuracy", "macro_f1"):
+                assert 0.0 <= agg[part][metric]["mean"] <= 1.0, (name, part, metric)
+            assert -1.0 <= agg[part]["kappa"]["mean"] <= 1.0
+        assert len(agg["sites"]) == 3
+        nce = agg["rounds"]["train-nce"]
+        assert len(nce) == 2 and all(v is not None and math.isfinite(v) and v >= 0 for v in nce)
+        assert agg["rounds"]["train-kl"] == [0.0, 0.0]  # a different task: KL off
+        assert agg["steps_per_site"] == sc["arms"]["local-only"]["steps_per_site"]
+    fed = json.loads((out / "different-task-3sites/seed-0/fedavg-moma.json").read_text())
+    results = json.loads((Path(fed["run_dir"]) / "results.json").read_text())
+    local = json.loads((out / "different-task-3sites/seed-0/local-only.json").read_text())
+    assert results["rounds"][0]["start_digest"] == local["init_digest"] == fed["init_digest"]
+    md = (out / "summary.md").read_text()
+    assert "| fedavg-moma | 1 |" in md and "| local-only | 1 |" in md
+    assert (out / "plots" / "different-task-3sites-terms.png").is_file()
