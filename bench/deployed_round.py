@@ -34,9 +34,11 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--n", type=int, default=96, help="training images per site")
     p.add_argument("--out", type=Path, default=Path("runs/bench-perf"))
+    p.add_argument("--keep", default=None, help="work in this folder and keep its logs")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
+        root = Path(args.keep) if args.keep else Path(tmp)
+        root.mkdir(parents=True, exist_ok=True)
         teacher = tiny_teacher(root / "teacher.safetensors")
         port, procs = free_port(), []
         env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}

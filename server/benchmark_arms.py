@@ -69,6 +69,7 @@ class Arm:
     aggregation: str = "fedavg"
     fedbn: bool = False
     about: str = ""
+    settings: tuple[tuple[str, object], ...] = ()  # other run settings (snake_case keys)
 
     @property
     def needs_same_task(self) -> bool:
@@ -85,6 +86,9 @@ ARMS: tuple[Arm, ...] = (
     Arm("fedavg-moma", "federated", "moma", about="FedAvg + MoMA (the product's default)"),
     Arm("fedprox-moma", "federated", "moma", aggregation="fedprox",
         about="MoMA with FedProx (proximal term mu = proximal-mu at the sites)"),
+    Arm("fedavg-moma-keys", "federated", "moma", settings=(("queue_keys", "keys"),),
+        about="FedAvg + MoMA enqueuing the positive keys themselves (queue-keys = keys: the "
+              "NCE term keeps its signal)"),
     Arm("fedbn-moma", "federated", "moma", fedbn=True,
         about="MoMA with FedBN (normalisation layers stay at the sites)"),
     Arm("centralised-moma", "central", "moma",
@@ -139,6 +143,8 @@ def setup(scenario: Scenario, arm_: Arm, seed: int, runs_dir: Path) -> Setup:
         # moma-simulate gives --site-data runs the synthetic target task as the coordinator's
         # held-out set, which is not the sites' task; every arm is scored here instead
         run = run.with_values(eval_source="")
+    if arm_.settings:
+        run = run.with_values(**dict(arm_.settings))
     return Setup(args, run, sites, out_dir)
 
 
