@@ -279,13 +279,19 @@ def _num_classes(model: nn.Module) -> int:
     return int(model.get_classifier().out_features)
 
 
-def init_student_from_teacher(student: nn.Module, teacher: nn.Module) -> int:
+def init_student_from_teacher(student: nn.Module, teacher: nn.Module,
+                              classifier: bool = True) -> int:
     """Copy every teacher tensor whose name and shape match into the student; returns count.
 
-    With a teacher of another task the classifier is left at its fresh initialisation.
+    ``classifier=False`` (a teacher of another task: pass ``same_task(...)``) leaves the
+    student's classifier at its fresh initialisation even when the class counts agree — the
+    teacher's class k is not the student's class k.
     """
     s_state = student.state_dict()
+    head = {f"{name}." for name, module in student.named_modules()
+            if module is student.get_classifier()}
     matched = {k: v for k, v in teacher.state_dict().items()
-               if k in s_state and s_state[k].shape == v.shape}
+               if k in s_state and s_state[k].shape == v.shape
+               and (classifier or not any(k.startswith(p) for p in head))}
     student.load_state_dict(matched, strict=False)
     return len(matched)

@@ -29,7 +29,7 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from moma_core.evaluate import evaluate
 from moma_core.models import Architecture, build_model
-from moma_core.objectives import init_student_from_teacher
+from moma_core.objectives import init_student_from_teacher, same_task
 from moma_core.sources import SYNTHETIC, make_loader, open_eval_data
 from moma_protocol.settings import RunConfig
 from moma_protocol.wire import wire_state
@@ -79,7 +79,8 @@ def initial_student(run: RunConfig, arch: Architecture, teacher: TeacherPackage 
     else:
         t_model = build_model(teacher.architecture)
         t_model.load_state_dict(load_safetensors(teacher.data))
-        copied = init_student_from_teacher(model, t_model)
+        same = same_task(teacher.architecture.classes, arch.classes)
+        copied = init_student_from_teacher(model, t_model, classifier=same)
         how = f"teacher ({copied} of {len(model.state_dict())} tensors)"
     return wire_state(model.state_dict()), how
 

@@ -139,3 +139,16 @@ def test_objective_config_validates():
         ObjectiveConfig(attention_keys="random")
     cfg = ObjectiveConfig(queue_size=10)
     assert ObjectiveConfig.from_dict({**cfg.to_dict(), "unknown": 1}) == cfg
+
+
+def test_a_teacher_of_another_task_with_as_many_classes_keeps_its_head_to_itself():
+    """Same class count, other class names: the backbone is copied, the head is not (the
+    teacher's class k is not the student's class k)."""
+    teacher, student = _pair(4, 4)
+    fresh = student.get_classifier().weight.detach().clone()
+    copied = init_student_from_teacher(student, teacher, classifier=False)
+    assert copied == len(teacher.state_dict()) - 2
+    assert torch.equal(student.get_classifier().weight, fresh)
+    assert torch.equal(student.conv_stem.weight, teacher.conv_stem.weight)
+    assert init_student_from_teacher(student, teacher) == len(teacher.state_dict())
+    assert torch.equal(student.get_classifier().weight, teacher.get_classifier().weight)

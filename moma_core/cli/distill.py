@@ -75,7 +75,8 @@ def distill(args: argparse.Namespace) -> dict:
     seed_everything(args.seed)  # fresh heads, projection, attention and queue: same seed, same
     student = build_model(s_arch)
     if teacher is not None and args.init == "teacher":
-        init_student_from_teacher(student, teacher)
+        init_student_from_teacher(student, teacher, classifier=same_task(arch.classes,
+                                                                         data.classes))
     obj_cfg = ObjectiveConfig(kind=args.objective, teacher_update=args.teacher_update,
                               attention_keys=args.attention_keys, queue_size=args.queue_size,
                               queue_keys=args.queue_keys, kl_teacher=args.kl_teacher,
