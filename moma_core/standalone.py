@@ -8,6 +8,7 @@ test split (:func:`open_test_split`).
 
 from __future__ import annotations
 
+import argparse
 import csv
 import time
 import zipfile
@@ -104,6 +105,16 @@ def has_test_split(source: str) -> bool:
         except (OSError, ValueError, zipfile.BadZipFile) as exc:
             raise DataError(f"cannot read npz file {path}: {exc}") from exc
     return False
+
+
+def test_split_for(args: argparse.Namespace, classes: Sequence[str]) -> Dataset | None:
+    """:func:`open_test_split` from a standalone command's data options (``--test-n`` checked)."""
+    if args.test_n < 0:
+        raise ValueError(f"--test-n {args.test_n}: give 0 (no test split) or more images")
+    return open_test_split(args.source, args.image_size, args.seed, args.test_n,
+                           args.site_index, args.num_sites, classes,
+                           "skip" if args.skip_bad_images else "raise",
+                           args.allow_outside_paths)
 
 
 def open_test_split(source: str, image_size: int, seed: int = 0, n: int = 400,

@@ -17,30 +17,6 @@ def _run(*args, timeout=300):
                           timeout=timeout)
 
 
-class _Result:
-    def __init__(self, returncode: int, stdout: str, stderr: str) -> None:
-        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
-
-
-@pytest.fixture
-def call(monkeypatch, capsys):
-    """Run a command's ``main`` in-process (fast); same exit code and stderr as the script."""
-    from moma_core.cli import distill, teacher
-    from server import cli as server_cli
-    from server import simulate
-
-    mains = {"moma-server": server_cli.main, "moma-simulate": simulate.main,
-             "moma-distill": distill.main, "moma-teacher": teacher.main}
-
-    def run(command: str, *args) -> _Result:
-        monkeypatch.setattr(sys, "argv", [command, *map(str, args)])
-        code = mains[command]()
-        out = capsys.readouterr()
-        return _Result(code, out.out, out.err)
-
-    return run
-
-
 def _one_line_error(r, text: str) -> None:
     assert r.returncode == 2, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
     lines = [line for line in r.stderr.splitlines() if line.strip()]

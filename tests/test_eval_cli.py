@@ -29,28 +29,6 @@ TINY = ["--image-size", str(SIZE), "--batch-size", "8", "--device", "cpu", "--op
         "adamw", "--lr", "0.003", "--augment", "flip"]
 
 
-class _Result:
-    def __init__(self, returncode: int, stdout: str, stderr: str) -> None:
-        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
-
-
-@pytest.fixture
-def call(monkeypatch, capsys):
-    """Run a command's ``main`` in-process: same exit code, stdout and stderr as the script."""
-    from moma_core.cli import distill, evaluate, teacher
-
-    mains = {"moma-eval": evaluate.main, "moma-distill": distill.main,
-             "moma-teacher": teacher.main}
-
-    def run(command: str, *args) -> _Result:
-        monkeypatch.setattr(sys, "argv", [command, *map(str, args)])
-        code = mains[command]()
-        out = capsys.readouterr()
-        return _Result(code, out.out, out.err)
-
-    return run
-
-
 def constant_model(path: Path, classes: tuple[str, ...], predict: str) -> Path:
     """A checkpoint whose model predicts ``predict`` for every image (logits = 10·one-hot)."""
     torch.manual_seed(0)
@@ -89,7 +67,7 @@ TRAIN = {"a": 2, "b": 2, "c": 2}
 TEST = {"a": 1, "b": 2, "c": 3}
 
 
-def _one_line_error(r: _Result, text: str) -> None:
+def _one_line_error(r, text: str) -> None:
     assert r.returncode == 2, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and text in lines[0], r.stderr

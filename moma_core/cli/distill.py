@@ -26,7 +26,7 @@ from moma_core.progress import console
 from moma_core.report import plot_curves, write_json
 from moma_core.seeding import seed_everything
 from moma_core.sources import open_site_data
-from moma_core.standalone import PLAIN, final_scores, fit, open_test_split, resolve_device
+from moma_core.standalone import PLAIN, final_scores, fit, resolve_device, test_split_for
 from moma_core.train import TrainConfig
 
 
@@ -86,12 +86,7 @@ def distill(args: argparse.Namespace) -> dict:
                                 n_data=len(data.train))
     cfg = TrainConfig(epochs=args.epochs, lr=args.lr, optimizer=args.optimizer,
                       weight_decay=args.weight_decay, seed=args.seed, amp=args.amp)
-    if args.test_n < 0:
-        raise ValueError(f"--test-n {args.test_n}: give 0 (no test split) or more images")
-    test = open_test_split(args.source, args.image_size, args.seed, args.test_n,
-                           args.site_index, args.num_sites, data.classes,
-                           "skip" if args.skip_bad_images else "raise",
-                           args.allow_outside_paths)
+    test = test_split_for(args, data.classes)
     name = args.name or f"distill-{args.objective}"
     out = args.runs_dir / name
     console.print(f"{args.objective} student {model_name} on {args.source}: "

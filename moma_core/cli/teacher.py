@@ -21,7 +21,7 @@ from moma_core.objectives import ObjectiveConfig, build_objective
 from moma_core.progress import console
 from moma_core.seeding import seed_everything
 from moma_core.sources import open_site_data
-from moma_core.standalone import PLAIN, final_scores, fit, open_test_split, resolve_device
+from moma_core.standalone import PLAIN, final_scores, fit, resolve_device, test_split_for
 from moma_core.train import TrainConfig
 
 #: A teacher is trained from scratch: a larger rate than a student distilled from its init.
@@ -53,12 +53,7 @@ def train_teacher(args: argparse.Namespace) -> tuple[str, list[dict]]:
     cfg = TrainConfig(epochs=args.epochs, lr=args.lr, optimizer=args.optimizer,
                       weight_decay=args.weight_decay, seed=args.seed, amp=args.amp)
     objective = build_objective(ObjectiveConfig(kind="ce"), model)
-    if args.test_n < 0:
-        raise ValueError(f"--test-n {args.test_n}: give 0 (no test split) or more images")
-    test = open_test_split(args.source, args.image_size, args.seed, args.test_n,
-                           args.site_index, args.num_sites, data.classes,
-                           "skip" if args.skip_bad_images else "raise",
-                           args.allow_outside_paths)
+    test = test_split_for(args, data.classes)
     _, history = fit(model, objective, data, cfg, args.batch_size, device, "teacher", test)
     digest = save_checkpoint(args.out, model.state_dict(), arch, teacher_meta(args, history[-1]))
     console.print(f"wrote {args.out} (sha256 {digest[:16]}…): {final_scores(history[-1])}",
