@@ -204,11 +204,11 @@ def run_federated(s: Setup) -> dict:
             "steps_per_site": steps, "run_dir": str(s.out_dir), "checkpoint": str(last)}
 
 
-def start_student(run: RunConfig, teacher: Path) -> tuple[nn.Module, str, str]:
+def start_student(run: RunConfig, teacher: Path | None) -> tuple[nn.Module, str, str]:
     """The federation's round-1 student as a model, how it was made and its SHA-256."""
     fed = run.federation
     arch = Architecture(fed.student_model, run.class_names, fed.image_size)
-    state, how = initial_student(run, arch, package_teacher(teacher))
+    state, how = initial_student(run, arch, package_teacher(teacher) if teacher else None)
     model = build_model(arch)
     model.load_state_dict(state, strict=False)  # BN step counters are not in the wire state
     return model, how, state_digest(state)
@@ -235,7 +235,7 @@ def run_local(s: Setup, teacher: Path, pooled: bool) -> dict:
             "round_status": ["ok"] * len(rounds), "steps_per_site": steps}
 
 
-def train_alone(run: RunConfig, train: Dataset, name: str, teacher: Path
+def train_alone(run: RunConfig, train: Dataset, name: str, teacher: Path | None
                 ) -> tuple[nn.Module, str, str, list[dict], int]:
     """Rounds of :func:`train_local` on one training set, as a site trains them, unaveraged.
 
@@ -245,6 +245,8 @@ def train_alone(run: RunConfig, train: Dataset, name: str, teacher: Path
     student, how, digest = start_student(run, teacher)
     t_model, t_arch = (None, None)
     if run.objective.objective != "ce":
+        if teacher is None:
+            raise ValueError(f"objective {run.objective.objective!r} needs a teacher")
         t_model, t_arch, _ = load_model(teacher)
     objective, history, steps = None, [], 0
     for rnd in range(1, fed.num_rounds + 1):
