@@ -127,11 +127,12 @@ class MoMA(_TeacherObjective):
     **The NCE term with the reference's queue.** Positives are k = A_k(k̂), negatives A_enq(k̂)
     of earlier batches: two *different* random maps of the same keys, and q = A_q(g_s(f_s)) is
     not re-normalised. A_q learns to tell the two maps apart instead of the images, so the NCE
-    term drops to exactly 0.0 within about an epoch and then gives no gradient (measured: 0.74
-    in the first epoch, then 0.0; synthetic target task, K = 1024). This is the reference's
-    behaviour, kept by default (``queue_keys = "reference"``). ``queue_keys = "keys"`` enqueues
-    k itself (MoCo's rule): positives and negatives then come from one map and the term stays
-    near log(K+1) − small, carrying gradient throughout (6.6 of 6.9 over six epochs there).
+    term drops to exactly 0.0 within about an epoch and then gives no gradient (``moma-bench
+    accuracy --quick``, docs/benchmarks.md: 0.85 in round 1, then 0.0). This is the
+    reference's behaviour, kept by default (``queue_keys = "reference"``). ``queue_keys =
+    "keys"`` enqueues k itself (MoCo's rule): positives and negatives then come from one map and
+    the term stays below but near log(K+1), carrying gradient throughout (4.7–5.7 per round
+    there, K = 256).
     The run report shows the NCE term per round.
 
     g_t starts as a copy of g_s (``key_head_init = "copy"``) or, as in the reference, with its
