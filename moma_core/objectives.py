@@ -131,8 +131,8 @@ class MoMA(_TeacherObjective):
     accuracy --quick``, docs/benchmarks.md: 0.85 in round 1, then 0.0). This is the
     reference's behaviour, kept by default (``queue_keys = "reference"``). ``queue_keys =
     "keys"`` enqueues k itself (MoCo's rule): positives and negatives then come from one map and
-    the term stays below but near log(K+1), carrying gradient throughout (4.7–5.7 per round
-    there, K = 256).
+    the term stays around log(K+1), carrying gradient throughout (4.7–5.7 per round there,
+    K = 256: log 257 ≈ 5.5).
     The run report shows the NCE term per round.
 
     g_t starts as a copy of g_s (``key_head_init = "copy"``) or, as in the reference, with its
