@@ -94,3 +94,21 @@ def test_kept_local_keys_may_be_omitted_but_not_sent():
     assert check_update({"w": torch.zeros(2, 2)}, REF, local={"b"}) is None
     assert "kept-local" in check_update(_u(1), REF, local={"b"})
     assert "missing" in check_update({"b": torch.zeros(2)}, REF, local={"b"})
+
+
+def test_a_lying_site_cannot_slip_a_bad_float16_change_past_the_update_check():
+    """transfer-dtype float16: a change of the wrong shape, or one that overflows, is rejected
+    after the coordinator adds it to its float32 copy."""
+    import torch
+
+    from moma_protocol.wire import unpack_update
+    from server.aggregation import check_update
+
+    reference = {"w": torch.ones(4, 4), "b": torch.zeros(4)}
+    good = {"w": torch.full((4, 4), 0.01, dtype=torch.float16),
+            "b": torch.zeros(4, dtype=torch.float16)}
+    assert check_update(unpack_update(good, reference), reference) is None
+    wrong_shape = {**good, "w": torch.zeros(3, dtype=torch.float16)}
+    assert check_update(unpack_update(wrong_shape, reference), reference) is not None
+    overflow = {**good, "b": torch.full((4,), float("inf"), dtype=torch.float16)}
+    assert check_update(unpack_update(overflow, reference), reference) is not None
