@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -43,10 +44,23 @@ def main() -> int:
         port, procs = free_port(), []
         env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
 
+        t0 = time.time()
+
         def start(name: str, cmd: list[str]) -> None:
-            log = open(root / f"{name}.log", "wb")
-            procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                          start_new_session=True))
+            """Start ``cmd``; its output goes to ``<name>.log``, each line stamped with the
+            seconds since the benchmark started (for tracing where a round's time goes)."""
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    env=env, start_new_session=True)
+            procs.append(proc)
+
+            def copy(path: Path = root / f"{name}.log") -> None:
+                with open(path, "w", encoding="utf-8") as out:
+                    for line in iter(proc.stdout.readline, b""):
+                        out.write(f"{time.time() - t0:8.2f} "
+                                  f"{line.decode(errors='replace').rstrip()}\n")
+                        out.flush()
+
+            threading.Thread(target=copy, daemon=True).start()
 
         start("server", [str(BIN / "moma-server"), "--teacher", str(teacher), "--name", "b",
                          "--runs-dir", str(root / "runs"), "--port", str(port), "--insecure",

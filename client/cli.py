@@ -9,15 +9,21 @@ Plaintext without authentication only with ``--insecure`` (local trials).
 
 The data path, cache directory and device are this site's own settings; they go into the
 SuperNode's node config and are never taken from the coordinator. The data is validated (and
-its class counts shown) before anything connects. No child process outlives this command; a
-second ``moma-client`` on the same cache folder or port is refused.
+its class counts shown) before anything connects. A warm worker (:mod:`client.site_worker`)
+does the site's work for every message, so that imports and data decoding are paid once, not
+every round (``--no-worker``: one fresh process per message, as Flower runs it). No child
+process outlives this command; a second ``moma-client`` on the same cache folder or port is
+refused.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
+import tempfile
+import threading
 import time
 import tomllib
 from pathlib import Path
@@ -61,6 +67,10 @@ def parser() -> argparse.ArgumentParser:
                    help="a CSV manifest may name images outside its folder")
     p.add_argument("--check-only", action="store_true",
                    help="decode every image as training will, report, and exit")
+    p.add_argument("--no-worker", action="store_true",
+                   help="no warm site worker: every message is handled in a fresh process "
+                        "(imports and data decoding repeated each round; less memory held "
+                        "between rounds)")
     return p
 
 
@@ -107,6 +117,8 @@ def node_config(args: argparse.Namespace) -> str:
         values["teacher-signer"] = str(args.kit_info.teacher_signer.resolve())
     if args.site_index is not None:
         values["site-index"] = args.site_index
+    if getattr(args, "worker_socket", None):
+        values["site-worker"] = str(args.worker_socket)
     return " ".join(f'{k}="{v}"' if isinstance(v, str) else f"{k}={v}"
                     for k, v in values.items())
 
@@ -144,6 +156,44 @@ def transport_args(args: argparse.Namespace) -> list[str]:
             "--auth-supernode-private-key", str(kit.node_key.resolve())]
 
 
+class WorkerKeeper:
+    """The site's warm worker (:mod:`client.site_worker`), started again if it stops."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env, self.proc = env, None
+        self.dir = Path(tempfile.mkdtemp(prefix="moma-site-"))  # mode 0700, short path
+        self.socket = self.dir / "worker.sock"
+        self.closing = threading.Event()
+        self.thread = threading.Thread(target=self._keep, daemon=True)
+
+    def _spawn(self) -> None:
+        self.proc = spawn([sys.executable, "-m", "client.site_worker", "--socket",
+                           str(self.socket), "--parent-pid", str(os.getpid())], self.env)
+
+    def start(self) -> Path:
+        self._spawn()
+        self.thread.start()
+        return self.socket
+
+    def _keep(self) -> None:
+        delay = 5.0
+        while not self.closing.is_set():
+            rc = self.proc.wait()
+            if self.closing.is_set():
+                return
+            console.print(f"[yellow]the site worker stopped (exit code {rc}); messages are "
+                          f"handled in their own processes until it is back (in {delay:.0f} s)")
+            if self.closing.wait(delay):
+                return
+            delay = min(delay * 2, 300.0)
+            self._spawn()
+
+    def close(self) -> None:
+        self.closing.set()
+        stop(self.proc)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
 def start(args: argparse.Namespace) -> int:
     resolve(args)
     check_data(args)
@@ -153,7 +203,7 @@ def start(args: argparse.Namespace) -> int:
     cache = args.cache_dir.resolve()
     lock = InstanceLock(cache / ".moma-client.lock", f"site cache folder {cache}")
     killed = lock.acquire()
-    proc = None
+    proc = worker = None
     try:
         if killed:
             console.print(f"stopped {len(killed)} leftover process(es) of a previous "
@@ -163,6 +213,9 @@ def start(args: argparse.Namespace) -> int:
         launcher_dir = write_launcher(cache / "bin").parent
         env["PATH"] = str(launcher_dir) + os.pathsep + env["PATH"]
         env[LOG_ENV] = str(cache / "logs" / "guard.log")
+        if not args.no_worker:
+            worker = WorkerKeeper(lock.env(env))
+            args.worker_socket = worker.start()
         cmd = [executable("flower-supernode"), *transport, "--superlink", args.server,
                "--host", "127.0.0.1", "--port", str(args.clientappio_port),
                "--node-config", node_config(args)]
@@ -195,6 +248,8 @@ def start(args: argparse.Namespace) -> int:
         return 130
     finally:
         stop(proc)
+        if worker is not None:
+            worker.close()
         kill_tagged(lock.tag)
         lock.release()
 

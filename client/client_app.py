@@ -1,4 +1,4 @@
-"""The site's Flower ClientApp: thin glue from messages to :mod:`client.site_training`.
+"""The site's Flower ClientApp: thin glue from messages to :mod:`client.site_round`.
 
 Handlers: ``query.teacher_status`` (first contact only: does the cache hold the named teacher?),
 ``train`` (store the teacher if it came along; with ``evaluate`` in the message, first score
@@ -7,7 +7,10 @@ metrics, ``teacher-cached`` and the evaluation — one exchange per round), ``ev
 final global student after the last round). Site settings come from the node config only; the
 run's settings from Flower's run config, read once per run in this process; a message carries
 only what changes per round. The handlers import the training stack only when they need it:
-the status query only hashes a file.
+the status query only hashes a file. When the node config names the site's warm worker
+(``site-worker``, set by ``moma-client``), train and evaluate are forwarded to it
+(:mod:`client.site_worker`) and this process loads no torch at all; without it, or when it
+cannot be reached, this process runs the same :mod:`client.site_round` functions itself.
 
 Every handler is guarded (:func:`guarded`): an exception is logged here in full and answered
 with its category only (:func:`client.site_errors.error_reply`), and a reply is checked against
@@ -17,18 +20,20 @@ withheld and answered ``internal-error``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
 from collections.abc import Callable
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.site_config import SiteSettings, site_settings
+from client import site_round, site_worker
 from client.site_errors import ConfigError, error_category, error_reply
+from client.site_round import RoundFields, TeacherDelivery, site_and_run
+from client.site_worker import NODE_KEY
 from moma_protocol import wire as P
-from moma_protocol.settings import RunConfig
 
 log = logging.getLogger("moma.client")
 app = ClientApp()
@@ -67,28 +72,64 @@ def _sent_arrays(msg: Message) -> set[str]:
     return set(content[P.ARRAYS].keys()) if P.ARRAYS in content else set()
 
 
-@functools.lru_cache(maxsize=4)
-def _run_config(run_id: int, items: tuple) -> RunConfig:
-    return RunConfig.from_flat(dict(items))
-
-
-def site_and_run(context: Context) -> tuple[SiteSettings, RunConfig]:
-    """The site's node config and the run's settings (parsed once per run), or ConfigError."""
-    try:
-        run = _run_config(context.run_id, tuple(sorted(context.run_config.items())))
-        settings = site_settings(context.node_config, run.coordinator.simulation_sites)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ConfigError("the node or run config is not usable at this site") from exc
-    return settings, run
-
-
-def _round_fields(msg: Message) -> tuple[str, int, bool]:
+def _round_fields(msg: Message) -> RoundFields:
     try:
         config = msg.content[P.CONFIG]
-        return (str(config[P.TEACHER_SHA]), int(config[P.SERVER_ROUND]),
-                bool(config.get(P.EVALUATE_FLAG, False)))
+        return RoundFields(str(config[P.TEACHER_SHA]), int(config[P.SERVER_ROUND]),
+                           bool(config.get(P.EVALUATE_FLAG, False)))
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigError("the train message lacks the teacher hash or round") from exc
+
+
+def _teacher(msg: Message) -> TeacherDelivery | None:
+    """The teacher package the message carries, if any."""
+    if P.TEACHER not in msg.content:
+        return None
+    try:
+        blob = P.array_to_bytes(msg.content[P.TEACHER][P.TEACHER_FILE].numpy())
+        meta = msg.content[P.TEACHER_META]
+        sidecar = json.loads(str(meta["sidecar"]))
+        signature = json.loads(str(meta[P.TEACHER_SIGNATURE])) \
+            if P.TEACHER_SIGNATURE in meta else None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise _unreadable_teacher() from exc
+    if not isinstance(sidecar, dict) or not (signature is None or isinstance(signature, dict)):
+        raise _unreadable_teacher()
+    return TeacherDelivery(blob, sidecar, signature)
+
+
+def _unreadable_teacher() -> Exception:
+    from moma_core.checkpoint import CheckpointError  # loads the model stack: on failure only
+
+    return CheckpointError("the teacher package in the message is unreadable")
+
+
+def _on_worker(context: Context, header: dict, arrays: ArrayRecord, extra: list[bytes] = ()
+               ) -> tuple[dict, dict] | None:
+    """The site worker's answer to ``header`` (see :mod:`client.site_worker`), or None when
+    this site has no worker or it cannot be reached (the caller then does the work itself)."""
+    path = context.node_config.get(NODE_KEY)
+    if not path:
+        return None
+    header = {**header, "node_config": dict(context.node_config),
+              "run_config": dict(context.run_config)}
+    try:
+        reply, out = site_worker.call(str(path), header,
+                                      {k: v.numpy() for k, v in arrays.items()}, list(extra))
+    except site_worker.WorkerUnavailable as exc:
+        log.warning("%s; doing the work in this process", exc)
+        return None
+    return reply, out
+
+
+def _torch_state(arrays: ArrayRecord) -> dict:
+    import torch  # noqa: F401  (Flower converts only once torch is loaded)
+
+    return arrays.to_torch_state_dict()
+
+
+def _array_record(arrays: dict) -> ArrayRecord:
+    return ArrayRecord({k: Array.from_numpy_ndarray(v) for k, v in arrays.items()})
 
 
 @app.query("teacher_status")
@@ -96,7 +137,7 @@ def _round_fields(msg: Message) -> tuple[str, int, bool]:
 def teacher_status(msg: Message, context: Context) -> Message:
     from client.site_state import TeacherCache
 
-    settings, _ = site_and_run(context)
+    settings, _ = site_and_run(context.node_config, context.run_config)
     try:
         sha = str(msg.content[P.CONFIG][P.TEACHER_SHA])
     except (KeyError, TypeError) as exc:
@@ -111,51 +152,36 @@ def teacher_status(msg: Message, context: Context) -> Message:
     return Message(RecordDict(records), reply_to=msg)
 
 
-def _store_teacher(msg: Message, settings: SiteSettings, sha: str) -> None:
-    from client.site_state import TeacherCache
-    from moma_core.checkpoint import CheckpointError
-
-    try:
-        blob = P.array_to_bytes(msg.content[P.TEACHER][P.TEACHER_FILE].numpy())
-        meta = msg.content[P.TEACHER_META]
-        sidecar = json.loads(str(meta["sidecar"]))
-        signature = json.loads(str(meta[P.TEACHER_SIGNATURE])) \
-            if P.TEACHER_SIGNATURE in meta else None
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError("the teacher package in the message is unreadable") from exc
-    TeacherCache(settings.cache_dir, settings.teacher_signer).store(blob, sidecar, sha,
-                                                                    signature)
-    log.info("teacher %s… stored in the site cache", sha[:12])
-
-
 @app.train()
 @guarded
 def train(msg: Message, context: Context) -> Message:
-    from client.site_training import evaluate_round, train_round
-
-    settings, run = site_and_run(context)
-    sha, server_round, score_incoming = _round_fields(msg)
-    if P.TEACHER in msg.content:
-        _store_teacher(msg, settings, sha)
-    global_state = P.unpack_global(msg.content[P.ARRAYS].to_torch_state_dict())
-    records: dict = {}
-    if score_incoming:
-        n_val, m = evaluate_round(settings, run, global_state)
-        records[P.EVAL_METRICS] = MetricRecord({**m, P.NUM_EXAMPLES: n_val})
-    state, n, metrics = train_round(settings, run, server_round, global_state, sha)
-    metrics[P.NUM_EXAMPLES] = n
-    sent = P.pack_update(state, global_state, run.federation.transfer_dtype)
-    records = {P.ARRAYS: ArrayRecord(sent), P.METRICS: MetricRecord(metrics), **records}
+    fields, teacher = _round_fields(msg), _teacher(msg)
+    header = {"op": "train", "fields": dataclasses.asdict(fields),
+              "teacher": None if teacher is None else
+              {"sidecar": teacher.sidecar, "signature": teacher.signature}}
+    answer = _on_worker(context, header, msg.content[P.ARRAYS],
+                        [teacher.blob] if teacher is not None else [])
+    if answer is not None:
+        reply, out = answer
+        sent, metrics, incoming = _array_record(out), reply["metrics"], reply["incoming"]
+    else:
+        state, metrics, incoming = site_round.train(
+            context.node_config, context.run_config, fields, teacher,
+            _torch_state(msg.content[P.ARRAYS]))
+        sent = ArrayRecord(state)
+    records = {P.ARRAYS: sent, P.METRICS: MetricRecord(metrics)}
+    if incoming is not None:
+        records[P.EVAL_METRICS] = MetricRecord(incoming)
     return Message(RecordDict(records), reply_to=msg)
 
 
 @app.evaluate()
 @guarded
 def evaluate(msg: Message, context: Context) -> Message:
-    from client.site_training import evaluate_round
-
-    settings, run = site_and_run(context)
-    n, metrics = evaluate_round(settings, run,
-                                P.unpack_global(msg.content[P.ARRAYS].to_torch_state_dict()))
-    metrics[P.NUM_EXAMPLES] = n
+    answer = _on_worker(context, {"op": "evaluate"}, msg.content[P.ARRAYS])
+    if answer is not None:
+        metrics = answer[0]["metrics"]
+    else:
+        metrics = site_round.evaluate(context.node_config, context.run_config,
+                                      _torch_state(msg.content[P.ARRAYS]))
     return Message(RecordDict({P.METRICS: MetricRecord(metrics)}), reply_to=msg)

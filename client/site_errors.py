@@ -9,7 +9,7 @@ from __future__ import annotations
 from flwr.app import Message
 
 from client.site_config import SiteConfigError
-from moma_protocol.wire import category_reply
+from moma_protocol.wire import ERROR_CODES, category_reply
 
 
 class ConfigError(ValueError):
@@ -24,8 +24,13 @@ def error_category(exc: BaseException) -> str:
     """The category an exception is reported as: by its type, never by its text.
 
     (The training stack's exception types are imported here, on failure only, so that a
-    handler that never trains does not load torch.)
+    handler that never trains does not load torch.) A failure the site's worker reported
+    keeps the category the worker chose (:class:`client.site_worker.WorkerFailure`).
     """
+    from client.site_worker import WorkerFailure
+
+    if isinstance(exc, WorkerFailure):
+        return exc.category if exc.category in ERROR_CODES else "internal-error"
     import torch
 
     from client.site_training import StudentMismatch

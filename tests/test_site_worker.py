@@ -1,0 +1,223 @@
+"""The site's warm worker: a real worker process on a real Unix socket, driven through the
+site's own ClientApp handlers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+
+import client.client_app as site_app
+from client import site_worker
+from moma_protocol import wire as P
+from server.teacher_package import TeacherPackage, package_teacher
+from tests.helpers import tiny_run, tiny_teacher
+from tests.test_protocol import _wire, instruction
+
+ROOT = Path(__file__).resolve().parents[1]
+CEILING = 600.0  # a busy machine: the worker imports torch and timm before it listens
+
+
+class Worker:
+    def __init__(self, socket: Path, log: Path, parent_pid: int | None = None) -> None:
+        self.socket, self.log = socket, log
+        cmd = [sys.executable, "-m", "client.site_worker", "--socket", str(socket)]
+        if parent_pid is not None:
+            cmd += ["--parent-pid", str(parent_pid)]
+        # one torch thread, as in this test process (conftest): same thread count, same sums
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL,
+                                     stderr=open(log, "wb"), env=env)
+
+    def wait_ready(self) -> int:
+        deadline = time.time() + CEILING
+        while time.time() < deadline:
+            assert self.proc.poll() is None, self.log.read_text()
+            try:
+                return site_worker.call(str(self.socket), {"op": "ping"}, {})[0]["pid"]
+            except site_worker.WorkerUnavailable:
+                time.sleep(0.5)
+        raise AssertionError("the worker did not come up: " + self.log.read_text())
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(60)
+
+
+@pytest.fixture
+def worker(tmp_path_factory):
+    folder = Path(os.path.realpath(tmp_path_factory.mktemp("w")))
+    w = Worker(folder / "worker.sock", folder / "worker.log")
+    try:
+        w.wait_ready()
+        yield w
+    finally:
+        w.stop()
+
+
+def _context(node: dict, run: dict) -> Context:
+    return Context(run_id=1, node_id=7, node_config=node, state=RecordDict(), run_config=run)
+
+
+def _node(cache: Path, **extra) -> dict:
+    return {"data-path": "synthetic:target", "cache-dir": str(cache), "site-index": 0,
+            "num-sites": 2, "n": 32, "site-name": "site-a", "device": "cpu", **extra}
+
+
+def _first_train_message(teacher: TeacherPackage):
+    config = ConfigRecord({P.SERVER_ROUND: 1, P.TEACHER_SHA: teacher.sha256,
+                           P.EVALUATE_FLAG: True})
+    return instruction(P.TRAIN, RecordDict({P.ARRAYS: ArrayRecord(_wire()), P.CONFIG: config,
+                                            **teacher.records()}))
+
+
+def test_a_round_on_the_worker_equals_the_round_in_process(worker, tmp_path):
+    teacher = package_teacher(tiny_teacher(tmp_path / "teacher.safetensors"))
+    run = tiny_run().to_flat()
+    msg = _first_train_message(teacher)
+    remote = site_app.train(msg, _context(_node(tmp_path / "w", **{
+        site_worker.NODE_KEY: str(worker.socket)}), run))
+    local = site_app.train(msg, _context(_node(tmp_path / "p"), run))
+    assert not remote.has_error() and not local.has_error()
+    assert "train handled" in worker.log.read_text()  # the worker did it, not this process
+    a, b = (r.content[P.ARRAYS].to_torch_state_dict() for r in (remote, local))
+    assert list(a) == list(b)  # same names, same order
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    ma, mb = dict(remote.content[P.METRICS]), dict(local.content[P.METRICS])
+    ma.pop("train-time-s"), mb.pop("train-time-s")
+    assert ma == mb
+    assert dict(remote.content[P.EVAL_METRICS]) == dict(local.content[P.EVAL_METRICS])
+    # the teacher it carried is in the worker's site cache, as it would be in-process
+    assert (tmp_path / "w" / "teachers" / f"{teacher.sha256}.safetensors").is_file()
+    # final evaluation goes the same way
+    ev = instruction(P.EVALUATE, RecordDict({P.ARRAYS: ArrayRecord(_wire())}))
+    ra = site_app.evaluate(ev, _context(_node(tmp_path / "w", **{
+        site_worker.NODE_KEY: str(worker.socket)}), run))
+    rb = site_app.evaluate(ev, _context(_node(tmp_path / "p"), run))
+    assert dict(ra.content[P.METRICS]) == dict(rb.content[P.METRICS])
+    assert worker.log.read_text().count("evaluate handled") == 1
+
+
+def test_a_failure_on_the_worker_is_answered_by_category_only(worker, tmp_path):
+    secret = str(tmp_path / "slides-of-patient-0042")
+    node = _node(tmp_path / "w", **{"data-path": secret,
+                                    site_worker.NODE_KEY: str(worker.socket)})
+    ev = instruction(P.EVALUATE, RecordDict({P.ARRAYS: ArrayRecord(_wire())}))
+    reply = site_app.evaluate(ev, _context(node, tiny_run().to_flat()))
+    assert reply.has_error() and reply.error.reason == "data-error"
+    assert secret not in str(reply.error.reason)
+    log = worker.log.read_text()
+    assert "Traceback" in log and "patient-0042" in log  # the details stay at the site
+    # the worker is still serving
+    assert site_worker.call(str(worker.socket), {"op": "ping"}, {})[0]["pid"] == worker.proc.pid
+
+
+def test_without_a_reachable_worker_the_site_does_the_work_itself(tmp_path, caplog):
+    run = tiny_run(objective="ce").to_flat()
+    config = ConfigRecord({P.SERVER_ROUND: 1, P.TEACHER_SHA: "", P.EVALUATE_FLAG: False})
+    msg = instruction(P.TRAIN, RecordDict({P.ARRAYS: ArrayRecord(_wire()), P.CONFIG: config}))
+    node = _node(tmp_path / "c", **{site_worker.NODE_KEY: str(tmp_path / "gone.sock")})
+    with caplog.at_level("WARNING", logger="moma.client"):
+        reply = site_app.train(msg, _context(node, run))
+    assert not reply.has_error(), reply.error
+    assert reply.content[P.METRICS][P.NUM_EXAMPLES] > 0
+    assert any("doing the work in this process" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
+def test_another_user_cannot_use_the_worker(worker):
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: become "nobody", then try the socket
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            try:
+                site_worker.call(str(worker.socket), {"op": "ping"}, {})
+                os.write(write, b"served")
+            except site_worker.WorkerUnavailable as exc:
+                os.write(write, f"refused {exc}".encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    answer = os.read(read, 4096).decode()
+    os.close(read)
+    assert answer.startswith("refused"), answer
+    # and the owner still can
+    assert site_worker.call(str(worker.socket), {"op": "ping"}, {})[0]["pid"]
+
+
+def test_the_worker_leaves_with_the_process_that_started_it(tmp_path):
+    folder = Path(os.path.realpath(tmp_path))
+    starter = (f"import subprocess, sys, time\n"
+               f"p = subprocess.Popen([sys.executable, '-m', 'client.site_worker', "
+               f"'--socket', {str(folder / 'w.sock')!r}, '--parent-pid', str(__import__('os')"
+               f".getpid())])\nprint(p.pid, flush=True)\ntime.sleep(3600)\n")
+    parent = subprocess.Popen([sys.executable, "-c", starter], cwd=ROOT,
+                              stdout=subprocess.PIPE, text=True)
+    pid = int(parent.stdout.readline())
+    try:
+        deadline = time.time() + CEILING
+        while not (folder / "w.sock").exists():
+            assert time.time() < deadline
+            time.sleep(0.5)
+        parent.kill()
+        parent.wait(60)
+        while Path(f"/proc/{pid}").exists() and \
+                Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z":
+            assert time.time() < deadline, "the worker outlived its parent"
+            time.sleep(0.5)
+        assert not (folder / "w.sock").exists()
+    finally:
+        parent.kill()
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+
+
+def test_a_socket_path_too_long_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="too long"):
+        site_worker.serve(tmp_path / ("x" * 120) / "w.sock")
+
+
+def test_a_fresh_clientapp_process_without_a_worker_trains(tmp_path):
+    """As Flower runs it: a new process that has not loaded torch handles a train message."""
+    from safetensors.numpy import save_file
+
+    save_file({k: v.numpy() for k, v in _wire().items()}, str(tmp_path / "student.safetensors"))
+    (tmp_path / "run.json").write_text(json.dumps(tiny_run(objective="ce").to_flat()))
+    script = f"""
+import json, sys, time
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
+from safetensors.numpy import load_file
+import client.client_app as site_app
+from moma_protocol import wire as P
+assert "torch" not in sys.modules, "the ClientApp module loads torch"
+arrays = ArrayRecord({{k: Array.from_numpy_ndarray(v) for k, v in
+                      load_file({str(tmp_path / "student.safetensors")!r}).items()}})
+config = ConfigRecord({{P.SERVER_ROUND: 1, P.TEACHER_SHA: "", P.EVALUATE_FLAG: True}})
+meta = Metadata(run_id=1, message_id="m-1", src_node_id=0, dst_node_id=7,
+                reply_to_message_id="", group_id="", created_at=time.time(), ttl=3600.0,
+                message_type=P.TRAIN)
+msg = Message(RecordDict({{P.ARRAYS: arrays, P.CONFIG: config}}), metadata=meta)
+node = {{"data-path": "synthetic:target", "cache-dir": {str(tmp_path / "c")!r}, "n": 32,
+        "device": "cpu"}}
+run = json.loads(open({str(tmp_path / "run.json")!r}).read())
+ctx = Context(run_id=1, node_id=7, node_config=node, state=RecordDict(), run_config=run)
+reply = site_app.train(msg, ctx)
+assert not reply.has_error(), reply.error
+print("examples", reply.content[P.METRICS][P.NUM_EXAMPLES])
+"""
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                         text=True, timeout=CEILING)
+    assert out.returncode == 0 and "examples" in out.stdout, out.stdout + out.stderr
