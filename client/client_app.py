@@ -26,7 +26,7 @@ import json
 import logging
 from collections.abc import Callable
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client import site_round, site_worker
@@ -69,7 +69,10 @@ def guarded(handler: Handler) -> Handler:
 def _sent_arrays(msg: Message) -> set[str]:
     """Names of the model state the coordinator sent (a reply's arrays must be among them)."""
     content = msg.content if msg.has_content() else RecordDict()
-    return set(content[P.ARRAYS].keys()) if P.ARRAYS in content else set()
+    try:
+        return set(P.state_header(P.state_blob(content[P.ARRAYS])))
+    except (KeyError, ValueError):
+        return set()
 
 
 def _round_fields(msg: Message) -> RoundFields:
@@ -104,8 +107,14 @@ def _unreadable_teacher() -> Exception:
     return CheckpointError("the teacher package in the message is unreadable")
 
 
-def _on_worker(context: Context, header: dict, arrays: ArrayRecord, extra: list[bytes] = ()
-               ) -> tuple[dict, dict] | None:
+def _student(msg: Message) -> bytes:
+    try:
+        return P.state_blob(msg.content[P.ARRAYS])
+    except (KeyError, ValueError) as exc:
+        raise ConfigError("the message lacks a readable student") from exc
+
+
+def _on_worker(context: Context, header: dict, parts: list[bytes]) -> tuple[dict, list] | None:
     """The site worker's answer to ``header`` (see :mod:`client.site_worker`), or None when
     this site has no worker or it cannot be reached (the caller then does the work itself)."""
     path = context.node_config.get(NODE_KEY)
@@ -114,22 +123,10 @@ def _on_worker(context: Context, header: dict, arrays: ArrayRecord, extra: list[
     header = {**header, "node_config": dict(context.node_config),
               "run_config": dict(context.run_config)}
     try:
-        reply, out = site_worker.call(str(path), header,
-                                      {k: v.numpy() for k, v in arrays.items()}, list(extra))
+        return site_worker.call(str(path), header, parts)
     except site_worker.WorkerUnavailable as exc:
         log.warning("%s; doing the work in this process", exc)
         return None
-    return reply, out
-
-
-def _torch_state(arrays: ArrayRecord) -> dict:
-    import torch  # noqa: F401  (Flower converts only once torch is loaded)
-
-    return arrays.to_torch_state_dict()
-
-
-def _array_record(arrays: dict) -> ArrayRecord:
-    return ArrayRecord({k: Array.from_numpy_ndarray(v) for k, v in arrays.items()})
 
 
 @app.query("teacher_status")
@@ -155,21 +152,19 @@ def teacher_status(msg: Message, context: Context) -> Message:
 @app.train()
 @guarded
 def train(msg: Message, context: Context) -> Message:
-    fields, teacher = _round_fields(msg), _teacher(msg)
+    fields, teacher, student = _round_fields(msg), _teacher(msg), _student(msg)
     header = {"op": "train", "fields": dataclasses.asdict(fields),
               "teacher": None if teacher is None else
               {"sidecar": teacher.sidecar, "signature": teacher.signature}}
-    answer = _on_worker(context, header, msg.content[P.ARRAYS],
-                        [teacher.blob] if teacher is not None else [])
+    answer = _on_worker(context, header,
+                        [student] + ([teacher.blob] if teacher is not None else []))
     if answer is not None:
-        reply, out = answer
-        sent, metrics, incoming = _array_record(out), reply["metrics"], reply["incoming"]
+        reply, parts = answer
+        sent, metrics, incoming = parts[0], reply["metrics"], reply["incoming"]
     else:
-        state, metrics, incoming = site_round.train(
-            context.node_config, context.run_config, fields, teacher,
-            _torch_state(msg.content[P.ARRAYS]))
-        sent = ArrayRecord(state)
-    records = {P.ARRAYS: sent, P.METRICS: MetricRecord(metrics)}
+        sent, metrics, incoming = site_round.train(context.node_config, context.run_config,
+                                                   fields, teacher, student)
+    records = {P.ARRAYS: P.blob_record(sent), P.METRICS: MetricRecord(metrics)}
     if incoming is not None:
         records[P.EVAL_METRICS] = MetricRecord(incoming)
     return Message(RecordDict(records), reply_to=msg)
@@ -178,10 +173,10 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 @guarded
 def evaluate(msg: Message, context: Context) -> Message:
-    answer = _on_worker(context, {"op": "evaluate"}, msg.content[P.ARRAYS])
+    student = _student(msg)
+    answer = _on_worker(context, {"op": "evaluate"}, [student])
     if answer is not None:
         metrics = answer[0]["metrics"]
     else:
-        metrics = site_round.evaluate(context.node_config, context.run_config,
-                                      _torch_state(msg.content[P.ARRAYS]))
+        metrics = site_round.evaluate(context.node_config, context.run_config, student)
     return Message(RecordDict({P.METRICS: MetricRecord(metrics)}), reply_to=msg)

@@ -56,6 +56,13 @@ def site_and_run(node_config: dict, run_config: dict) -> tuple[SiteSettings, Run
     return settings, run
 
 
+def _decode(student: bytes) -> dict[str, torch.Tensor]:
+    try:
+        return P.decode_state(student)
+    except ValueError as exc:
+        raise ConfigError("the student in the message is unreadable") from exc
+
+
 def store_teacher(settings: SiteSettings, sha: str, teacher: TeacherDelivery) -> None:
     from client.site_state import TeacherCache
 
@@ -65,19 +72,20 @@ def store_teacher(settings: SiteSettings, sha: str, teacher: TeacherDelivery) ->
 
 
 def train(node_config: dict, run_config: dict, fields: RoundFields,
-          teacher: TeacherDelivery | None, arrays: dict[str, torch.Tensor]
-          ) -> tuple[dict[str, torch.Tensor], dict[str, float], dict[str, float] | None]:
-    """One round at this site: (tensors to send, train metrics, incoming-model evaluation).
+          teacher: TeacherDelivery | None, student: bytes
+          ) -> tuple[bytes, dict[str, float], dict[str, float] | None]:
+    """One round at this site: (student file to send, train metrics, incoming evaluation).
 
-    ``arrays`` is the global student as it came (possibly float16); the tensors returned are
-    in the run's transfer form (:func:`moma_protocol.wire.pack_update`).
+    ``student`` is the global student's file as it came (possibly float16 tensors); the file
+    returned holds the tensors in the run's transfer form
+    (:func:`moma_protocol.wire.pack_update`).
     """
     from client.site_training import evaluate_round, train_round
 
     settings, run = site_and_run(node_config, run_config)
     if teacher is not None:
         store_teacher(settings, fields.teacher_sha, teacher)
-    global_state = P.unpack_global(arrays)
+    global_state = P.unpack_global(_decode(student))
     incoming = None
     if fields.score_incoming:
         n_val, m = evaluate_round(settings, run, global_state)
@@ -85,15 +93,15 @@ def train(node_config: dict, run_config: dict, fields: RoundFields,
     state, n, metrics = train_round(settings, run, fields.server_round, global_state,
                                     fields.teacher_sha)
     metrics[P.NUM_EXAMPLES] = n
-    return P.pack_update(state, global_state, run.federation.transfer_dtype), metrics, incoming
+    sent = P.pack_update(state, global_state, run.federation.transfer_dtype)
+    return P.encode_blob(sent), metrics, incoming
 
 
-def evaluate(node_config: dict, run_config: dict, arrays: dict[str, torch.Tensor]
-             ) -> dict[str, float]:
+def evaluate(node_config: dict, run_config: dict, student: bytes) -> dict[str, float]:
     """The global student's metrics on this site's validation split."""
     from client.site_training import evaluate_round
 
     settings, run = site_and_run(node_config, run_config)
-    n, metrics = evaluate_round(settings, run, P.unpack_global(arrays))
+    n, metrics = evaluate_round(settings, run, P.unpack_global(_decode(student)))
     metrics[P.NUM_EXAMPLES] = n
     return metrics

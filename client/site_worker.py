@@ -15,7 +15,9 @@ does not already hold. One request is served at a time (the SuperNode sends one 
 time). The worker exits when the process that started it is gone.
 
 Frames: an 8-byte big-endian length and a JSON header, then the binary parts whose lengths the
-header lists (``parts``): the student as safetensors, and the teacher file when it came along.
+header lists (``parts``): the student file exactly as it came in the message
+(:data:`moma_protocol.wire.STUDENT_FILE`), and the teacher file when it came along; the
+answer's part is the student file the site sends.
 """
 
 from __future__ import annotations
@@ -28,14 +30,7 @@ import socket
 import struct
 import sys
 import time
-from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-import numpy as np
-
-if TYPE_CHECKING:
-    import torch
 
 log = logging.getLogger("moma.client.worker")
 
@@ -91,63 +86,27 @@ def _recv(sock: socket.socket) -> tuple[dict, list[bytes]]:
     return header, [_recv_exact(sock, s) for s in sizes]
 
 
-def _pack_numpy(arrays: Mapping[str, np.ndarray]) -> tuple[list[str], bytes]:
-    from safetensors.numpy import save
-
-    return list(arrays), save({k: np.ascontiguousarray(v) for k, v in arrays.items()})
-
-
-def _unpack_numpy(order: list[str], blob: bytes) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load
-
-    loaded = load(blob)
-    if set(order) != set(loaded):
-        raise ValueError("the arrays do not match their list")
-    return {k: loaded[k] for k in order}
-
-
 # -- the ClientApp side (no torch) ----------------------------------------------------------
-def call(path: str, header: dict, arrays: Mapping[str, np.ndarray],
-         extra: list[bytes] = ()) -> tuple[dict, dict[str, np.ndarray]]:
-    """Send one request to the worker at ``path``; its answer header and arrays.
+def call(path: str, header: dict, parts: list[bytes] = ()) -> tuple[dict, list[bytes]]:
+    """Send one request to the worker at ``path``; its answer header and parts.
 
     Raises :class:`WorkerUnavailable` when the worker cannot be reached or dies before its
     answer (the caller then does the work itself), :class:`WorkerFailure` when the work
     failed there.
     """
-    order, blob = _pack_numpy(arrays)
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.connect(path)
-            _send(sock, {**header, "order": order}, [blob, *extra])
-            reply, parts = _recv(sock)
+            _send(sock, header, list(parts))
+            reply, out = _recv(sock)
     except (OSError, EOFError, ValueError) as exc:
         raise WorkerUnavailable(f"site worker at {path}: {exc}") from exc
     if not reply.get("ok"):
         raise WorkerFailure(str(reply.get("category", "internal-error")))
-    try:
-        out = _unpack_numpy(reply.get("order", []), parts[0]) if parts else {}
-    except (ValueError, IndexError) as exc:
-        raise WorkerUnavailable(f"site worker at {path}: unreadable answer: {exc}") from exc
     return reply, out
 
 
 # -- the worker side ------------------------------------------------------------------------
-def _tensors(order: list[str], blob: bytes) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load
-
-    loaded = load(blob)
-    if set(order) != set(loaded):
-        raise ValueError("the arrays do not match their list")
-    return {k: loaded[k] for k in order}
-
-
-def _tensor_blob(state: dict[str, torch.Tensor]) -> tuple[list[str], bytes]:
-    from safetensors.torch import save
-
-    return list(state), save({k: v.detach().cpu().contiguous() for k, v in state.items()})
-
-
 def handle(header: dict, parts: list[bytes]) -> tuple[dict, list[bytes]]:
     """Run one request with :mod:`client.site_round`; the answer header and parts."""
     from client import site_round
@@ -155,20 +114,18 @@ def handle(header: dict, parts: list[bytes]) -> tuple[dict, list[bytes]]:
     op = header.get("op")
     if op == "ping":
         return {"ok": True, "pid": os.getpid()}, []
-    arrays = _tensors(header["order"], parts[0])
     if op == "train":
         teacher = None
         if header.get("teacher") is not None:
             t = header["teacher"]
             teacher = site_round.TeacherDelivery(parts[1], t["sidecar"], t.get("signature"))
         fields = site_round.RoundFields(**header["fields"])
-        state, metrics, incoming = site_round.train(header["node_config"],
-                                                    header["run_config"], fields, teacher,
-                                                    arrays)
-        order, blob = _tensor_blob(state)
-        return {"ok": True, "order": order, "metrics": metrics, "incoming": incoming}, [blob]
+        blob, metrics, incoming = site_round.train(header["node_config"],
+                                                   header["run_config"], fields, teacher,
+                                                   parts[0])
+        return {"ok": True, "metrics": metrics, "incoming": incoming}, [blob]
     if op == "evaluate":
-        metrics = site_round.evaluate(header["node_config"], header["run_config"], arrays)
+        metrics = site_round.evaluate(header["node_config"], header["run_config"], parts[0])
         return {"ok": True, "metrics": metrics}, []
     raise ValueError(f"unknown request {op!r}")
 

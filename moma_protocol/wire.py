@@ -23,12 +23,13 @@ memory bank, file name or path. Both sides check replies with :func:`check_site_
 
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from moma_protocol.settings import TRANSFER_DTYPES  # noqa: F401 (documented here)
 
@@ -37,6 +38,9 @@ if TYPE_CHECKING:  # the protocol itself needs no torch: a status query stays li
     from torch import nn
 
 ARRAYS = "arrays"
+#: The one Array in ``arrays``: the student's tensors as one safetensors file (1-D uint8),
+#: see :func:`encode_state`.
+STUDENT_FILE = "student.safetensors"
 CONFIG = "config"
 METRICS = "metrics"
 TEACHER = "teacher"
@@ -194,17 +198,15 @@ def _check_config(rec: object) -> list[str]:
 def _check_arrays(rec: object, expected: Collection[str] | None) -> list[str]:
     if not isinstance(rec, ArrayRecord):
         return []
+    try:
+        header = state_header(state_blob(rec))
+    except ValueError as exc:
+        return [str(exc)]
     problems = []
-    if expected is not None and set(rec.keys()) - set(expected):
+    if expected is not None and set(header) - set(expected):
         problems.append("array name outside the model state")
-    for array in rec.values():
-        try:
-            floating = np.dtype(array.dtype).kind == "f"
-        except TypeError:
-            floating = False
-        if not floating:
-            problems.append("array that is not a floating-point tensor")
-            break
+    if any(dtype not in _FLOAT_DTYPES for dtype, _ in header.values()):
+        problems.append("array that is not a floating-point tensor")
     return problems
 
 
@@ -284,6 +286,81 @@ def _torch():
     import torch
 
     return torch
+
+
+# -- the student on the wire ----------------------------------------------------------------
+# Flower moves every Array of a message as its own request (and stores it in the SuperLink's
+# database): a student of 75 tensors was 75 round trips each way per site and round. The
+# student therefore travels as one safetensors file in one Array; its tensor names, dtypes and
+# shapes are read from the file's header (no pickle, nothing executed) and checked like any
+# other reply content.
+_FLOAT_DTYPES = frozenset({"F16", "F32", "F64", "BF16"})
+_MAX_HEADER = 16 << 20
+
+
+def encode_blob(state: Mapping[str, torch.Tensor]) -> bytes:
+    """The tensors as one safetensors file, their order kept."""
+    from safetensors.torch import save
+
+    return save({k: v.detach().cpu().contiguous().clone() for k, v in state.items()},
+                metadata={"order": json.dumps(list(state))})
+
+
+def blob_record(blob: bytes) -> ArrayRecord:
+    """``arrays`` for a message, from a student file."""
+    return ArrayRecord({STUDENT_FILE: Array(bytes_to_array(blob))})
+
+
+def encode_state(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    """``arrays`` for a message: the tensors as one safetensors file, their order kept."""
+    return blob_record(encode_blob(state))
+
+
+def state_blob(rec: ArrayRecord) -> bytes:
+    """The safetensors file an ``arrays`` record carries, or ValueError."""
+    if list(rec.keys()) != [STUDENT_FILE]:
+        raise ValueError("arrays other than the student file")
+    try:
+        return array_to_bytes(rec[STUDENT_FILE].numpy())
+    except (ValueError, TypeError) as exc:
+        raise ValueError("student file is not a 1-D uint8 array") from exc
+
+
+def state_header(blob: bytes) -> dict[str, tuple[str, list[int]]]:
+    """Tensor name → (safetensors dtype, shape) from a student file's header, in the order the
+    file records, or ValueError. Reads only the header; the data is not touched."""
+    if len(blob) < 8:
+        raise ValueError("student file is not a safetensors file")
+    n = int.from_bytes(blob[:8], "little")
+    if n > min(len(blob) - 8, _MAX_HEADER):
+        raise ValueError("student file is not a safetensors file")
+    try:
+        header = json.loads(blob[8:8 + n])
+        meta = header.pop("__metadata__", None) or {}
+        order = json.loads(meta["order"]) if "order" in meta else list(header)
+        out = {}
+        for name in order:
+            entry = header[name]
+            shape = [int(d) for d in entry["shape"]]
+            out[str(name)] = (str(entry["dtype"]), shape)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError("student file is not a safetensors file") from exc
+    if set(out) != set(header):
+        raise ValueError("student file is not a safetensors file")
+    return out
+
+
+def decode_state(blob: bytes) -> dict[str, torch.Tensor]:
+    """The tensors of a student file (in their recorded order), or ValueError."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    order = list(state_header(blob))
+    try:
+        tensors = load(blob)
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise ValueError("student file is not a safetensors file") from exc
+    return {k: tensors[k] for k in order}
 
 
 def bytes_to_array(data: bytes) -> np.ndarray:

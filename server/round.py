@@ -269,7 +269,7 @@ class Coordinator:
         if ask:
             self._ask_teacher_status(ask, sites)
         dtype = self.run.federation.transfer_dtype
-        msgs = self.train_messages(rnd, nodes, ArrayRecord(P.pack_global(state, dtype)), sites)
+        msgs = self.train_messages(rnd, nodes, P.encode_state(P.pack_global(state, dtype)), sites)
         log.info("round %d: training on %d sites (teacher sent to %d)", rnd, len(nodes),
                  sum(s.teacher_sent for s in sites.values()))
         replies = exchange(self.grid, msgs, self.run.federation.round_timeout)
@@ -306,7 +306,12 @@ class Coordinator:
                 continue
             if P.EVAL_METRICS in reply.content:
                 site.incoming_eval = dict(reply.content[P.EVAL_METRICS])
-            update = P.unpack_update(reply.content[P.ARRAYS].to_torch_state_dict(), reference)
+            try:
+                sent = P.decode_state(P.state_blob(reply.content[P.ARRAYS]))
+            except ValueError as exc:
+                site.status, site.reason = REJECTED, f"protocol: {exc}"
+                continue
+            update = P.unpack_update(sent, reference)
             metrics = dict(reply.content[P.METRICS])
             site.num_examples = int(metrics.pop(P.NUM_EXAMPLES, 0))
             site.metrics = metrics
@@ -329,7 +334,7 @@ class Coordinator:
         Returns the weighted metrics, per-site metrics (or failure), bytes down and up.
         """
         arrays = P.pack_global(state, self.run.federation.transfer_dtype)
-        content = RecordDict({P.ARRAYS: ArrayRecord(arrays),
+        content = RecordDict({P.ARRAYS: P.encode_state(arrays),
                               P.CONFIG: ConfigRecord({P.SERVER_ROUND: rnd})})
         msgs = [Message(content, dst_node_id=n, message_type=MessageType.EVALUATE)
                 for n in nodes]

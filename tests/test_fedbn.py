@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, MetricRecord, RecordDict
+from flwr.app import MetricRecord, RecordDict
 
 from client.site_config import site_settings
 from client.site_state import SiteState, TeacherCache
@@ -67,7 +67,7 @@ def test_fedbn_site_sends_no_normalisation_tensors_and_keeps_them(site):
     key = next(k for k in sorted(kept) if k.endswith("running_mean"))
     assert not torch.equal(local[key], start[key])  # trained here, stored here
     # the reply passes the site's and the coordinator's checks
-    reply = RecordDict({P.ARRAYS: ArrayRecord(sent),
+    reply = RecordDict({P.ARRAYS: P.encode_state(sent),
                         P.METRICS: MetricRecord({**metrics, P.NUM_EXAMPLES: n})})
     assert P.check_site_reply(reply, P.TRAIN, set(start)) == []
     assert check_update(sent, start, local_keys(run, _student(run))) is None
@@ -150,7 +150,7 @@ def test_coordinator_aggregates_fedbn_updates_keeping_global_normalisation():
     replies = []
     for node in (1, 2):
         update = {k: v + node for k, v in reference.items() if k not in coordinator.local_keys}
-        content = RecordDict({P.ARRAYS: ArrayRecord(update),
+        content = RecordDict({P.ARRAYS: P.encode_state(update),
                               P.METRICS: MetricRecord({P.NUM_EXAMPLES: 10})})
         replies.append((node, Message(content, reply_to=sent)))
     sites = {n: SiteReport(n, f"site-{n}") for n in (1, 2)}

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import (
+    Array,
     ArrayRecord,
     ConfigRecord,
     Context,
@@ -85,7 +86,7 @@ def _wire(model_classes=TARGET_CLASSES) -> dict[str, torch.Tensor]:
 def _train_reply(**metrics) -> RecordDict:
     values = {"train-loss": 1.2, "train-ce": 1.0, "train-kl": 0.1, "train-nce": 0.1,
               "train-steps": 3.0, "train-time-s": 2.5, P.NUM_EXAMPLES: 48, **metrics}
-    return RecordDict({P.ARRAYS: ArrayRecord(_wire()), P.METRICS: MetricRecord(values)})
+    return RecordDict({P.ARRAYS: P.encode_state(_wire()), P.METRICS: MetricRecord(values)})
 
 
 # -- error replies ---------------------------------------------------------------------------
@@ -164,7 +165,7 @@ def test_fedbn_reply_without_normalisation_tensors_passes():
     wire = _wire()
     kept = {k for k in wire if "bn" in k or "norm" in k}
     assert kept
-    content = RecordDict({P.ARRAYS: ArrayRecord({k: v for k, v in wire.items()
+    content = RecordDict({P.ARRAYS: P.encode_state({k: v for k, v in wire.items()
                                                  if k not in kept}),
                           P.METRICS: MetricRecord({P.NUM_EXAMPLES: 48})})
     assert P.check_site_reply(content, P.TRAIN, set(wire)) == []
@@ -214,7 +215,7 @@ def test_other_config_values_fail():
 
 def test_extra_record_key_fails():
     content = _train_reply()
-    content["features"] = ArrayRecord({"features": torch.zeros(48, 512)})
+    content["features"] = P.encode_state({"features": torch.zeros(48, 512)})
     assert P.check_site_reply(content, P.TRAIN, set(_wire())) == ["unknown record key"]
     assert P.check_site_reply(content) == ["unknown record key"]
 
@@ -228,15 +229,37 @@ def test_arrays_outside_the_model_state_fail():
     content = _train_reply()
     arrays = dict(_wire())
     arrays["queue.queue"] = torch.zeros(64, 16)
-    content[P.ARRAYS] = ArrayRecord(arrays)
+    content[P.ARRAYS] = P.encode_state(arrays)
     assert P.check_site_reply(content, P.TRAIN, set(_wire())) == [
         "array name outside the model state"]
-    content[P.ARRAYS] = ArrayRecord({k: (v * 255).to(torch.uint8) for k, v in _wire().items()})
+    content[P.ARRAYS] = P.encode_state({k: (v * 255).to(torch.uint8) for k, v in _wire().items()})
     assert P.check_site_reply(content, P.TRAIN, set(_wire())) == [
         "array that is not a floating-point tensor"]
     evaluation = RecordDict({P.METRICS: MetricRecord({P.NUM_EXAMPLES: 1}),
-                             P.ARRAYS: ArrayRecord(_wire())})
+                             P.ARRAYS: P.encode_state(_wire())})
     assert P.check_site_reply(evaluation, P.EVALUATE) == ["unknown record key"]
+
+
+def test_student_files_that_are_not_one_safetensors_file_fail():
+    """The student travels as one safetensors file; anything else in ``arrays`` is refused
+    before it is parsed further (and its data is never loaded by pickle or code)."""
+    content = _train_reply()
+    content[P.ARRAYS] = ArrayRecord(_wire())  # tensors one by one: not the protocol
+    assert P.check_site_reply(content, P.TRAIN, set(_wire())) == [
+        "arrays other than the student file"]
+    blob = P.encode_blob(_wire())
+    for bad in (blob[:5], b"\xff" * 8 + blob[8:], (10).to_bytes(8, "little") + b"{not json}",
+                len(b'{"a": 1}').to_bytes(8, "little") + b'{"a": 1}'):
+        content[P.ARRAYS] = P.blob_record(bad)
+        assert P.check_site_reply(content, P.TRAIN, set(_wire())) == [
+            "student file is not a safetensors file"], bad[:20]
+    content[P.ARRAYS] = ArrayRecord({P.STUDENT_FILE: Array(np.zeros((2, 2), np.uint8))})
+    assert P.check_site_reply(content, P.TRAIN, set(_wire())) == [
+        "student file is not a 1-D uint8 array"]
+    # a well-formed header over data that is cut short: passes the header check, and the
+    # coordinator's decoding rejects it
+    with pytest.raises(ValueError):
+        P.decode_state(blob[:-100])
 
 
 def test_metric_names_cover_what_the_site_computes():
@@ -256,7 +279,7 @@ def test_site_data_error_is_logged_at_the_site_and_answered_by_category(tmp_path
     node = {"data-path": str(tmp_path / "slides"), "cache-dir": str(tmp_path / "cache"),
             "site-name": "site-a", "device": "cpu"}
     run = tiny_run(run_name="bad-data")
-    msg = instruction(P.EVALUATE, RecordDict({P.ARRAYS: ArrayRecord(_wire()),
+    msg = instruction(P.EVALUATE, RecordDict({P.ARRAYS: P.encode_state(_wire()),
                                               P.CONFIG: ConfigRecord({P.SERVER_ROUND: 1})}))
     with caplog.at_level(logging.ERROR, logger="moma.client"):
         reply = site_app.evaluate(msg, _context(node, run.to_flat()))
@@ -268,7 +291,7 @@ def test_site_data_error_is_logged_at_the_site_and_answered_by_category(tmp_path
 
 
 def test_unusable_config_is_a_config_error():
-    msg = instruction(P.EVALUATE, RecordDict({P.ARRAYS: ArrayRecord(_wire()),
+    msg = instruction(P.EVALUATE, RecordDict({P.ARRAYS: P.encode_state(_wire()),
                                               P.CONFIG: ConfigRecord({P.SERVER_ROUND: 1})}))
     reply = site_app.evaluate(msg, _context({"data-path": SECRET, "cache-dir": "/tmp/x"},
                                             {"num-rounds": 0}))
@@ -284,7 +307,7 @@ def test_site_withholds_a_reply_outside_the_protocol(monkeypatch, tmp_path, capl
     import client.site_training
 
     monkeypatch.setattr(client.site_training, "evaluate_round", leaky_evaluate)
-    msg = instruction(P.EVALUATE, RecordDict({P.ARRAYS: ArrayRecord(_wire()),
+    msg = instruction(P.EVALUATE, RecordDict({P.ARRAYS: P.encode_state(_wire()),
                                               P.CONFIG: ConfigRecord({P.SERVER_ROUND: 1})}))
     node = {"data-path": "synthetic:target", "cache-dir": str(tmp_path), "device": "cpu"}
     with caplog.at_level(logging.ERROR, logger="moma.client"):
@@ -319,12 +342,20 @@ def _check(replies, nodes):
     return coordinator, sites, updates, weights
 
 
+def test_coordinator_rejects_a_student_file_cut_short():
+    cut = _train_reply()
+    cut[P.ARRAYS] = P.blob_record(P.encode_blob(_wire())[:-100])  # header intact, data short
+    _, sites, updates, _ = _check([(1, Message(cut, reply_to=instruction()))], [1])
+    assert updates == [] and (sites[1].status, sites[1].reason) == (
+        "rejected", "protocol: student file is not a safetensors file")
+
+
 def test_coordinator_rejects_replies_outside_the_protocol_without_echoing_them():
     import json
 
     leaky = _train_reply(**{f"logit-{i}": 0.1 for i in range(3392)})
     renamed = _train_reply()
-    renamed[P.ARRAYS] = ArrayRecord({**_wire(), f"{SECRET}.weight": torch.zeros(2)})
+    renamed[P.ARRAYS] = P.encode_state({**_wire(), f"{SECRET}.weight": torch.zeros(2)})
     replies = [
         (1, Message(_train_reply(), reply_to=instruction())),
         (2, Message(leaky, reply_to=instruction())),

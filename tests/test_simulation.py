@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.clientapp import ClientApp
 from safetensors.torch import load_file
@@ -49,13 +50,15 @@ def _recorder(folder: str):
             summary["problems"] = P.check_error_reply(reply)
             Path(folder, f"{uuid.uuid4().hex}.json").write_text(json.dumps(summary))
             return reply
-        sent = set(msg.content[P.ARRAYS].keys()) if P.ARRAYS in msg.content else set()
+        sent = set(P.state_header(P.state_blob(msg.content[P.ARRAYS]))) \
+            if P.ARRAYS in msg.content else set()
         summary["problems"] = P.check_site_reply(reply.content, kind, sent)
         for name, rec in reply.content.items():
             if isinstance(rec, ArrayRecord):
                 summary["records"][name] = {
-                    "kind": "arrays",
-                    "arrays": {k: [list(a.shape), a.dtype] for k, a in rec.items()}}
+                    "kind": "arrays", "files": list(rec.keys()),
+                    "arrays": {k: [shape, dtype] for k, (dtype, shape)
+                               in P.state_header(P.state_blob(rec)).items()}}
             elif isinstance(rec, MetricRecord):
                 summary["records"][name] = {"kind": "metrics", "values": dict(rec)}
             elif isinstance(rec, ConfigRecord):
@@ -70,10 +73,10 @@ def _recorder(folder: str):
 def _poison_site_0(msg, context, call_next):
     reply = call_next(msg, context)
     if msg.metadata.message_type == "train" and context.node_config["partition-id"] == 0:
-        state = reply.content["arrays"].to_torch_state_dict()
+        state = P.decode_state(P.state_blob(reply.content[P.ARRAYS]))
         for v in state.values():
             v.fill_(float("nan"))
-        reply.content["arrays"] = ArrayRecord(state)
+        reply.content[P.ARRAYS] = P.encode_state(state)
     return reply
 
 
@@ -125,7 +128,8 @@ def test_three_site_simulation_and_message_audit(tmp_path):
 
 def _check_audit(audit: Path, run) -> None:
     student = build_model(Architecture(run.federation.student_model, run.class_names, IMAGE_SIZE))
-    allowed = {k: [list(v.shape), str(v.dtype).replace("torch.", "")]
+    safetensors_dtype = {torch.float32: "F32", torch.float16: "F16"}
+    allowed = {k: [list(v.shape), safetensors_dtype[v.dtype]]
                for k, v in student.state_dict().items() if v.is_floating_point()}
     summaries = [json.loads(p.read_text()) for p in audit.glob("*.json")]
     kinds = {s["type"] for s in summaries}
@@ -140,9 +144,10 @@ def _check_audit(audit: Path, run) -> None:
             assert rec["kind"] in ("arrays", "metrics", "config"), rec
             if rec["kind"] == "arrays":
                 assert name == "arrays" and s["type"] == "train"
+                assert rec["files"] == [P.STUDENT_FILE]  # one file: the student, nothing else
                 assert set(rec["arrays"]) == set(allowed)  # the student's tensors, nothing else
                 for k, (shape, dtype) in rec["arrays"].items():
-                    assert shape == allowed[k][0] and dtype.endswith(allowed[k][1]), k
+                    assert [shape, dtype] == allowed[k], k
             elif rec["kind"] == "metrics":
                 assert len(rec["values"]) <= P.MAX_METRIC_VALUES
                 for k, v in rec["values"].items():

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+from flwr.app import ConfigRecord, Context, RecordDict
 
 import client.client_app as site_app
 from client import site_worker
@@ -74,7 +74,7 @@ def _node(cache: Path, **extra) -> dict:
 def _first_train_message(teacher: TeacherPackage):
     config = ConfigRecord({P.SERVER_ROUND: 1, P.TEACHER_SHA: teacher.sha256,
                            P.EVALUATE_FLAG: True})
-    return instruction(P.TRAIN, RecordDict({P.ARRAYS: ArrayRecord(_wire()), P.CONFIG: config,
+    return instruction(P.TRAIN, RecordDict({P.ARRAYS: P.encode_state(_wire()), P.CONFIG: config,
                                             **teacher.records()}))
 
 
@@ -87,7 +87,7 @@ def test_a_round_on_the_worker_equals_the_round_in_process(worker, tmp_path):
     local = site_app.train(msg, _context(_node(tmp_path / "p"), run))
     assert not remote.has_error() and not local.has_error()
     assert "train handled" in worker.log.read_text()  # the worker did it, not this process
-    a, b = (r.content[P.ARRAYS].to_torch_state_dict() for r in (remote, local))
+    a, b = (P.decode_state(P.state_blob(r.content[P.ARRAYS])) for r in (remote, local))
     assert list(a) == list(b)  # same names, same order
     for k in a:
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
@@ -98,7 +98,7 @@ def test_a_round_on_the_worker_equals_the_round_in_process(worker, tmp_path):
     # the teacher it carried is in the worker's site cache, as it would be in-process
     assert (tmp_path / "w" / "teachers" / f"{teacher.sha256}.safetensors").is_file()
     # final evaluation goes the same way
-    ev = instruction(P.EVALUATE, RecordDict({P.ARRAYS: ArrayRecord(_wire())}))
+    ev = instruction(P.EVALUATE, RecordDict({P.ARRAYS: P.encode_state(_wire())}))
     ra = site_app.evaluate(ev, _context(_node(tmp_path / "w", **{
         site_worker.NODE_KEY: str(worker.socket)}), run))
     rb = site_app.evaluate(ev, _context(_node(tmp_path / "p"), run))
@@ -110,7 +110,7 @@ def test_a_failure_on_the_worker_is_answered_by_category_only(worker, tmp_path):
     secret = str(tmp_path / "slides-of-patient-0042")
     node = _node(tmp_path / "w", **{"data-path": secret,
                                     site_worker.NODE_KEY: str(worker.socket)})
-    ev = instruction(P.EVALUATE, RecordDict({P.ARRAYS: ArrayRecord(_wire())}))
+    ev = instruction(P.EVALUATE, RecordDict({P.ARRAYS: P.encode_state(_wire())}))
     reply = site_app.evaluate(ev, _context(node, tiny_run().to_flat()))
     assert reply.has_error() and reply.error.reason == "data-error"
     assert secret not in str(reply.error.reason)
@@ -123,7 +123,7 @@ def test_a_failure_on_the_worker_is_answered_by_category_only(worker, tmp_path):
 def test_without_a_reachable_worker_the_site_does_the_work_itself(tmp_path, caplog):
     run = tiny_run(objective="ce").to_flat()
     config = ConfigRecord({P.SERVER_ROUND: 1, P.TEACHER_SHA: "", P.EVALUATE_FLAG: False})
-    msg = instruction(P.TRAIN, RecordDict({P.ARRAYS: ArrayRecord(_wire()), P.CONFIG: config}))
+    msg = instruction(P.TRAIN, RecordDict({P.ARRAYS: P.encode_state(_wire()), P.CONFIG: config}))
     node = _node(tmp_path / "c", **{site_worker.NODE_KEY: str(tmp_path / "gone.sock")})
     with caplog.at_level("WARNING", logger="moma.client"):
         reply = site_app.train(msg, _context(node, run))
@@ -192,19 +192,15 @@ def test_a_socket_path_too_long_is_refused(tmp_path):
 
 def test_a_fresh_clientapp_process_without_a_worker_trains(tmp_path):
     """As Flower runs it: a new process that has not loaded torch handles a train message."""
-    from safetensors.numpy import save_file
-
-    save_file({k: v.numpy() for k, v in _wire().items()}, str(tmp_path / "student.safetensors"))
+    (tmp_path / "student.safetensors").write_bytes(P.encode_blob(_wire()))
     (tmp_path / "run.json").write_text(json.dumps(tiny_run(objective="ce").to_flat()))
     script = f"""
 import json, sys, time
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
-from safetensors.numpy import load_file
+from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 import client.client_app as site_app
 from moma_protocol import wire as P
 assert "torch" not in sys.modules, "the ClientApp module loads torch"
-arrays = ArrayRecord({{k: Array.from_numpy_ndarray(v) for k, v in
-                      load_file({str(tmp_path / "student.safetensors")!r}).items()}})
+arrays = P.blob_record(open({str(tmp_path / "student.safetensors")!r}, "rb").read())
 config = ConfigRecord({{P.SERVER_ROUND: 1, P.TEACHER_SHA: "", P.EVALUATE_FLAG: True}})
 meta = Metadata(run_id=1, message_id="m-1", src_node_id=0, dst_node_id=7,
                 reply_to_message_id="", group_id="", created_at=time.time(), ttl=3600.0,
