@@ -9,8 +9,9 @@ The arithmetic is Flower's (:data:`METHODS`): each method is one factory from th
 to a ``flwr.serverapp.strategy`` object whose ``aggregate_train`` combines the accepted updates
 (weighted by examples). Adding a method is one entry here and its name in
 :data:`moma_protocol.settings.AGGREGATIONS`. Keys no update carries (FedBN's local layers) keep
-the global value. Stateful methods (FedAdam's moments) live as long as the
-:class:`Aggregator`: a resumed run starts them afresh.
+the global value. Stateful methods keep their state in the :class:`Aggregator`
+(:meth:`Aggregator.state_dict`: FedAdam's first and second moments), which the coordinator
+saves with every round's checkpoint, so a resumed run continues them.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection
 from typing import cast
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg
@@ -84,6 +86,27 @@ class Aggregator:
             raise ValueError(f"unknown aggregation {federation.aggregation!r}")
         self.method = federation.aggregation
         self.strategy = METHODS[self.method](federation)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The method's own state between rounds (FedAdam: ``m/<name>``, ``v/<name>``)."""
+        out = {}
+        for prefix, attr in (("m/", "m_t"), ("v/", "v_t")):
+            for k, v in (getattr(self.strategy, attr, None) or {}).items():
+                out[prefix + k] = torch.from_numpy(np.array(v, copy=True))
+        return out
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore :meth:`state_dict` (a resumed run); ValueError if it is not this method's."""
+        moments: dict[str, dict] = {"m_t": {}, "v_t": {}}
+        for key, v in state.items():
+            prefix, _, name = key.partition("/")
+            attr = {"m": "m_t", "v": "v_t"}.get(prefix)
+            if attr is None or not name or not hasattr(self.strategy, attr):
+                raise ValueError(f"aggregator state {key!r} does not belong to {self.method}")
+            moments[attr][name] = v.numpy().copy()
+        for attr, values in moments.items():
+            if values:
+                setattr(self.strategy, attr, values)
 
     def __call__(self, server_round: int, updates: list[dict[str, torch.Tensor]],
                  weights: list[float], reference: dict[str, torch.Tensor]

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from moma_core.checkpoint import load_checkpoint, save_checkpoint
+from moma_core.atomic import atomic_write
+from moma_core.checkpoint import load_checkpoint, save_checkpoint, sha256_file
 from moma_core.models import Architecture
 from moma_core.report import markdown_table, plot_curves, write_json
 
@@ -72,6 +73,26 @@ class RunResults:
         """The global student after the last completed round (hash-checked)."""
         rounds = self.data.get("rounds", [])
         return load_checkpoint(Path(rounds[-1]["checkpoint"]))[0] if rounds else None
+
+    def save_aggregator(self, server_round: int, state: dict[str, torch.Tensor]) -> dict:
+        """Write the aggregation method's state after ``server_round`` (FedAdam's moments);
+        returns its reference for ``server_state``."""
+        from safetensors.torch import save_file
+
+        path = self.dir / "checkpoints" / f"aggregator-round-{server_round:03d}.safetensors"
+        atomic_write(path, lambda tmp: save_file(
+            {k: v.contiguous() for k, v in state.items()}, tmp))
+        return {"file": str(path), "sha256": sha256_file(path)}
+
+    def load_aggregator(self, ref: dict) -> dict[str, torch.Tensor]:
+        """The aggregation state ``ref`` names, hash-checked (ValueError otherwise)."""
+        from safetensors.torch import load_file
+
+        path = Path(str(ref.get("file", "")))
+        if not path.is_file() or sha256_file(path) != ref.get("sha256"):
+            raise ValueError(f"aggregation state {path} is missing or altered: the run cannot "
+                             "resume its server optimiser (start a new run, or restore it)")
+        return load_file(str(path))
 
     def add_round(self, entry: dict, state: dict[str, torch.Tensor], arch: Architecture,
                   server_state: dict) -> None:

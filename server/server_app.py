@@ -114,9 +114,12 @@ def run_federation(grid: Grid, run: RunConfig) -> dict:
         log.info("round-1 student: %s", how)
     if last is not None:
         log.info("resuming after round %d", first - 1)
-        saved_rng = results.data.get("server_state", {}).get("rng")
-        if saved_rng:
-            coordinator.rng.setstate((saved_rng[0], tuple(saved_rng[1]), saved_rng[2]))
+        saved = results.data.get("server_state", {})
+        if saved.get("rng"):
+            rng = saved["rng"]
+            coordinator.rng.setstate((rng[0], tuple(rng[1]), rng[2]))
+        if saved.get("aggregator"):  # FedAdam's moments continue where they were
+            coordinator.aggregate.load_state_dict(results.load_aggregator(saved["aggregator"]))
     eval_set = server_eval_set(co.eval_source, run, co.eval_sites)
     for rnd in range(first, fed.num_rounds + 1):
         start = time.time()
@@ -130,7 +133,11 @@ def run_federation(grid: Grid, run: RunConfig) -> dict:
                      entry["server_eval"]["accuracy"], entry["server_eval"]["macro_f1"],
                      entry["server_eval"]["kappa"])
         entry["wall_s"] = time.time() - start
-        results.add_round(entry, state, arch, {"rng": _rng_json(coordinator.rng.getstate())})
+        server_state: dict = {"rng": _rng_json(coordinator.rng.getstate())}
+        aggregator_state = coordinator.aggregate.state_dict()
+        if aggregator_state:
+            server_state["aggregator"] = results.save_aggregator(rnd, aggregator_state)
+        results.add_round(entry, state, arch, server_state)
     if fed.fraction_evaluate > 0 and results.data["rounds"]:
         last_entry = results.data["rounds"][-1]
         nodes = sorted(int(k) for k, v in last_entry["sites"].items() if v["status"] == "ok")

@@ -50,6 +50,40 @@ def test_fedadam_steps_from_the_global_model_with_its_server_rate():
                           torch.full((2, 2), 4.0))
 
 
+def test_fedadam_resumed_from_its_saved_state_continues_exactly(tmp_path):
+    """A run stopped after round 1 and resumed (a new Aggregator from the saved moments) takes
+    the same round-2 step as a run that never stopped; a fresh Aggregator does not."""
+    from server.results import RunResults
+
+    settings = FederationSettings(aggregation="fedadam", server_lr=0.05)
+    reference = {"w": torch.zeros(2, 2), "b": torch.zeros(2)}
+    straight = Aggregator(settings)
+    r1 = straight(1, [_u(3), _u(5)], [1.0, 1.0], reference)
+    r2 = straight(2, [_u(1), _u(2)], [1.0, 3.0], r1)
+    results = RunResults(tmp_path / "run")
+    ref = results.save_aggregator(1, _state_after_round_1(settings, reference))
+    resumed = Aggregator(settings)
+    resumed.load_state_dict(results.load_aggregator(ref))
+    assert torch.equal(resumed(2, [_u(1), _u(2)], [1.0, 3.0], r1)["w"], r2["w"])
+    fresh = Aggregator(settings)(2, [_u(1), _u(2)], [1.0, 3.0], r1)
+    assert not torch.allclose(fresh["w"], r2["w"])
+    # an altered state file is refused, not silently used
+    path = tmp_path / "run" / "checkpoints" / "aggregator-round-001.safetensors"
+    path.write_bytes(path.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(ValueError, match="altered"):
+        results.load_aggregator(ref)
+    with pytest.raises(ValueError, match="does not belong"):
+        Aggregator(FederationSettings(aggregation="fedadam")).load_state_dict(
+            {"x/w": torch.zeros(1)})
+    assert Aggregator(FederationSettings(aggregation="fedavg")).state_dict() == {}
+
+
+def _state_after_round_1(settings, reference):
+    agg = Aggregator(settings)
+    agg(1, [_u(3), _u(5)], [1.0, 1.0], reference)
+    return agg.state_dict()
+
+
 def test_a_key_no_update_carries_keeps_its_global_value():
     reference = {"w": torch.full((2, 2), 7.0), "b": torch.full((2,), 7.0)}
     for method in AGGREGATIONS:
