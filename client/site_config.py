@@ -83,6 +83,9 @@ def _simulated_site(partition: int, num_partitions: int, spec: str) -> dict:
                 not isinstance(sites[partition], dict):
             raise SiteConfigError(f"{spec} does not describe simulated site {partition}")
         return sites[partition]
-    return {"data-path": "synthetic:target", "cache-dir": f".moma-sim-cache/site-{partition}",
+    # no spec (the app run by ``flwr run`` on a local simulation, not by moma-simulate): an
+    # absolute, per-user cache folder, never one relative to wherever Ray's worker happens to run
+    cache = Path.home() / ".cache" / "moma-fl" / "simulation" / f"site-{partition}"
+    return {"data-path": "synthetic:target", "cache-dir": str(cache),
             "site-index": partition, "num-sites": num_partitions,
             "site-name": f"site-{partition}", "device": "cpu"}

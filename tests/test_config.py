@@ -115,3 +115,23 @@ def test_train_config_refuses_zero_epochs_and_a_bad_rate():
         TrainConfig(epochs=0)
     with pytest.raises(ValueError, match="learning rate"):
         TrainConfig(lr=-1)
+
+
+def test_a_simulated_node_gets_its_site_from_the_spec_or_an_absolute_cache(tmp_path):
+    import json
+
+    from client.site_config import SiteConfigError, site_settings
+
+    plain = site_settings({"partition-id": 2, "num-partitions": 3})
+    assert plain.data_path == "synthetic:target" and plain.site_index == 2
+    assert plain.cache_dir.is_absolute() and plain.cache_dir.name == "site-2"
+    spec = tmp_path / "sites.json"
+    spec.write_text(json.dumps([{"data-path": "/a", "cache-dir": "/c/0"},
+                                {"data-path": "/b", "cache-dir": "/c/1", "site-name": "b"}]))
+    one = site_settings({"partition-id": 1, "num-partitions": 2}, str(spec))
+    assert (one.data_path, str(one.cache_dir), one.site_name) == ("/b", "/c/1", "b")
+    with pytest.raises(SiteConfigError, match="does not describe"):
+        site_settings({"partition-id": 5, "num-partitions": 6}, str(spec))
+    # a real SuperNode's node config (no partition-id) is never redirected by the spec
+    real = site_settings({"data-path": "/mine", "cache-dir": "/var/moma"}, str(spec))
+    assert real.data_path == "/mine"
