@@ -14,6 +14,9 @@ does the site's work for every message, so that imports and data decoding are pa
 every round (``--no-worker``: one fresh process per message, as Flower runs it). No child
 process outlives this command; a second ``moma-client`` on the same cache folder or port is
 refused.
+
+``moma-client privacy --cache-dir DIR`` prints the site's privacy ledger (what DP training it
+did and the ε it spent; :mod:`moma_core.privacy.ledger`).
 """
 
 from __future__ import annotations
@@ -254,10 +257,36 @@ def start(args: argparse.Namespace) -> int:
         lock.release()
 
 
+def privacy_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="moma-client privacy",
+        description="Print this site's privacy ledger: every DP training it recorded, with the "
+                    "ε spent (kept on this site's disk only).")
+    p.add_argument("--kit", type=Path, help="this site's kit (its site.toml names the cache)")
+    p.add_argument("--cache-dir", type=Path, help="the site's cache folder")
+    return p
+
+
+def privacy(argv: list[str]) -> int:
+    """``moma-client privacy``: the site's ledger as a table (exit 2 if it is unreadable)."""
+    args = privacy_parser().parse_args(argv)
+    cache = args.cache_dir
+    if cache is None and args.kit is not None:
+        site_toml = tomllib.loads((args.kit / "site.toml").read_text())
+        cache = Path(str(site_toml["cache-dir"])) if site_toml.get("cache-dir") else None
+    if cache is None:
+        raise ValueError("give --cache-dir (or --kit whose site.toml names 'cache-dir')")
+    from moma_core.privacy.ledger import print_ledger
+
+    return print_ledger(cache)
+
+
 @run_cli
 def main() -> int:
     exit_on_sigterm()
     try:
+        if sys.argv[1:2] == ["privacy"]:
+            return privacy(sys.argv[2:])
         return start(parser().parse_args())
     except (FileNotFoundError, BusyError) as exc:
         print(f"error: {exc}", file=sys.stderr)

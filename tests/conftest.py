@@ -24,13 +24,14 @@ class CommandResult:
 def call(monkeypatch, capsys):
     """Run a command's ``main`` in-process (fast): same exit code, stdout and stderr as the
     installed script."""
+    from client import cli as client_cli
     from moma_core.cli import distill, evaluate, teacher
     from server import cli as server_cli
     from server import simulate
 
     mains = {"moma-server": server_cli.main, "moma-simulate": simulate.main,
              "moma-distill": distill.main, "moma-teacher": teacher.main,
-             "moma-eval": evaluate.main}
+             "moma-eval": evaluate.main, "moma-client": client_cli.main}
 
     def run(command: str, *args) -> CommandResult:
         monkeypatch.setattr(sys, "argv", [command, *map(str, args)])
