@@ -62,12 +62,33 @@ def main() -> None:
     flwr_clientapp()
 
 
+#: ``flower-superexec`` as the SuperNode starts it, by bare name: Flower's, except that a stop
+#: before it has set up its own signal handling ends it quietly. (Its parent monitor raises
+#: SIGINT when the SuperNode exits, e.g. a site that could not join: without this, a superexec
+#: still starting up printed a KeyboardInterrupt traceback into the site's one-line error.)
+_SUPEREXEC = """#!{python}
+import os
+import signal
+import sys
+
+signal.signal(signal.SIGINT, lambda signum, frame: os._exit(0))
+from flwr.supercore.cli import flower_superexec  # noqa: E402
+
+sys.argv[0] = "flower-superexec"
+sys.exit(flower_superexec())
+"""
+
+
 def write_launcher(bin_dir: Path) -> Path:
-    """Write ``bin_dir/flwr-clientapp`` running :func:`main` with this interpreter."""
+    """Write ``bin_dir/flwr-clientapp`` running :func:`main` with this interpreter (and the
+    quiet ``flower-superexec`` beside it); returns the first."""
     bin_dir.mkdir(parents=True, exist_ok=True)
     path = bin_dir / "flwr-clientapp"
     path.write_text(f"#!{sys.executable}\nfrom client.app_guard import main\n\nmain()\n")
     path.chmod(0o755)
+    superexec = bin_dir / "flower-superexec"
+    superexec.write_text(_SUPEREXEC.format(python=sys.executable))
+    superexec.chmod(0o755)
     return path
 
 

@@ -48,11 +48,11 @@ class Federation:
             f"{SMALL} min-train-nodes={min(sites, 2)} min-available-nodes={sites} "
             f"round-timeout={timeout}"])
 
-    def site(self, i: int, sites: int) -> None:
+    def site(self, i: int, sites: int, n: int = 48) -> None:
         self.start(f"site-{i}", [
             str(BIN / "moma-client"), "--server", f"127.0.0.1:{self.port}",
             "--data", "synthetic:target", "--site-index", str(i), "--num-sites", str(sites),
-            "--n", "48", "--cache-dir", str(self.root / f"site-{i}"), "--site-name",
+            "--n", str(n), "--cache-dir", str(self.root / f"site-{i}"), "--site-name",
             f"site-{i}", "--insecure", "--clientappio-port", str(free_port())])
 
     def kill(self, name: str, sig=signal.SIGKILL) -> None:
@@ -120,14 +120,16 @@ def test_two_sites_two_rounds_over_grpc(federation, tmp_path):
 def test_killed_site_does_not_stop_the_round_and_rejoins(federation, tmp_path):
     teacher = tiny_teacher(tmp_path / "teacher.safetensors")
     federation.server(teacher, rounds=2, sites=3, timeout=300)
+    # site-2 has enough images that its round-1 training outlasts the wait below: it stores
+    # the teacher first, then decodes its data and trains (a round of 48 images takes ~1 s)
     for i in range(3):
-        federation.site(i, 3)
+        federation.site(i, 3, n=2000 if i == 2 else 48)
     cached = tmp_path / "site-2" / "teachers"
     # a generous ceiling: three sites and a SuperLink start slowly on a busy 2-core machine
     _wait(lambda: cached.exists() and any(cached.glob("*.safetensors")),
           "site-2 to cache the teacher", timeout=1200, federation=federation)
     federation.kill("site-2")  # dies mid-round: it received the train message
-    federation.site(2, 3)  # and comes back, with its cache, for the next round
+    federation.site(2, 3, n=2000)  # and comes back, with its cache, for the next round
     rc = federation.wait_server(1200)
     assert rc == 0, federation.log("server")[-4000:]
     r1, r2 = federation.results()["rounds"]
@@ -169,6 +171,14 @@ def test_sigkill_leaves_nothing_and_resume_trains_each_round_once(federation, tm
           "round 1", federation=federation)
     server_tag = str((tmp_path / "runs" / "dep" / ".moma-server.lock").resolve())
     first = federation.procs["server"]
+    # hold the run here (rounds take seconds): freeze the ServerApp, so the coordinator is
+    # alive but cannot finish before it is killed below (it is let go just before the kill,
+    # so that it can notice its SuperLink die, as a running ServerApp does)
+    serverapp = [p for p in tagged_pids(server_tag)
+                 if b"flwr-serverapp" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    assert serverapp, "no ServerApp process found"
+    for p in serverapp:
+        os.kill(p, signal.SIGSTOP)
     # a second coordinator on the same run folder is refused, naming the first one's PID
     second = subprocess.run(
         [str(BIN / "moma-server"), "--teacher", str(teacher), "--name", "dep", "--runs-dir",
@@ -178,6 +188,8 @@ def test_sigkill_leaves_nothing_and_resume_trains_each_round_once(federation, tm
     assert second.returncode == 2 and f"PID {first.pid}" in second.stderr, second.stderr
     children = tagged_pids(server_tag)
     assert len(children) >= 3  # SuperLink, SuperExec, ServerApp, flwr run
+    for p in serverapp:
+        os.kill(p, signal.SIGCONT)
     os.kill(first.pid, signal.SIGKILL)  # the command only: its children must follow
     first.wait(60)
     _wait(lambda: not any(Path(f"/proc/{p}").exists() for p in children), "orphans to die")
