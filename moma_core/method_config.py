@@ -11,6 +11,9 @@ import math
 from dataclasses import asdict, dataclass, fields
 
 OBJECTIVES = ("ce", "kd", "moma", "crckd")
+# Objectives for sample-level DP-SGD (moma_core.privacy): built by build_objective but not (yet)
+# offered by the federation's settings or the commands, which do not wire their inputs.
+DP_OBJECTIVES = ("dp-moma",)
 
 
 @dataclass
@@ -40,10 +43,14 @@ class ObjectiveConfig:
     # teacher logits for KL: "before-update" (the reference: a second teacher forward per step
     # when KL is on) or "after-update" (one forward; z_t from the just-updated teacher)
     kl_teacher: str = "before-update"
+    # dp-moma's query attention: "queue" (each sample's query attends over the public keys) or
+    # "none"; never across the samples of a batch
+    dp_attention: str = "queue"
 
     def __post_init__(self) -> None:
-        if self.kind not in OBJECTIVES:
-            raise ValueError(f"unknown objective {self.kind!r}; choose one of {OBJECTIVES}")
+        if self.kind not in OBJECTIVES + DP_OBJECTIVES:
+            raise ValueError(f"unknown objective {self.kind!r}; choose one of "
+                             f"{OBJECTIVES + DP_OBJECTIVES}")
         if self.attention_keys not in ("reference", "trained"):
             raise ValueError("attention_keys must be 'reference' or 'trained'")
         if self.teacher_update not in ("momentum", "frozen"):
@@ -54,6 +61,8 @@ class ObjectiveConfig:
             raise ValueError("queue_keys must be 'reference' or 'keys'")
         if self.key_head_init not in ("copy", "independent"):
             raise ValueError("key_head_init must be 'copy' or 'independent'")
+        if self.dp_attention not in ("queue", "none"):
+            raise ValueError("dp_attention must be 'queue' or 'none'")
         if self.queue_size < 1 or self.feat_dim < 1 or self.num_heads < 1:
             raise ValueError("queue size, feature dimension and heads must be at least 1")
         if not 0 <= self.momentum < 1 or self.nce_temperature <= 0 or self.kd_temperature <= 0:

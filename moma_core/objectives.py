@@ -29,6 +29,9 @@ class Objective(nn.Module):
     """Interface: a loss on a batch plus whatever state it keeps between steps."""
 
     name = "objective"
+    # True when the loss is a mean of per-sample terms, each depending on its own sample only
+    # and on no state kept from earlier private batches: usable with DP-SGD (moma_core.privacy)
+    dp_compatible = False
 
     def loss(self, student: nn.Module, x: torch.Tensor, y: torch.Tensor
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -46,6 +49,7 @@ class CrossEntropyOnly(Objective):
     """Baseline without a teacher: c·CE."""
 
     name = "ce"
+    dp_compatible = True
 
     def __init__(self, cfg: ObjectiveConfig) -> None:
         super().__init__()
@@ -83,6 +87,7 @@ class VanillaKD(_TeacherObjective):
     """Hinton KD: c·CE + d·KL(T). Needs the teacher to share the student's label space."""
 
     name = "kd"
+    dp_compatible = True
 
     def __init__(self, teacher: nn.Module, cfg: ObjectiveConfig, same_task: bool) -> None:
         if not same_task:
@@ -224,13 +229,16 @@ class MoMA(_TeacherObjective):
 
 def build_objective(cfg: ObjectiveConfig, student: nn.Module,
                     teacher: nn.Module | None = None, same_task: bool | None = None,
-                    n_data: int | None = None) -> Objective:
+                    n_data: int | None = None, public_keys: torch.Tensor | None = None
+                    ) -> Objective:
     """The objective ``cfg.kind`` for ``student``; ``same_task`` decides whether KL is used.
 
     Pass ``same_task`` from the class *names* of teacher and student (:func:`same_task`); when
     omitted it falls back to comparing class counts, which cannot tell two 4-class tasks apart.
     CRCKD keeps one memory-bank row per training sample: give ``n_data`` (the training set's
     size) and feed it :func:`training_set` batches, which carry each sample's index.
+    ``dp-moma`` (:class:`moma_core.privacy.dp_moma.DPMoMA`) needs ``public_keys``: the frozen
+    teacher's keys of non-private images, ``public_queue(teacher, images)`` (no key head).
     """
     if cfg.kind == "ce":
         return CrossEntropyOnly(cfg)
@@ -240,6 +248,13 @@ def build_objective(cfg: ObjectiveConfig, student: nn.Module,
         same_task = _num_classes(teacher) == _num_classes(student)
     if cfg.kind == "kd":
         return VanillaKD(teacher, cfg, same_task)
+    if cfg.kind == "dp-moma":
+        from moma_core.privacy.dp_moma import DPMoMA  # (dp_moma builds on this module)
+
+        if public_keys is None:
+            raise ValueError("objective 'dp-moma' needs public_keys: the frozen teacher's keys "
+                             "of non-private images (moma_core.privacy.dp_moma.public_queue)")
+        return DPMoMA(teacher, student, cfg, same_task, public_keys)
     if cfg.kind == "crckd":
         from moma_core.crckd import CRCKD  # (crckd builds on this module)
 

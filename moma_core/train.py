@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -22,6 +23,9 @@ from moma_core.method_config import (  # noqa: F401 (re-export)
 )
 from moma_core.objectives import Objective
 from moma_core.seeding import seed_everything
+
+if TYPE_CHECKING:
+    from moma_core.privacy.dp_sgd import DPConfig, PrivacyReport
 
 
 class TrainingDiverged(RuntimeError):
@@ -36,6 +40,7 @@ class TrainResult:
     num_examples: int
     metrics: dict[str, float]
     history: list[dict[str, float]] = field(default_factory=list)  # one entry per epoch
+    privacy: PrivacyReport | None = None  # DP-SGD only: noise, sample rate, steps, ε of the call
 
 
 ProgressFn = Callable[[int, int, dict[str, float]], None]  # (step, total_steps, running metrics)
@@ -45,13 +50,20 @@ EpochEndFn = Callable[[int, dict[str, float]], None]  # (epoch index, epoch's me
 def train_local(student: nn.Module, objective: Objective, loader: DataLoader,
                 cfg: TrainConfig, device: str | torch.device = "cpu",
                 progress: ProgressFn | None = None,
-                on_epoch_end: EpochEndFn | None = None) -> TrainResult:
+                on_epoch_end: EpochEndFn | None = None, *,
+                privacy: DPConfig | None = None) -> TrainResult:
     """Train ``student`` (in place) with ``objective`` on ``loader``; see module docstring.
 
     ``on_epoch_end`` is called after each epoch (evaluation, checkpoints) with the student in
     train mode; it may switch modes, the loop restores train mode.
     ``num_examples`` counts the examples actually seen (epochs × dataset, or fewer with
     ``max_steps``). Raises :class:`TrainingDiverged` on a non-finite loss.
+
+    ``privacy`` trains with sample-level DP-SGD (:mod:`moma_core.privacy.dp_sgd`): the student
+    and the objective's trainable heads are wrapped by Opacus (per-sample clipping, noise,
+    Poisson-sampled batches from ``loader``'s data set) and this same loop runs on them; the
+    result's ``privacy`` reports what the call spent. The student must already be free of
+    BatchNorm (``make_private_compatible``) and the objective per-sample (CE, KD, dp-moma).
     """
     if cfg.seed is not None:
         seed_everything(cfg.seed)
@@ -60,6 +72,13 @@ def train_local(student: nn.Module, objective: Objective, loader: DataLoader,
     objective.to(device).train()
     params = list(student.parameters()) + list(objective.trainable_parameters())
     optimizer = _make_optimizer(params, cfg)
+    private = None
+    if privacy is not None:
+        from moma_core.privacy.dp_sgd import make_private_training
+
+        private = make_private_training(student, objective, optimizer, loader, privacy, cfg,
+                                        device)
+        optimizer, loader = private.optimizer, private.loader
     steps_per_epoch = len(loader) if cfg.max_steps is None else min(len(loader), cfg.max_steps)
     total_steps = cfg.epochs * len(loader)
     if cfg.max_steps is not None:
@@ -80,6 +99,11 @@ def train_local(student: nn.Module, objective: Objective, loader: DataLoader,
                 break
             x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
             extra = {"index": batch[2].to(device)} if len(batch) > 2 else {}
+            if private is not None and len(y) == 0:  # Poisson sampling drew no example
+                private.noise_step()
+                scheduler.step()
+                step += 1
+                continue
             with torch.autocast(device.type, enabled=use_amp):
                 loss, parts = objective.loss(student, x, y, **extra)
                 if anchor is not None:
@@ -108,7 +132,9 @@ def train_local(student: nn.Module, objective: Objective, loader: DataLoader,
     metrics = dict(history[-1])
     metrics["steps"] = float(step)
     state = {k: v.detach().cpu().clone() for k, v in student.state_dict().items()}
-    return TrainResult(state=state, num_examples=seen, metrics=metrics, history=history)
+    report = private.close() if private is not None else None
+    return TrainResult(state=state, num_examples=seen, metrics=metrics, history=history,
+                       privacy=report)
 
 
 def _make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:

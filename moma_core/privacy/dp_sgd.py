@@ -1,0 +1,397 @@
+"""Sample-level DP-SGD (Opacus) for the one local training loop (``train_local``).
+
+``train_local(..., privacy=DPConfig(...))`` calls :func:`make_private_training`: it checks that
+the objective's loss is per-sample (``Objective.dp_compatible``: CE, KD, dp-moma) and that the
+student is free of what Opacus refuses (:func:`check_private_compatible`; convert a timm student
+once with :func:`make_private_compatible`), gathers every trainable part — the student and the
+objective's trainable heads — into ONE module, and hands it with the optimiser and the data
+loader to ``PrivacyEngine.make_private``: per-sample gradients by hooks, per-sample clipping to
+``max_grad_norm``, Gaussian noise, a Poisson-sampled ``DPDataLoader``, the RDP accountant. The
+loop then runs unchanged on the returned optimiser and loader; :meth:`PrivateTraining.close`
+removes the hooks and returns the :class:`PrivacyReport` of the call (noise multiplier, sample
+rate, steps, ε at δ), which :class:`moma_core.train.TrainResult` carries as ``privacy``.
+
+The teacher stays outside: frozen, in eval mode, BatchNorm kept, never wrapped.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from moma_core.method_config import TrainConfig
+
+if TYPE_CHECKING:
+    from opacus import PrivacyEngine
+    from opacus.optimizers import DPOptimizer
+
+ACCOUNTANTS = ("rdp", "prv")  # those the privacy ledger composes (moma_core.privacy.accounting)
+
+
+class PrivacyIncompatibleError(ValueError):
+    """The student, the objective or the settings cannot be trained with DP-SGD."""
+
+
+@dataclass
+class DPConfig:
+    """Settings of sample-level DP-SGD for one :func:`moma_core.train.train_local` call.
+
+    Give exactly one of ``noise_multiplier`` (σ, the noise std over ``max_grad_norm``) or
+    ``target_epsilon``: the σ that makes ε reach it at ``delta`` after ``epochs`` epochs at this
+    call's sample rate (a horizon covering several calls, e.g. rounds × local epochs), or, with
+    ``epochs`` unset, after this call's own steps. ``poisson_sampling`` should stay on: the
+    accountant's ε assumes it. ``secure_rng`` needs ``torchcsprng`` (Opacus' secure mode).
+    """
+
+    max_grad_norm: float = 1.0
+    noise_multiplier: float | None = None
+    target_epsilon: float | None = None
+    delta: float = 1e-5
+    epochs: int | None = None
+    poisson_sampling: bool = True
+    secure_rng: bool = False
+    accountant: str = "rdp"
+
+    def __post_init__(self) -> None:
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError("give exactly one of noise_multiplier and target_epsilon")
+        if self.noise_multiplier is not None and not (
+                math.isfinite(self.noise_multiplier) and self.noise_multiplier > 0):
+            raise ValueError(f"noise multiplier {self.noise_multiplier}: give a number > 0")
+        if self.target_epsilon is not None and not (
+                math.isfinite(self.target_epsilon) and self.target_epsilon > 0):
+            raise ValueError(f"target epsilon {self.target_epsilon}: give a number > 0")
+        if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
+            raise ValueError(f"max grad norm {self.max_grad_norm}: give a number > 0")
+        if not 0 < self.delta < 1:
+            raise ValueError(f"delta {self.delta}: give a number in (0, 1)")
+        if self.epochs is not None and (self.target_epsilon is None or self.epochs < 1):
+            raise ValueError("epochs is the horizon of target_epsilon: give it (>= 1) only "
+                             "with target_epsilon")
+        if self.accountant not in ACCOUNTANTS:
+            raise ValueError(f"accountant {self.accountant!r}: choose one of {ACCOUNTANTS}")
+
+
+@dataclass(frozen=True)
+class PrivacyReport:
+    """What one private training call spent, for the privacy ledger.
+
+    ``epsilon`` is the engine's accountant's ε at ``delta`` after this call's ``steps`` steps of
+    noise ``noise_multiplier`` at Poisson rate ``sample_rate`` (this call alone: compose the
+    calls of a site, e.g. from ``(noise_multiplier, sample_rate, steps)``, for its total).
+    ``expected_batch_size`` is the divisor Opacus uses for the mean of the clipped gradients.
+    """
+
+    noise_multiplier: float
+    max_grad_norm: float
+    sample_rate: float
+    steps: int
+    expected_batch_size: int
+    delta: float
+    epsilon: float
+    accountant: str
+    poisson_sampling: bool
+
+    def to_dict(self) -> dict[str, float | int | str | bool]:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------- the student
+
+
+def make_private_compatible(student: nn.Module, num_groups: int | None = None) -> nn.Module:
+    """A copy of ``student`` that Opacus can train; ``student`` itself is not changed.
+
+    Every BatchNorm becomes a GroupNorm with ``num_groups`` groups (default gcd(32, channels),
+    Opacus' rule): timm's BatchNormAct layers become timm ``GroupNormAct`` keeping their
+    activation and dropout (``ModuleValidator.fix`` would not touch them: it matches exact
+    types), the plain ones go through ``opacus.validators.ModuleValidator.fix``, which also fixes
+    the other layers it knows. The affine weight and bias are carried over; running statistics
+    are dropped. In-place activations are switched off (Opacus' backward hooks refuse in-place
+    ops on a hooked layer's output). Raises :class:`PrivacyIncompatibleError` listing whatever
+    is still refused (:func:`check_private_compatible`).
+
+    State-dict keys of the norm layers stay the same (weight, bias), without the BatchNorm
+    buffers. The student's mode is kept.
+    """
+    from opacus.validators import ModuleValidator
+
+    model = copy.deepcopy(student)
+    affine = {name: (m.weight, m.bias) for name, m in model.named_modules()
+              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine}
+    _norm_act_to_group_norm(model, num_groups)
+    kwargs = {} if num_groups is None else {"num_groups": num_groups}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = ModuleValidator.fix(model, **kwargs)
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if name in affine and isinstance(m, nn.GroupNorm) and m.affine:
+                weight, bias = affine[name]
+                m.weight.copy_(weight)
+                m.bias.copy_(bias)
+    for m in model.modules():
+        if getattr(m, "inplace", False) is True:
+            m.inplace = False
+    model.train(student.training)
+    check_private_compatible(model)
+    return model
+
+
+def private_compatibility_problems(module: nn.Module) -> list[str]:
+    """What Opacus (or per-sample clipping) refuses in ``module``, one line each; empty if none.
+
+    BatchNorm layers (batch statistics mix the samples; listed even when frozen, as in train mode
+    they still normalise with the batch's statistics), trainable layers holding buffers (refused
+    by Opacus' GradSampleModule), in-place activations (refused by its backward hooks), and the
+    errors of ``opacus.validators.ModuleValidator.validate``.
+    """
+    from opacus.validators import ModuleValidator
+
+    problems = []
+    for name, m in module.named_modules():
+        where = name or "<root>"
+        own = list(m.parameters(recurse=False))
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            problems.append(f"{where}: {type(m).__name__} (batch statistics mix the samples)")
+        elif any(p.requires_grad for p in own) and any(True for _ in m.buffers()):
+            problems.append(f"{where}: {type(m).__name__} is trainable and holds buffers")
+        if getattr(m, "inplace", False) is True:
+            problems.append(f"{where}: {type(m).__name__} is in-place")
+    mode = module.training
+    module.train()
+    try:
+        errors = ModuleValidator.validate(module, strict=False)
+    finally:
+        module.train(mode)
+    for e in errors:
+        text = str(e)
+        if not text.startswith("BatchNorm cannot support"):  # listed above, by name
+            problems.append(f"opacus: {type(e).__name__}: {text}")
+    return problems
+
+
+def check_private_compatible(module: nn.Module) -> None:
+    """Raise :class:`PrivacyIncompatibleError` listing what Opacus still refuses in ``module``."""
+    problems = private_compatibility_problems(module)
+    if problems:
+        raise PrivacyIncompatibleError(
+            "the model cannot be trained with DP-SGD (convert it with "
+            "moma_core.privacy.dp_sgd.make_private_compatible):\n  " + "\n  ".join(problems))
+
+
+# ----------------------------------------------------------------------------- the wrapping
+
+
+class PrivateParts(nn.Module):
+    """The one module Opacus wraps: the student and the objective's trainable heads."""
+
+    def __init__(self, student: nn.Module, heads: list[nn.Module]) -> None:
+        super().__init__()
+        self.student = student
+        self.heads = nn.ModuleList(heads)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.student(x)
+
+
+def private_parts(student: nn.Module, objective: nn.Module) -> PrivateParts:
+    """:class:`PrivateParts` of ``student`` and each child of ``objective`` holding one of
+    ``objective.trainable_parameters()``; refuses trainable parameters outside those children."""
+    trainable = {id(p) for p in objective.trainable_parameters()}
+    heads = [m for _, m in objective.named_children()
+             if any(id(p) in trainable for p in m.parameters())]
+    covered = {id(p) for m in heads for p in m.parameters()}
+    if trainable - covered:
+        raise PrivacyIncompatibleError(
+            f"objective {getattr(objective, 'name', type(objective).__name__)!r} has trainable "
+            "parameters outside its child modules; DP-SGD needs them inside modules")
+    return PrivateParts(student, heads)
+
+
+class PrivateTraining:
+    """One private training call: Opacus' optimiser and loader for the loop, then the report."""
+
+    def __init__(self, engine: PrivacyEngine, grad_sample_module: nn.Module,
+                 optimizer: DPOptimizer, loader: DataLoader, config: DPConfig,
+                 noise_multiplier: float, sample_rate: float) -> None:
+        self.engine = engine
+        self.module = grad_sample_module
+        self.optimizer = optimizer
+        self.loader = loader
+        self.config = config
+        self.noise_multiplier = noise_multiplier
+        self.sample_rate = sample_rate
+        self._report: PrivacyReport | None = None
+
+    def noise_step(self) -> None:
+        """The step for an empty Poisson batch: noise only, counted by the accountant (as
+        Opacus does for an empty batch; skipping it would reveal that the batch was empty)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        for p in self.optimizer.params:
+            p.grad_sample = p.new_zeros((0, *p.shape))
+        self.optimizer.step()
+
+    @property
+    def steps(self) -> int:
+        return int(sum(entry[-1] for entry in getattr(self.engine.accountant, "history", [])))
+
+    def report(self) -> PrivacyReport:
+        """Noise, sample rate, steps so far and the ε the engine's accountant gives for them."""
+        if self._report is not None:
+            return self._report
+        steps = self.steps
+        eps = float(self.engine.accountant.get_epsilon(delta=self.config.delta)) if steps else 0.0
+        return PrivacyReport(
+            noise_multiplier=float(self.noise_multiplier),
+            max_grad_norm=float(self.config.max_grad_norm),
+            sample_rate=float(self.sample_rate), steps=steps,
+            expected_batch_size=int(self.optimizer.expected_batch_size),
+            delta=float(self.config.delta), epsilon=eps, accountant=self.config.accountant,
+            poisson_sampling=bool(self.config.poisson_sampling))
+
+    def close(self) -> PrivacyReport:
+        """Remove Opacus' hooks and per-sample attributes from the models; the final report."""
+        if self._report is None:
+            self._report = self.report()
+            self.module.cleanup()
+            _clear_opacus_state(self.module._module)
+        return self._report
+
+
+def make_private_training(student: nn.Module, objective: nn.Module,
+                          optimizer: torch.optim.Optimizer, loader: DataLoader,
+                          privacy: DPConfig, cfg: TrainConfig,
+                          device: torch.device | str = "cpu") -> PrivateTraining:
+    """Wrap the trainable parts of ``student`` and ``objective`` for DP-SGD (see module doc).
+
+    ``optimizer`` must hold exactly the student's and the objective's trainable parameters;
+    ``loader`` is replaced by a Poisson-sampled ``DPDataLoader`` with the same expected batch
+    size (``privacy.poisson_sampling``). Refuses objectives whose loss is not per-sample,
+    students with BatchNorm or other layers Opacus refuses, a FedProx term (its gradient does
+    not pass through the per-sample hooks, Opacus would drop it) and mixed precision.
+    """
+    from opacus import PrivacyEngine
+    from opacus.accountants.utils import get_noise_multiplier
+
+    name = getattr(objective, "name", type(objective).__name__)
+    if not getattr(objective, "dp_compatible", False):
+        raise PrivacyIncompatibleError(
+            f"objective {name!r} is not compatible with DP-SGD (its loss mixes samples or keeps "
+            "state from earlier private batches); use 'dp-moma', 'kd' or 'ce'")
+    if cfg.proximal_mu > 0:
+        raise PrivacyIncompatibleError("proximal_mu > 0 (FedProx) is not supported with DP-SGD: "
+                                       "Opacus would drop the proximal term's gradient")
+    if cfg.amp and torch.device(device).type == "cuda":
+        raise PrivacyIncompatibleError("mixed precision (amp) is not supported with DP-SGD")
+    check_private_compatible(student)
+    if len(loader) == 0:
+        raise ValueError("the training loader is empty")
+    parts = private_parts(student, objective)
+    _strip_stale_hooks(parts)
+    parts.train()
+    sample_rate = 1 / len(loader)
+    noise = privacy.noise_multiplier
+    if noise is None:
+        steps = cfg.epochs * len(loader)
+        if cfg.max_steps is not None:
+            steps = min(steps, cfg.max_steps)
+        horizon = ({"epochs": privacy.epochs} if privacy.epochs is not None
+                   else {"steps": steps})
+        noise = get_noise_multiplier(target_epsilon=privacy.target_epsilon,
+                                     target_delta=privacy.delta, sample_rate=sample_rate,
+                                     accountant=privacy.accountant, **horizon)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        engine = PrivacyEngine(accountant=privacy.accountant, secure_mode=privacy.secure_rng)
+    module, dp_optimizer, dp_loader = engine.make_private(
+        module=parts, optimizer=optimizer, data_loader=loader, noise_multiplier=noise,
+        max_grad_norm=privacy.max_grad_norm, poisson_sampling=privacy.poisson_sampling)
+    use_contiguous_grad_samplers(module)
+    return PrivateTraining(engine, module, dp_optimizer, dp_loader, privacy, noise, sample_rate)
+
+
+def use_contiguous_grad_samplers(grad_sample_module: nn.Module) -> None:
+    """Make this GradSampleModule's per-layer samplers see contiguous tensors.
+
+    Opacus 1.6's convolution sampler (``unfold2d``, ``as_strided`` with NCHW strides) returns
+    wrong per-sample gradients — zeros for a padded 3×3 convolution — when the activations are
+    channels-last, which they are when the images are (e.g. a uint8 HWC array permuted to CHW
+    without a copy). The samplers are wrapped for this instance only (Opacus' registry is
+    untouched); ``.contiguous()`` is a no-op for contiguous tensors.
+    """
+    from opacus.grad_sample import GradSampleModule
+
+    def contiguous(fn: Callable) -> Callable:
+        def sampler(layer: nn.Module, activations: list, backprops: torch.Tensor) -> dict:
+            return fn(layer, [a.contiguous() if isinstance(a, torch.Tensor) else a
+                              for a in activations], backprops.contiguous())
+        return sampler
+
+    grad_sample_module.GRAD_SAMPLERS = {kind: contiguous(fn) for kind, fn
+                                        in GradSampleModule.GRAD_SAMPLERS.items()}
+
+
+def _norm_act_to_group_norm(root: nn.Module, num_groups: int | None) -> None:
+    """Replace, in place, timm's BatchNorm+activation layers by ``GroupNormAct``."""
+    from timm.layers import GroupNormAct
+
+    for name, child in list(root.named_children()):
+        is_norm_act = (isinstance(child, nn.modules.batchnorm._BatchNorm)
+                       and isinstance(getattr(child, "act", None), nn.Module)
+                       and isinstance(getattr(child, "drop", None), nn.Module))
+        if not is_norm_act:
+            _norm_act_to_group_norm(child, num_groups)
+            continue
+        c = child.num_features
+        groups = num_groups if num_groups is not None else math.gcd(32, c)
+        norm = GroupNormAct(c, num_groups=groups, eps=child.eps, affine=child.affine,
+                            apply_act=False)
+        norm.drop, norm.act = child.drop, child.act
+        if child.affine:
+            with torch.no_grad():
+                norm.weight.copy_(child.weight)
+                norm.bias.copy_(child.bias)
+        ref = next(child.parameters(), None)
+        if ref is not None:
+            norm.to(ref.device)
+        setattr(root, name, norm)
+
+
+_MODULE_ATTRS = ("activations", "max_batch_len", "ft_compute_sample_grad",
+                 "autograd_grad_sample_hooks")
+_PARAM_ATTRS = ("grad_sample", "_current_grad_sample", "_forward_counter", "_norm_sample",
+                "summed_grad")
+
+
+def _clear_opacus_state(root: nn.Module) -> None:
+    for m in root.modules():
+        for attr in _MODULE_ATTRS:
+            if attr in m.__dict__:
+                delattr(m, attr)
+    for p in root.parameters():
+        for attr in _PARAM_ATTRS:
+            if hasattr(p, attr):
+                delattr(p, attr)
+
+
+def _strip_stale_hooks(root: nn.Module) -> None:
+    """Remove hooks left by an earlier wrapping that ended without ``close`` (an exception in
+    the loop): they would add a second per-sample gradient per step."""
+    from opacus.grad_sample import GradSampleModule
+
+    for m in root.modules():
+        for hooks in (m._forward_hooks, m._backward_hooks):
+            for key, fn in list(hooks.items()):
+                owner = getattr(getattr(fn, "func", fn), "__self__", None)
+                if isinstance(owner, GradSampleModule):
+                    del hooks[key]
+    _clear_opacus_state(root)
