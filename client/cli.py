@@ -70,6 +70,14 @@ def parser() -> argparse.ArgumentParser:
                    help="a CSV manifest may name images outside its folder")
     p.add_argument("--check-only", action="store_true",
                    help="decode every image as training will, report, and exit")
+    g = p.add_argument_group("privacy policy (wins over the coordinator's run settings)")
+    g.add_argument("--require-dp", action="store_true",
+                   help="train only in runs with DP-SGD (dp = dp-sgd); others are refused "
+                        "with 'privacy-refused'")
+    g.add_argument("--max-epsilon", type=float, default=0.0,
+                   help="this site's ε budget over all runs (patch level, its privacy ledger); "
+                        "a round that would exceed it is refused with 'privacy-budget' "
+                        "(default 0: no cap)")
     p.add_argument("--no-worker", action="store_true",
                    help="no warm site worker: every message is handled in a fresh process "
                         "(imports and data decoding repeated each round; less memory held "
@@ -102,6 +110,9 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
                          "moma-deploy), or --insecure for a plaintext local trial")
     if not args.data:
         raise ValueError("no data: give --data (or 'data' in the kit's site.toml)")
+    if not (args.max_epsilon >= 0 and args.max_epsilon != float("inf")):
+        raise ValueError(f"--max-epsilon {args.max_epsilon}: give a finite number ≥ 0 "
+                         "(0: no cap)")
     if args.cache_dir is None:
         raise ValueError("no cache folder: give --cache-dir (or 'cache-dir' in site.toml)")
     if not args.check_only and not args.server:
@@ -115,7 +126,9 @@ def node_config(args: argparse.Namespace) -> str:
               "device": args.device, "site-name": args.site_name or args.cache_dir.name,
               "num-sites": args.num_sites, "n": args.n,
               "skip-bad-images": "true" if args.skip_bad_images else "false",
-              "allow-outside-paths": "true" if args.allow_outside_paths else "false"}
+              "allow-outside-paths": "true" if args.allow_outside_paths else "false",
+              "require-dp": "true" if args.require_dp else "false",
+              "max-epsilon": float(args.max_epsilon)}
     if args.kit_info is not None:
         values["teacher-signer"] = str(args.kit_info.teacher_signer.resolve())
     if args.site_index is not None:

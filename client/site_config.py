@@ -6,7 +6,10 @@ cache and site state), ``device`` (auto/cpu/cuda), ``site-name``; for synthetic 
 ``site-index``, ``num-sites``, ``n``; ``skip-bad-images`` (true/false);
 ``allow-outside-paths`` (true/false: a CSV manifest may name images outside its folder);
 ``teacher-signer``
-(the coordinator's teacher-signing public key from the site's kit: teachers must be signed).
+(the coordinator's teacher-signing public key from the site's kit: teachers must be signed);
+the site's privacy policy, which wins over the run's settings: ``require-dp`` (true: train
+only in runs with DP-SGD) and ``max-epsilon`` (the site's ε budget over all runs, patch level;
+0: none).
 In a simulated federation Flower sets ``partition-id``/``num-partitions`` instead: the site is
 then entry ``partition-id`` of the run-scoped spec file named by the run config's
 ``simulation-sites`` (written by ``moma-simulate``), else synthetic site ``partition-id``. A
@@ -39,6 +42,8 @@ class SiteSettings:
     data_seed: int = 0
     teacher_signer: Path | None = None
     allow_outside_paths: bool = False
+    require_dp: bool = False
+    max_epsilon: float = 0.0
 
 
 def site_settings(node_config: dict, simulation_sites: str = "") -> SiteSettings:
@@ -69,7 +74,19 @@ def site_settings(node_config: dict, simulation_sites: str = "") -> SiteSettings
         data_seed=int(cfg.get("data-seed", 0)),
         teacher_signer=Path(str(cfg["teacher-signer"])) if cfg.get("teacher-signer") else None,
         allow_outside_paths=str(cfg.get("allow-outside-paths", "false")).lower() == "true",
+        require_dp=str(cfg.get("require-dp", "false")).lower() == "true",
+        max_epsilon=_max_epsilon(cfg.get("max-epsilon", 0.0)),
     )
+
+
+def _max_epsilon(value: object) -> float:
+    try:
+        eps = float(value)
+    except (TypeError, ValueError):
+        raise SiteConfigError(f"max-epsilon {value!r} is not a number") from None
+    if not eps >= 0 or eps == float("inf"):
+        raise SiteConfigError(f"max-epsilon {value!r}: give a finite number ≥ 0 (0: no cap)")
+    return eps
 
 
 def _simulated_site(partition: int, num_partitions: int, spec: str) -> dict:

@@ -6,6 +6,8 @@ The exception is logged in full at the site; the reply carries only its category
 
 from __future__ import annotations
 
+import sys
+
 from flwr.app import Message
 
 from client.site_config import SiteConfigError
@@ -18,6 +20,14 @@ class ConfigError(ValueError):
 
 class MissingTeacher(RuntimeError):
     """The site's cache lacks the teacher the coordinator named."""
+
+
+class PrivacyRefused(RuntimeError):
+    """The site's privacy policy refuses the run's settings (e.g. it requires DP-SGD)."""
+
+
+class PrivacyBudgetExceeded(RuntimeError):
+    """Training would take the site past its ε budget (``status``: the ledger's code)."""
 
 
 def error_category(exc: BaseException) -> str:
@@ -42,12 +52,17 @@ def error_category(exc: BaseException) -> str:
     kinds: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], str], ...] = (
         ((MemoryError, torch.OutOfMemoryError), "out-of-memory"),
         (MissingTeacher, "missing-teacher"),
+        (PrivacyRefused, "privacy-refused"),
+        (PrivacyBudgetExceeded, "privacy-budget"),
         (StudentMismatch, "config-error"),
         (CheckpointError, "teacher-rejected"),
         (DataError, "data-error"),
         (TrainingDiverged, "training-diverged"),
         ((ConfigError, SiteConfigError, RunConfigError), "config-error"),
     )
+    ledger = sys.modules.get("moma_core.privacy.ledger")  # loaded only if DP was in play
+    if ledger is not None and isinstance(exc, ledger.LedgerError):
+        return "privacy-refused"  # a damaged ledger: the budget cannot be checked
     return next((cat for types, cat in kinds if isinstance(exc, types)), "internal-error")
 
 

@@ -12,27 +12,35 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from client.site_config import SiteSettings
-from client.site_errors import MissingTeacher
+from client.site_errors import MissingTeacher, PrivacyBudgetExceeded, PrivacyRefused
 from client.site_state import SiteState, TeacherCache
 from moma_core.checkpoint import CheckpointError
 from moma_core.data.datasets import DataError
 from moma_core.evaluate import evaluate
-from moma_core.models import Architecture, build_model
+from moma_core.models import build_model
 from moma_core.objectives import build_objective, same_task, training_set
 from moma_core.seeding import derive_seed, seed_everything
 from moma_core.sources import SiteData, make_loader, open_site_data
 from moma_core.standalone import resolve_device
-from moma_core.train import train_local
+from moma_core.train import TrainConfig, train_local
 from moma_protocol.settings import RunConfig
-from moma_protocol.wire import TEACHER_CACHED, TRAIN_METRICS, local_keys, wire_state
+from moma_protocol.wire import (
+    DP_EPSILON,
+    TEACHER_CACHED,
+    TRAIN_METRICS,
+    local_keys,
+    wire_state,
+)
 
 log = logging.getLogger("moma.client")
+#: seed of dp-moma's public synthetic images (the same at every site; not a site's data)
+PUBLIC_SEED = 20240901
 
 
 class StudentMismatch(CheckpointError):
@@ -65,7 +73,7 @@ def student_for(run: RunConfig, data: SiteData, global_state: dict[str, torch.Te
                 local: dict[str, torch.Tensor]) -> nn.Module:
     """The global student on this site's label space, with FedBN's local layers if kept."""
     fed = run.federation
-    student = build_model(Architecture(fed.student_model, tuple(data.classes), fed.image_size))
+    student = build_model(run.student_architecture(tuple(data.classes)))
     expected = wire_state(student.state_dict())
     kept = local_keys(fed.fedbn, student) & set(local)  # may come from the site's own disk
     bad = [k for k in expected if (k not in global_state and k not in kept)
@@ -88,6 +96,9 @@ def train_round(settings: SiteSettings, run: RunConfig, server_round: int,
     """
     start = time.time()
     fed, tr = run.federation, run.training
+    if settings.require_dp and run.privacy.dp != "dp-sgd":
+        raise PrivacyRefused("this site trains only with DP-SGD (require-dp); the run has "
+                             f"dp = {run.privacy.dp}")
     device = resolve_device(settings.device)
     cache = TeacherCache(settings.cache_dir, settings.teacher_signer)
     distils = run.objective.objective != "ce"
@@ -101,27 +112,87 @@ def train_round(settings: SiteSettings, run: RunConfig, server_round: int,
     seed_everything(seed)  # the objective's heads, attention and queue start the same way
     student = student_for(run, data, global_state, local)
     teacher, t_arch = cache.load(teacher_sha) if distils else (None, None)
+    public = public_keys(teacher, teacher_sha, run) if run.objective.objective == "dp-moma" \
+        else None
     objective = build_objective(run.objective_config(), student, teacher,
                                 same_task(t_arch.classes, data.classes) if t_arch else None,
-                                n_data=len(data.train))
+                                n_data=len(data.train), public_keys=public)
     if saved is not None:
         objective.load_state_dict(saved)
     cfg = replace(run.train_config(server_round), seed=seed)
     loader = make_loader(training_set(objective, data.train), tr.batch_size, train=True,
                          seed=seed, device=device)
-    result = train_local(student, objective, loader, cfg, device)
+    private = dp_round(settings, run, server_round, cfg, len(data.train), len(loader))
+    result = train_local(student, objective, loader, cfg, device,
+                         privacy=private.config if private else None)
     keep = local_keys(fed.fedbn, student)
     state.save(objective.state_dict(), {k: v for k, v in result.state.items() if k in keep},
                {"teacher_sha256": teacher_sha, "round": server_round, "run": fed.run_name,
                 "site": settings.site_name})
     metrics = {f"train-{k}": float(v) for k, v in result.metrics.items()}
     metrics["train-time-s"] = time.time() - start
+    if private is not None:
+        metrics[DP_EPSILON] = private.epsilon
     metrics[TEACHER_CACHED] = float(distils)
     unlisted = sorted(set(metrics) - TRAIN_METRICS)
     if unlisted:
         log.debug("metrics kept at the site (not in the protocol's allow-list): %s", unlisted)
     send = {k: v for k, v in wire_state(result.state).items() if k not in keep}
     return send, result.num_examples, {k: v for k, v in metrics.items() if k in TRAIN_METRICS}
+
+
+_PUBLIC_KEYS: dict[tuple[str, int, int], torch.Tensor] = {}
+
+
+def public_keys(teacher: nn.Module, teacher_sha: str, run: RunConfig) -> torch.Tensor:
+    """dp-moma's negatives: the frozen teacher's keys of ``dp-public-images`` synthetic images
+    drawn from a fixed public seed — the same at every site, none of them private (kept per
+    teacher in a warm worker)."""
+    from moma_core.privacy.dp_moma import public_queue
+
+    key = (teacher_sha, run.federation.image_size, run.privacy.dp_public_images)
+    if key not in _PUBLIC_KEYS:
+        images = open_site_data("synthetic:target", image_size=key[1], augment="none",
+                                seed=PUBLIC_SEED, n=key[2]).train
+        _PUBLIC_KEYS.clear()
+        _PUBLIC_KEYS[key] = public_queue(teacher, images)
+    return _PUBLIC_KEYS[key]
+
+
+@dataclass
+class PrivateRound:
+    config: object  # moma_core.privacy.dp_sgd.DPConfig
+    epsilon: float  # the site's cumulative ε once this round is counted
+
+
+def dp_round(settings: SiteSettings, run: RunConfig, server_round: int, cfg: TrainConfig,
+             n_examples: int, batches: int) -> PrivateRound | None:
+    """DP-SGD settings of this round at this site, its budget checked and *recorded* in the
+    site's privacy ledger before any private step is taken (a round that then fails has still
+    been counted: the ledger never under-states what was spent). None without DP."""
+    if run.privacy.dp != "dp-sgd":
+        return None
+    from moma_core.privacy.accounting import DPStep, default_delta
+    from moma_core.privacy.dp_sgd import DPConfig
+    from moma_core.privacy.ledger import PrivacyLedger
+
+    p = run.privacy
+    delta = p.dp_delta or default_delta(n_examples)
+    steps = cfg.epochs * batches if cfg.max_steps is None else min(cfg.epochs * batches,
+                                                                    cfg.max_steps)
+    step = DPStep(p.dp_noise_multiplier, 1.0 / max(batches, 1), steps)
+    ledger = PrivacyLedger(settings.cache_dir)
+    check = ledger.plan(settings.max_epsilon or None, step, "patch", delta, p.dp_accountant)
+    if not check.allowed:
+        raise PrivacyBudgetExceeded(check.status)
+    entry = ledger.record(run.federation.run_name, server_round, step, "patch", delta,
+                          p.dp_accountant)
+    log.info("DP-SGD round %d: noise %.3g, sample rate %.4g, %d steps; site ε now %.3f "
+             "(δ %.2g, %s)", server_round, step.noise_multiplier, step.sample_rate, steps,
+             entry.epsilon, delta, p.dp_accountant)
+    config = DPConfig(max_grad_norm=p.dp_max_grad_norm, noise_multiplier=p.dp_noise_multiplier,
+                      delta=delta, accountant=p.dp_accountant)
+    return PrivateRound(config, entry.epsilon)
 
 
 def evaluate_round(settings: SiteSettings, run: RunConfig,

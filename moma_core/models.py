@@ -64,9 +64,23 @@ def create_classifier(model_name: str, num_classes: int, drop_rate: float = 0.2)
         raise ValueError(f"unknown timm model {model_name!r}: {exc}") from exc
 
 
+#: ``Architecture.extra["norm"]``: "batch" (the timm model as built) or "group" (every
+#: BatchNorm a GroupNorm: a student trained with DP-SGD, see moma_core.privacy.dp_sgd).
+NORMS = ("batch", "group")
+
+
 def build_model(arch: Architecture) -> nn.Module:
-    """The classifier described by ``arch``."""
-    return create_classifier(arch.model_name, arch.num_classes, arch.drop_rate)
+    """The classifier described by ``arch`` (GroupNorm instead of BatchNorm when
+    ``arch.extra["norm"] == "group"``)."""
+    model = create_classifier(arch.model_name, arch.num_classes, arch.drop_rate)
+    norm = arch.extra.get("norm", "batch")
+    if norm not in NORMS:
+        raise ValueError(f"unknown norm {norm!r} in the architecture; one of {NORMS}")
+    if norm == "group":
+        from moma_core.privacy.dp_sgd import make_private_compatible
+
+        model = make_private_compatible(model)
+    return model
 
 
 def feature_dim(model: nn.Module) -> int:

@@ -19,15 +19,19 @@ from __future__ import annotations
 import difflib
 import math
 from dataclasses import MISSING, dataclass, field, fields, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from moma_core.method_config import (
+    DP_OBJECTIVES,
     OBJECTIVES,
     OPTIMIZERS,
     ObjectiveConfig,
     TrainConfig,
     cosine_factor,
 )
+
+if TYPE_CHECKING:  # the settings load no torch (a ClientApp process forwarding to its worker)
+    from moma_core.models import Architecture
 
 AGGREGATIONS = ("fedavg", "fedprox", "median", "trimmed-mean", "fedadam")
 TRANSFER_DTYPES = ("float32", "float16")  # see moma_protocol.wire.pack_global
@@ -50,7 +54,9 @@ _OBJ, _TRAIN = ObjectiveConfig, TrainConfig
 
 @dataclass(frozen=True)
 class ObjectiveSettings:
-    objective: str = opt(_OBJ.kind, "moma, kd, crckd or ce (the CE-only baseline)", OBJECTIVES)
+    objective: str = opt(_OBJ.kind, "moma, kd, crckd, ce (the CE-only baseline) or dp-moma "
+                         "(MoMA for DP-SGD: public-key queue, per-sample attention)",
+                         OBJECTIVES + DP_OBJECTIVES)
     queue_size: int = opt(_OBJ.queue_size, "MoMA's key queue K (see moma_core.objectives)",
                           lo=1)
     teacher_update: str = opt(_OBJ.teacher_update, "momentum (MoMA) or frozen teacher",
@@ -114,6 +120,26 @@ class FederationSettings:
     seed: int = opt(0, "seed of sampling, initialisation and local shuffling", lo=0)
 
 
+#: objectives whose loss is a mean of per-sample terms (MoMA's queue and batch attention and
+#: CRCKD's memory banks carry other samples into a sample's gradient): usable with DP-SGD
+DP_SGD_OBJECTIVES = ("dp-moma", "kd", "ce")
+
+
+@dataclass(frozen=True)
+class PrivacySettings:
+    dp: str = opt("off", "sample-level DP-SGD at every site (Opacus): off or dp-sgd; the "
+                  "student then uses GroupNorm", ("off", "dp-sgd"))
+    dp_noise_multiplier: float = opt(1.0, "DP-SGD noise multiplier sigma", lo=0, lo_open=True,
+                                     hi=1000)
+    dp_max_grad_norm: float = opt(1.0, "DP-SGD per-sample clipping norm C", lo=0,
+                                  lo_open=True)
+    dp_delta: float = opt(0.0, "DP delta; 0: 1/(10 x the site's training examples)", lo=0,
+                          hi=1, hi_open=True)
+    dp_accountant: str = opt("rdp", "privacy accountant (Opacus)", ("rdp", "prv"))
+    dp_public_images: int = opt(256, "dp-moma: synthetic public images whose frozen-teacher "
+                                "keys are the negatives", lo=1, hi=65536)
+
+
 @dataclass(frozen=True)
 class CoordinatorSettings:
     teacher_path: str = opt("", "teacher .safetensors at the coordinator")
@@ -127,7 +153,8 @@ class CoordinatorSettings:
 
 
 PARTS = {"objective": ObjectiveSettings, "training": LocalTraining,
-         "federation": FederationSettings, "coordinator": CoordinatorSettings}
+         "federation": FederationSettings, "privacy": PrivacySettings,
+         "coordinator": CoordinatorSettings}
 
 
 def _key(name: str) -> str:
@@ -150,6 +177,7 @@ class RunConfig:
     objective: ObjectiveSettings = field(default_factory=ObjectiveSettings)
     training: LocalTraining = field(default_factory=LocalTraining)
     federation: FederationSettings = field(default_factory=FederationSettings)
+    privacy: PrivacySettings = field(default_factory=PrivacySettings)
     coordinator: CoordinatorSettings = field(default_factory=CoordinatorSettings)
 
     def __post_init__(self) -> None:
@@ -160,6 +188,15 @@ class RunConfig:
             raise ConfigError("min-available-nodes must be at least min-train-nodes")
         if self.training.max_steps:
             self.train_config(1)  # the local settings are valid together
+        if self.privacy.dp == "dp-sgd":
+            if self.objective.objective not in DP_SGD_OBJECTIVES:
+                raise ConfigError(
+                    f"dp = dp-sgd needs objective {', '.join(DP_SGD_OBJECTIVES)}: "
+                    f"{self.objective.objective}'s loss carries other samples into each "
+                    "sample's gradient (queue, batch attention or memory banks)")
+            if fed.aggregation == "fedprox":
+                raise ConfigError("dp = dp-sgd cannot use fedprox: its proximal term is not "
+                                  "clipped per sample")
 
     # -- flat form (Flower's run config) -----------------------------------------------------
     @classmethod
@@ -196,6 +233,15 @@ class RunConfig:
 
     def objective_config(self) -> ObjectiveConfig:
         return self.objective.config()
+
+    def student_architecture(self, classes: tuple[str, ...] | None = None) -> Architecture:
+        """The student both sides build (GroupNorm under DP-SGD); ``classes``: the site's."""
+        from moma_core.models import Architecture
+
+        fed = self.federation
+        extra = {"norm": "group"} if self.privacy.dp == "dp-sgd" else {}
+        return Architecture(fed.student_model, tuple(classes or self.class_names),
+                            fed.image_size, extra=extra)
 
     def round_lr(self, server_round: int) -> float:
         """The local learning rate of a round: a cosine over rounds to lr·1e-3, or constant."""

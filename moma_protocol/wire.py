@@ -71,6 +71,8 @@ ERROR_CODES: dict[str, int] = {
     "training-diverged": 105,  # the loss became NaN or infinite
     "out-of-memory": 106,
     "internal-error": 107,     # anything else, and a reply the site refused to send
+    "privacy-refused": 108,    # the site's privacy policy refuses the run's settings
+    "privacy-budget": 109,     # training would take the site past its privacy budget
 }
 UNKNOWN_ERROR = "unknown-error"  # what the coordinator records for an error outside the list
 
@@ -100,9 +102,11 @@ def error_reason(msg: Message) -> str:
 
 
 # -- normal replies --------------------------------------------------------------------------
+#: the site's cumulative ε (its privacy ledger, all runs) after a DP-SGD round
+DP_EPSILON = "dp-epsilon"
 TRAIN_METRICS = frozenset({"train-loss", "train-ce", "train-kl", "train-nce", "train-ccd",
                            "train-crp", "train-steps",
-                           "train-time-s", TEACHER_CACHED, NUM_EXAMPLES})
+                           "train-time-s", TEACHER_CACHED, NUM_EXAMPLES, DP_EPSILON})
 EVALUATE_METRICS = frozenset({"loss", "accuracy", "macro-f1", "kappa", NUM_EXAMPLES})
 STATUS_METRICS = frozenset({HAS_TEACHER})
 METRIC_NAMES: frozenset[str] = TRAIN_METRICS | EVALUATE_METRICS | STATUS_METRICS

@@ -46,7 +46,7 @@ from torch.utils.data import ConcatDataset, Dataset
 from moma_core.checkpoint import load_model
 from moma_core.evaluate import evaluate
 from moma_core.metrics import classification_metrics
-from moma_core.models import Architecture, build_model
+from moma_core.models import build_model
 from moma_core.objectives import build_objective, same_task, training_set
 from moma_core.seeding import derive_seed, seed_everything
 from moma_core.sources import SYNTHETIC, SiteData, make_loader, open_site_data
@@ -206,8 +206,7 @@ def run_federated(s: Setup) -> dict:
 
 def start_student(run: RunConfig, teacher: Path | None) -> tuple[nn.Module, str, str]:
     """The federation's round-1 student as a model, how it was made and its SHA-256."""
-    fed = run.federation
-    arch = Architecture(fed.student_model, run.class_names, fed.image_size)
+    arch = run.student_architecture()
     state, how = initial_student(run, arch, package_teacher(teacher) if teacher else None)
     model = build_model(arch)
     model.load_state_dict(state, strict=False)  # BN step counters are not in the wire state

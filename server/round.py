@@ -31,7 +31,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from moma_core.models import Architecture, build_model
+from moma_core.models import build_model
 from moma_protocol import wire as P
 from moma_protocol.settings import RunConfig
 from server.aggregation import Aggregator, check_update
@@ -188,7 +188,7 @@ class Coordinator:
         self.local_keys: set[str] = set()  # what sites keep to themselves (FedBN)
         fed = run.federation
         if fed.fedbn:
-            arch = Architecture(fed.student_model, run.class_names, fed.image_size)
+            arch = run.student_architecture()
             self.local_keys = P.local_keys(True, build_model(arch))
 
     @property

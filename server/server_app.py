@@ -97,7 +97,7 @@ def run_federation(grid: Grid, run: RunConfig) -> dict:
     package = package_teacher(co.teacher_path) if co.teacher_path and (
         distils or fed.init_from_teacher) else None
     teacher = package if distils else None
-    arch = Architecture(fed.student_model, run.class_names, fed.image_size)
+    arch = run.student_architecture()
     results = RunResults(Path(co.output_dir) / fed.run_name)
     first = results.start(run.to_flat(), teacher.sha256 if teacher else None, co.resume)
     names = None

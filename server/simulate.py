@@ -30,7 +30,7 @@ import numpy as np
 from deploy.app_bundle import COMPONENTS
 from moma_core.cli.common import run_cli
 from moma_core.data.synthetic import TARGET_CLASSES
-from moma_core.objectives import OBJECTIVES
+from moma_core.method_config import DP_OBJECTIVES, OBJECTIVES
 from moma_core.partition import PARTITIONERS, partition
 from moma_core.progress import console
 from moma_core.train import OPTIMIZERS
@@ -56,7 +56,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", type=Path, default=None, help="teacher .safetensors")
     p.add_argument("--sites", type=int, default=None, help="number of sites (default 3)")
     p.add_argument("--rounds", type=int, default=None)
-    p.add_argument("--objective", choices=OBJECTIVES, default=None)
+    p.add_argument("--objective", choices=OBJECTIVES + DP_OBJECTIVES, default=None)
     p.add_argument("--student-model", default=None)
     p.add_argument("--aggregation", choices=AGGREGATIONS, default=None)
     p.add_argument("--fedbn", action="store_true", default=None,
@@ -70,6 +70,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--transfer-dtype", choices=TRANSFER_DTYPES, default=None,
                    help="student tensors on the wire (float16: half the bytes)")
+    p.add_argument("--dp", choices=("off", "dp-sgd"), default=None,
+                   help="sample-level DP-SGD at every site (objective dp-moma, kd or ce)")
+    p.add_argument("--dp-noise-multiplier", type=float, default=None)
+    p.add_argument("--dp-max-grad-norm", type=float, default=None)
     p.add_argument("--n", type=int, default=None, help="synthetic: training images per site "
                                                         f"(default {SYNTHETIC_N})")
     p.add_argument("--label-skew", type=float, default=0.0,
@@ -101,7 +105,8 @@ RUN_KEYS = {"rounds": "num-rounds", "objective": "objective", "student_model": "
             "aggregation": "aggregation", "fedbn": "fedbn", "local_epochs": "local-epochs",
             "batch_size": "batch-size", "lr": "lr", "optimizer": "optimizer",
             "augment": "augment", "queue_size": "queue-size", "image_size": "image-size",
-            "seed": "seed", "transfer_dtype": "transfer-dtype"}
+            "seed": "seed", "transfer_dtype": "transfer-dtype", "dp": "dp",
+            "dp_noise_multiplier": "dp-noise-multiplier", "dp_max_grad_norm": "dp-max-grad-norm"}
 
 
 def settings(args: argparse.Namespace) -> argparse.Namespace:

@@ -130,7 +130,7 @@ def test_each_exception_type_has_its_category(exc, category):
 def test_codes_are_fixed_distinct_and_clear_of_flowers():
     assert set(P.ERROR_CODES) == {"data-error", "missing-teacher", "teacher-rejected",
                                   "config-error", "training-diverged", "out-of-memory",
-                                  "internal-error"}
+                                  "internal-error", "privacy-refused", "privacy-budget"}
     codes = list(P.ERROR_CODES.values())
     assert len(set(codes)) == len(codes) and min(codes) >= 100
 

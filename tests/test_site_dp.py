@@ -1,0 +1,116 @@
+"""DP-SGD at a site: the run's settings, the site's policy (which wins) and its ledger."""
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from client.site_config import site_settings
+from client.site_errors import PrivacyBudgetExceeded, PrivacyRefused, error_category
+from client.site_state import TeacherCache
+from client.site_training import train_round
+from moma_core.checkpoint import sidecar_path
+from moma_core.models import build_model
+from moma_core.privacy.accounting import DPStep, epsilon
+from moma_core.privacy.ledger import PrivacyLedger
+from moma_protocol.settings import ConfigError
+from moma_protocol.wire import DP_EPSILON, TRAIN_METRICS, wire_state
+from tests.helpers import synthetic_sites, tiny_run, tiny_teacher
+
+
+def _dp_run(**overrides):
+    values = dict(objective="dp-moma", dp="dp-sgd", dp_noise_multiplier=1.1,
+                  dp_max_grad_norm=1.0, dp_public_images=32, run_name="dp")
+    values.update(overrides)
+    return tiny_run(**values)
+
+
+@pytest.fixture
+def site(tmp_path):
+    teacher = tiny_teacher(tmp_path / "teacher.safetensors")
+    settings = site_settings(synthetic_sites(tmp_path, 1)[0])
+    sidecar = json.loads(sidecar_path(teacher).read_text())
+    TeacherCache(settings.cache_dir).store(teacher.read_bytes(), sidecar, sidecar["sha256"])
+    return settings, sidecar["sha256"]
+
+
+def _global(run):
+    torch.manual_seed(0)
+    return wire_state(build_model(run.student_architecture()).state_dict())
+
+
+def test_dp_sgd_settings_are_checked_up_front():
+    for objective in ("moma", "crckd"):
+        with pytest.raises(ConfigError, match="dp = dp-sgd needs objective"):
+            _dp_run(objective=objective)
+    with pytest.raises(ConfigError, match="fedprox"):
+        _dp_run(aggregation="fedprox")
+    with pytest.raises(ConfigError):
+        _dp_run(dp_noise_multiplier=0.0)
+    run = _dp_run()
+    arch = run.student_architecture()
+    assert arch.extra == {"norm": "group"}
+    model = build_model(arch)
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                   for m in model.modules())
+    assert tiny_run().student_architecture().extra == {}
+
+
+def test_a_dp_round_records_the_ledger_before_it_reports_epsilon(site):
+    settings, sha = site
+    run = _dp_run()
+    start = _global(run)
+    assert not any("running_mean" in k for k in start)  # GroupNorm: no batch statistics
+    state, n, metrics = train_round(settings, run, 1, start, sha)
+    assert set(state) == set(start) and n > 0 and set(metrics) <= TRAIN_METRICS  # Poisson batches
+    entries = PrivacyLedger(settings.cache_dir).entries()
+    assert [(e.run, e.round, e.unit, e.mechanism) for e in entries] == [
+        ("dp", 1, "patch", "dp-sgd")]
+    e = entries[0]
+    assert e.noise_multiplier == 1.1 and e.steps == metrics["train-steps"] == 3
+    assert e.delta == pytest.approx(1 / (10 * 48))
+    assert metrics[DP_EPSILON] == pytest.approx(
+        epsilon([DPStep(1.1, e.sample_rate, 3)], e.delta), abs=1e-9)
+    # a second round (and a second run) compose: the budget is never reset
+    _, _, again = train_round(settings, run, 2, state, sha)
+    other_run = replace(run, federation=replace(run.federation, run_name="dp-2"))
+    _, _, third = train_round(settings, other_run, 1, state, sha)
+    assert metrics[DP_EPSILON] < again[DP_EPSILON] < third[DP_EPSILON]
+    assert len(PrivacyLedger(settings.cache_dir).entries()) == 3
+
+
+def test_the_site_policy_wins(site, tmp_path):
+    settings, sha = site
+    # a site that requires DP refuses a run without it
+    strict = replace(settings, require_dp=True)
+    with pytest.raises(PrivacyRefused) as err:
+        train_round(strict, tiny_run(), 1, _global(tiny_run()), sha)
+    assert error_category(err.value) == "privacy-refused"
+    # a budget the round would exceed: refused, nothing trained, nothing recorded
+    run = _dp_run()
+    capped = replace(settings, max_epsilon=0.01)
+    with pytest.raises(PrivacyBudgetExceeded) as err:
+        train_round(capped, run, 1, _global(run), sha)
+    assert error_category(err.value) == "privacy-budget" and str(err.value) == "would-exceed"
+    assert PrivacyLedger(settings.cache_dir).entries() == []
+    # a damaged ledger stops DP training instead of restarting the budget at zero
+    ledger = settings.cache_dir / "privacy" / "ledger.json"
+    ledger.parent.mkdir(parents=True, exist_ok=True)
+    ledger.write_text("{not json")
+    from moma_core.privacy.ledger import LedgerError
+
+    with pytest.raises(LedgerError) as err:
+        train_round(settings, run, 1, _global(run), sha)
+    assert error_category(err.value) == "privacy-refused"
+
+
+def test_site_policy_comes_from_the_node_config(tmp_path):
+    from client.site_config import SiteConfigError
+
+    node = {**synthetic_sites(tmp_path, 1)[0], "require-dp": "true", "max-epsilon": 3.5}
+    s = site_settings(node)
+    assert s.require_dp and s.max_epsilon == 3.5
+    for bad in ("-1", "nan", "inf", "lots"):
+        with pytest.raises(SiteConfigError, match="max-epsilon"):
+            site_settings({**node, "max-epsilon": bad})
