@@ -30,6 +30,7 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/deployed_round.py
 	$(BIN)/python bench/perf.py --p1
+	$(BIN)/python bench/dp_step.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

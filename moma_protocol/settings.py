@@ -134,7 +134,7 @@ class PrivacySettings:
     dp_max_grad_norm: float = opt(1.0, "DP-SGD per-sample clipping norm C", lo=0,
                                   lo_open=True)
     dp_delta: float = opt(0.0, "DP delta; 0: 1/(10 x the site's training examples)", lo=0,
-                          hi=1, hi_open=True)
+                          hi=1e-3)
     dp_accountant: str = opt("rdp", "privacy accountant (Opacus)", ("rdp", "prv"))
     dp_public_images: int = opt(256, "dp-moma: synthetic public images whose frozen-teacher "
                                 "keys are the negatives", lo=1, hi=65536)

@@ -280,3 +280,15 @@ def test_moma_client_privacy_prints_the_ledger(tmp_path, call):
     assert broken.returncode == 2 and "error" in broken.stderr
     none = call("moma-client", "privacy")
     assert none.returncode == 2 and "--cache-dir" in none.stderr
+
+
+def test_epsilon_is_never_negative_and_run_delta_is_bounded():
+    """At a very large δ the accountants' bound goes below 0: reported as 0, never negative
+    (a negative ε would pass any budget); a run may not ask for a δ above 1e-3."""
+    from moma_core.privacy.accounting import DPStep, epsilon
+    from moma_protocol.settings import ConfigError
+    from tests.helpers import tiny_run
+
+    assert epsilon([DPStep(5.0, 0.01, 10)], 0.5) >= 0.0
+    with pytest.raises(ConfigError, match="dp-delta"):
+        tiny_run(dp_delta=0.01)

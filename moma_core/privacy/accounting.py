@@ -101,8 +101,9 @@ def epsilon(history: Sequence[DPStep], delta: float, accountant: str = "rdp") ->
     acc = _accountant(accountant)
     acc.history = entries
     eps = float(acc.get_epsilon(delta=delta))
-    # No bound (or a numerical failure) counts as unbounded, never as small.
-    return eps if math.isfinite(eps) else math.inf
+    # No bound (or a numerical failure) counts as unbounded, never as small; a bound below 0
+    # (the accountants' formula at a very large δ) is no privacy loss below nothing: 0.
+    return max(eps, 0.0) if math.isfinite(eps) else math.inf
 
 
 def default_delta(num_examples: int) -> float:

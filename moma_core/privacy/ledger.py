@@ -7,7 +7,9 @@ unreadable, not valid JSON, of the wrong shape or with a value out of range rais
 :class:`LedgerError` (only a missing file is an empty ledger), and writes are atomic.
 
 The ledger holds accounting numbers and run names only: no data, no image paths. What goes to a
-coordinator is at most a :class:`BudgetCheck` status code.
+coordinator: a refused round's :class:`BudgetCheck` status as an error category, and after a
+DP round the site's cumulative ε (``dp-epsilon``, over all its runs, so it also tells that the
+site trained privately before).
 """
 
 from __future__ import annotations
