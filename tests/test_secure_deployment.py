@@ -50,7 +50,7 @@ def site_cmd(kit: Path, cache: Path, index: int, retries: bool = False) -> list[
            "--site-index", str(index), "--num-sites", "2", "--n", "48", "--cache-dir",
            str(cache)]
     # an attacker beside an honest site on one host needs its own local runtime port
-    return cmd + (["--max-retries", "3", "--max-wait-time", "60", "--clientappio-port",
+    return cmd + (["--max-retries", "3", "--max-wait-time", "600", "--clientappio-port",
                    "9095"] if retries else [])
 
 
@@ -164,7 +164,7 @@ def test_secure_federation_across_hosts(tmp_path):
                          "CERTIFICATE_VERIFY_FAILED"),
             "plaintext": ([str(BIN / "moma-client"), "--insecure", "--server", f"{cip}:{PORT}",
                            "--data", "synthetic:target", "--n", "16", "--cache-dir",
-                           str(tmp_path / "p"), "--max-retries", "3", "--max-wait-time", "60",
+                           str(tmp_path / "p"), "--max-retries", "3", "--max-wait-time", "600",
                            "--clientappio-port", "9095"],
                           "could not join"),
         }
