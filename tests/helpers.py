@@ -37,3 +37,19 @@ def synthetic_sites(root: Path, n_sites: int, n: int = 48) -> list[dict]:
     return [{"data-path": "synthetic:target", "cache-dir": str(root / f"site-{i}"),
              "site-index": i, "num-sites": n_sites, "n": n, "site-name": f"site-{i}",
              "device": "cpu"} for i in range(n_sites)]
+
+
+def site_with_teacher(root: Path):
+    """One synthetic site (under ``root``) whose cache already holds a tiny teacher; returns
+    (site settings, the teacher's SHA-256)."""
+    import json
+
+    from client.site_config import site_settings
+    from client.site_state import TeacherCache
+    from moma_core.checkpoint import sidecar_path
+
+    teacher = tiny_teacher(root / "teacher.safetensors")
+    settings = site_settings(synthetic_sites(root, 1)[0])
+    sidecar = json.loads(sidecar_path(teacher).read_text())
+    TeacherCache(settings.cache_dir).store(teacher.read_bytes(), sidecar, sidecar["sha256"])
+    return settings, sidecar["sha256"]

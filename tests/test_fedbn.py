@@ -1,28 +1,21 @@
 """FedBN: a site's normalisation layers never leave it; the coordinator keeps the global ones."""
 
-import json
 
 import pytest
 import torch
 from flwr.app import MetricRecord, RecordDict
 
-from client.site_config import site_settings
-from client.site_state import SiteState, TeacherCache
+from client.site_state import SiteState
 from client.site_training import site_data, student_for, train_round
-from moma_core.checkpoint import sidecar_path
 from moma_core.models import Architecture, build_model, norm_state_keys
 from moma_protocol import wire as P
 from server.aggregation import Aggregator, check_update
-from tests.helpers import IMAGE_SIZE, synthetic_sites, tiny_run, tiny_teacher
+from tests.helpers import IMAGE_SIZE, site_with_teacher, tiny_run
 
 
 @pytest.fixture
 def site(tmp_path):
-    teacher = tiny_teacher(tmp_path / "teacher.safetensors")
-    settings = site_settings(synthetic_sites(tmp_path, 1)[0])
-    sidecar = json.loads(sidecar_path(teacher).read_text())
-    TeacherCache(settings.cache_dir).store(teacher.read_bytes(), sidecar, sidecar["sha256"])
-    return settings, sidecar["sha256"]
+    return site_with_teacher(tmp_path)
 
 
 def _student(run):

@@ -1,6 +1,5 @@
 """DP-SGD at a site: the run's settings, the site's policy (which wins) and its ledger."""
 
-import json
 from dataclasses import replace
 
 import pytest
@@ -8,15 +7,13 @@ import torch
 
 from client.site_config import site_settings
 from client.site_errors import PrivacyBudgetExceeded, PrivacyRefused, error_category
-from client.site_state import TeacherCache
 from client.site_training import train_round
-from moma_core.checkpoint import sidecar_path
 from moma_core.models import build_model
 from moma_core.privacy.accounting import DPStep, epsilon
 from moma_core.privacy.ledger import PrivacyLedger
 from moma_protocol.settings import ConfigError
 from moma_protocol.wire import DP_EPSILON, TRAIN_METRICS, wire_state
-from tests.helpers import synthetic_sites, tiny_run, tiny_teacher
+from tests.helpers import site_with_teacher, synthetic_sites, tiny_run
 
 
 def _dp_run(**overrides):
@@ -28,11 +25,7 @@ def _dp_run(**overrides):
 
 @pytest.fixture
 def site(tmp_path):
-    teacher = tiny_teacher(tmp_path / "teacher.safetensors")
-    settings = site_settings(synthetic_sites(tmp_path, 1)[0])
-    sidecar = json.loads(sidecar_path(teacher).read_text())
-    TeacherCache(settings.cache_dir).store(teacher.read_bytes(), sidecar, sidecar["sha256"])
-    return settings, sidecar["sha256"]
+    return site_with_teacher(tmp_path)
 
 
 def _global(run):
