@@ -79,8 +79,8 @@ def _recv(sock: socket.socket) -> tuple[dict, list[bytes]]:
     if n > _MAX_HEADER:
         raise ValueError(f"header of {n} bytes")
     header = json.loads(_recv_exact(sock, n))
-    sizes = header.get("parts", [])
-    if not isinstance(header, dict) or not isinstance(sizes, list) or \
+    sizes = header.get("parts", []) if isinstance(header, dict) else None
+    if not isinstance(sizes, list) or \
             not all(isinstance(s, int) and 0 <= s <= _MAX_PART for s in sizes):
         raise ValueError("malformed header")
     return header, [_recv_exact(sock, s) for s in sizes]

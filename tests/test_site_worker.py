@@ -217,3 +217,38 @@ print("examples", reply.content[P.METRICS][P.NUM_EXAMPLES])
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
                          text=True, timeout=CEILING)
     assert out.returncode == 0 and "examples" in out.stdout, out.stdout + out.stderr
+
+
+def test_a_malformed_request_leaves_the_worker_serving(worker):
+    """A peer that sends garbage (a JSON list as header, a length with no body) is dropped;
+    the worker keeps answering."""
+    import socket
+    import struct
+
+    for raw in (struct.pack(">Q", 2) + b"[]", struct.pack(">Q", 10 ** 9), b"\x00\x01"):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(str(worker.socket))
+            s.sendall(raw)
+            s.shutdown(socket.SHUT_WR)
+            assert s.recv(1) == b""  # no answer, connection closed
+    assert site_worker.call(str(worker.socket), {"op": "ping"}, {})[0]["pid"] == worker.proc.pid
+    assert worker.proc.poll() is None
+
+
+def test_the_worker_answers_no_peer_of_another_user(monkeypatch):
+    """Second line of defence behind the socket's file mode: SO_PEERCRED."""
+    import socket
+
+    served = []
+    monkeypatch.setattr(site_worker, "handle", lambda h, p: served.append(h) or ({}, []))
+    monkeypatch.setattr(site_worker.os, "getuid", lambda: os.geteuid() + 1)
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with a, b:
+        site_worker._send(a, {"op": "ping"}, [])
+        site_worker._serve_one(b)
+        b.close()
+        try:
+            answer = a.recv(1)
+        except ConnectionResetError:  # closed with the request unread: no answer either
+            answer = b""
+        assert answer == b"" and served == []
