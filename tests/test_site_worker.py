@@ -252,3 +252,14 @@ def test_the_worker_answers_no_peer_of_another_user(monkeypatch):
         except ConnectionResetError:  # closed with the request unread: no answer either
             answer = b""
         assert answer == b"" and served == []
+
+
+def test_a_student_file_cut_short_from_the_coordinator_is_a_config_error(tmp_path):
+    """A lying coordinator: the header is intact, the data is not. The site refuses it by
+    category (and would not train on garbage)."""
+    config = ConfigRecord({P.SERVER_ROUND: 1, P.TEACHER_SHA: "", P.EVALUATE_FLAG: False})
+    cut = P.blob_record(P.encode_blob(_wire())[:-100])
+    msg = instruction(P.TRAIN, RecordDict({P.ARRAYS: cut, P.CONFIG: config}))
+    reply = site_app.train(msg, _context(_node(tmp_path / "c"), tiny_run(objective="ce")
+                                         .to_flat()))
+    assert reply.has_error() and reply.error.reason == "config-error"
