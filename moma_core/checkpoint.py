@@ -19,13 +19,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from moma_core.atomic import atomic_write
+from moma_core.errors import CheckpointError  # noqa: F401 (re-exported)
 from moma_core.models import Architecture, build_model
 
 PICKLE_SUFFIXES = {".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt"}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, unsafe, corrupt or does not fit the expected model."""
 
 
 def sha256_file(path: str | Path) -> str:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from moma_core.errors import TrainingDiverged  # noqa: F401 (re-exported)
 from moma_core.method_config import (  # noqa: F401 (re-export)
     OPTIMIZERS,
     TrainConfig,
@@ -26,10 +27,6 @@ from moma_core.seeding import seed_everything
 
 if TYPE_CHECKING:
     from moma_core.privacy.dp_sgd import DPConfig, PrivacyReport
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite."""
 
 
 @dataclass

@@ -53,10 +53,10 @@ def test_moma_server_needs_the_target_classes(call, teacher, tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def test_moma_server_needs_a_teacher_to_distil(tmp_path):
+def test_moma_server_needs_a_teacher_to_distil(call, tmp_path):
     r = _run(BIN / "moma-server", "--insecure", "--runs-dir", tmp_path / "runs", "--port", "1")
     _one_line_error(r, "objective 'moma' needs --teacher")  # the installed script, end to end
-    r = _run(BIN / "moma-server", "--insecure", "--runs-dir", tmp_path / "runs", "--port", "1",
+    r = call("moma-server", "--insecure", "--runs-dir", tmp_path / "runs", "--port", "1",
              "--run-config", 'objective="crd"')
     _one_line_error(r, "run-config objective: 'crd' is not one of")
 

@@ -49,12 +49,12 @@ def test_distill_writes_results_plot_and_student(teacher, tmp_path):
     assert arch.classes == ("benign", "grade_1", "grade_2", "grade_3")
 
 
-def test_bad_input_fails_with_one_clear_line(teacher, tmp_path):
-    r = _run(BIN / "moma-distill", "--teacher", teacher, "--source", tmp_path / "nowhere",
+def test_bad_input_fails_with_one_clear_line(call, teacher, tmp_path):
+    r = call("moma-distill", "--teacher", teacher, "--source", tmp_path / "nowhere",
              "--runs-dir", tmp_path, *TINY)
     assert r.returncode == 2 and "no such file or directory" in r.stderr
     assert "Traceback" not in r.stderr
     pickle = tmp_path / "t.pt"
     pickle.write_bytes(b"\x80\x04junk")
-    r = _run(BIN / "moma-distill", "--teacher", pickle, "--runs-dir", tmp_path, *TINY)
+    r = call("moma-distill", "--teacher", pickle, "--runs-dir", tmp_path, *TINY)
     assert r.returncode == 2 and "refusing to load a pickle" in r.stderr

@@ -109,26 +109,19 @@ def test_busy_port_is_refused():
     check_port_free("127.0.0.1", port)  # free again once closed
 
 
-def test_busy_port_is_one_line_and_exit_2_for_both_commands(tmp_path):
+def test_busy_port_is_one_line_and_exit_2_for_both_commands(call, tmp_path):
     from tests.helpers import tiny_teacher
 
-    bin_dir = Path(sys.executable).parent
     teacher = tiny_teacher(tmp_path / "t.safetensors")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
-        server = subprocess.run(
-            [str(bin_dir / "moma-server"), "--teacher", str(teacher), "--insecure", "--port",
-             str(port), "--runs-dir", str(tmp_path / "runs"), "--name", "busy",
-             "--classes", "a,b"],
-            capture_output=True, text=True, env=env, timeout=CEILING)
-        site = subprocess.run(
-            [str(bin_dir / "moma-client"), "--insecure", "--server", "127.0.0.1:1",
-             "--data", "synthetic:target", "--n", "16", "--cache-dir", str(tmp_path / "site"),
-             "--clientappio-port", str(port)],
-            capture_output=True, text=True, env=env, timeout=CEILING)
+        server = call("moma-server", "--teacher", teacher, "--insecure", "--port", port,
+                      "--runs-dir", tmp_path / "runs", "--name", "busy", "--classes", "a,b")
+        site = call("moma-client", "--insecure", "--server", "127.0.0.1:1",
+                    "--data", "synthetic:target", "--n", "16", "--cache-dir", tmp_path / "site",
+                    "--clientappio-port", port)
     for proc in (server, site):
         assert proc.returncode == 2, proc.stderr
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]

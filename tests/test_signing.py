@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -135,16 +133,15 @@ def test_site_cache_requires_the_coordinators_signature(signed, tmp_path):
     assert unsigned.has(sha) and not TeacherCache(tmp_path / "site2", signer=pub).has(sha)
 
 
-def test_sign_command(tmp_path):
+def test_sign_command(call, tmp_path):
     teacher = tiny_teacher(tmp_path / "teacher.safetensors")
     priv, pub = keypair(tmp_path, "k")
-    cmd = [str(Path(sys.executable).parent / "moma-teacher"), "sign", str(teacher)]
-    ok = subprocess.run(cmd + ["--key", str(priv)], capture_output=True, text=True)
+    ok = call("moma-teacher", "sign", teacher, "--key", priv)
     assert ok.returncode == 0, ok.stderr
     verify_teacher_files(teacher, pub)
-    bad = subprocess.run(cmd + ["--key", str(pub)], capture_output=True, text=True)
+    bad = call("moma-teacher", "sign", teacher, "--key", pub)
     assert bad.returncode == 2 and bad.stderr.startswith("error:"), bad.stderr
     assert "Traceback" not in bad.stderr
     teacher.with_suffix(".json").write_text(json.dumps({**read_sidecar(teacher), "sha256": ""}))
-    empty = subprocess.run(cmd + ["--key", str(priv)], capture_output=True, text=True)
+    empty = call("moma-teacher", "sign", teacher, "--key", priv)
     assert empty.returncode == 2 and "SHA-256" in empty.stderr

@@ -50,9 +50,17 @@ class Worker:
         self.proc.terminate()
         self.proc.wait(60)
 
+    def mark(self) -> None:
+        """From here on :meth:`log_since_mark` shows only what the worker logs next."""
+        self._offset = self.log.stat().st_size
 
-@pytest.fixture
-def worker(tmp_path_factory):
+    def log_since_mark(self) -> str:
+        return self.log.read_bytes()[getattr(self, "_offset", 0):].decode(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def _shared_worker(tmp_path_factory):
+    """One worker for the module (it loads torch and timm once, as at a site)."""
     folder = Path(os.path.realpath(tmp_path_factory.mktemp("w")))
     w = Worker(folder / "worker.sock", folder / "worker.log")
     try:
@@ -60,6 +68,14 @@ def worker(tmp_path_factory):
         yield w
     finally:
         w.stop()
+
+
+@pytest.fixture
+def worker(_shared_worker):
+    """The module's worker, still serving, its log read from this test's start."""
+    assert _shared_worker.proc.poll() is None, _shared_worker.log.read_text()
+    _shared_worker.mark()
+    return _shared_worker
 
 
 def _context(node: dict, run: dict) -> Context:
@@ -86,7 +102,7 @@ def test_a_round_on_the_worker_equals_the_round_in_process(worker, tmp_path):
         site_worker.NODE_KEY: str(worker.socket)}), run))
     local = site_app.train(msg, _context(_node(tmp_path / "p"), run))
     assert not remote.has_error() and not local.has_error()
-    assert "train handled" in worker.log.read_text()  # the worker did it, not this process
+    assert "train handled" in worker.log_since_mark()  # the worker did it, not this process
     a, b = (P.decode_state(P.state_blob(r.content[P.ARRAYS])) for r in (remote, local))
     assert list(a) == list(b)  # same names, same order
     for k in a:
@@ -103,7 +119,7 @@ def test_a_round_on_the_worker_equals_the_round_in_process(worker, tmp_path):
         site_worker.NODE_KEY: str(worker.socket)}), run))
     rb = site_app.evaluate(ev, _context(_node(tmp_path / "p"), run))
     assert dict(ra.content[P.METRICS]) == dict(rb.content[P.METRICS])
-    assert worker.log.read_text().count("evaluate handled") == 1
+    assert worker.log_since_mark().count("evaluate handled") == 1
 
 
 def test_a_failure_on_the_worker_is_answered_by_category_only(worker, tmp_path):
@@ -114,7 +130,7 @@ def test_a_failure_on_the_worker_is_answered_by_category_only(worker, tmp_path):
     reply = site_app.evaluate(ev, _context(node, tiny_run().to_flat()))
     assert reply.has_error() and reply.error.reason == "data-error"
     assert secret not in str(reply.error.reason)
-    log = worker.log.read_text()
+    log = worker.log_since_mark()
     assert "Traceback" in log and "patient-0042" in log  # the details stay at the site
     # the worker is still serving
     assert site_worker.call(str(worker.socket), {"op": "ping"}, {})[0]["pid"] == worker.proc.pid

@@ -24,17 +24,15 @@ def _image_folder(root: Path, per_class: int = 12) -> Path:
     return root
 
 
-def test_moma_client_checks_data_and_reports_counts(tmp_path):
+def test_moma_client_checks_data_and_reports_counts(call, tmp_path):
     root = _image_folder(tmp_path / "slides")
-    r = subprocess.run([BIN / "moma-client", "--server", "127.0.0.1:1", "--data", root,
-                        "--cache-dir", tmp_path / "cache", "--check-only"],
-                       capture_output=True, text=True, timeout=600)
+    r = call("moma-client", "--server", "127.0.0.1:1", "--data", root,
+             "--cache-dir", tmp_path / "cache", "--check-only")
     assert r.returncode == 0, r.stderr
     assert "benign=" in r.stderr and "grade_3=" in r.stderr and "36 train / 12 val" in r.stderr
     (root / "grade_1" / "broken.png").write_bytes(b"not an image")
-    r = subprocess.run([BIN / "moma-client", "--server", "127.0.0.1:1", "--data", root,
-                        "--cache-dir", tmp_path / "cache", "--insecure"],
-                       capture_output=True, text=True, timeout=600)
+    r = call("moma-client", "--server", "127.0.0.1:1", "--data", root,
+             "--cache-dir", tmp_path / "cache", "--insecure")
     assert r.returncode == 2 and "broken.png" in r.stderr  # refused before connecting
     assert "connecting" not in r.stderr
 

@@ -6,9 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from moma_core.checkpoint import CheckpointError
-from moma_core.data.datasets import DataError
-from moma_core.train import TrainingDiverged
+from moma_core.errors import CheckpointError, DataError, TrainingDiverged
 
 
 def add_training_args(p: argparse.ArgumentParser, epochs: int, lr: float) -> None:

@@ -22,6 +22,8 @@ from PIL import Image
 from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset, Subset
 
+from moma_core.errors import DataError  # noqa: F401 (re-exported)
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "ArrayImageDataset",
@@ -39,10 +41,6 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 ON_ERROR = ("raise", "skip")
 _ROW = "\0row"  # key holding a manifest row's line number (the header is line 1)
 _PIL_ERRORS = (OSError, EOFError, SyntaxError, ValueError)
-
-
-class DataError(ValueError):
-    """A user-facing problem with input data; the message names the file, folder or label."""
 
 
 # --------------------------------------------------------------------------- datasets
