@@ -93,6 +93,10 @@ def train(node_config: dict, run_config: dict, fields: RoundFields,
     state, n, metrics = train_round(settings, run, fields.server_round, global_state,
                                     fields.teacher_sha)
     metrics[P.NUM_EXAMPLES] = n
+    if run.privacy.client_dp == "site-clipping":  # bounded before it leaves the site
+        from moma_protocol.clipping import clip_update
+
+        state = clip_update(state, global_state, run.privacy.client_dp_clipping_norm)
     sent = P.pack_update(state, global_state, run.federation.transfer_dtype)
     return P.encode_blob(sent), metrics, incoming
 

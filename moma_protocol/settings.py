@@ -36,6 +36,11 @@ if TYPE_CHECKING:  # the settings load no torch (a ClientApp process forwarding 
 AGGREGATIONS = ("fedavg", "fedprox", "median", "trimmed-mean", "fedadam")
 TRANSFER_DTYPES = ("float32", "float16")  # see moma_protocol.wire.pack_global
 AUGMENTS = ("randaugment", "flip", "none")
+#: client-level DP (:mod:`server.client_dp`): who clips each site's update before the
+#: coordinator adds Gaussian noise to their mean
+CLIENT_DP_MODES = ("off", "server-clipping", "site-clipping")
+#: aggregations whose arithmetic is Flower's FedAvg (what client-level DP accounting assumes)
+CLIENT_DP_AGGREGATIONS = ("fedavg", "fedprox")
 
 
 class ConfigError(ValueError):
@@ -138,6 +143,18 @@ class PrivacySettings:
     dp_accountant: str = opt("rdp", "privacy accountant (Opacus)", ("rdp", "prv"))
     dp_public_images: int = opt(256, "dp-moma: synthetic public images whose frozen-teacher "
                                 "keys are the negatives", lo=1, hi=65536)
+    client_dp: str = opt("off", "client-level DP of the aggregate (Flower's fixed-clipping "
+                         "wrappers): off, server-clipping (the coordinator clips each update) "
+                         "or site-clipping (each site clips its own; the coordinator checks)",
+                         CLIENT_DP_MODES)
+    client_dp_noise_multiplier: float = opt(1.0, "client-level DP: Gaussian noise multiplier z "
+                                            "(std z x C / sites aggregated)", lo=0,
+                                            lo_open=True, hi=1000)
+    client_dp_clipping_norm: float = opt(1.0, "client-level DP: L2 bound C of a site's update "
+                                         "(its change of the global student)", lo=0,
+                                         lo_open=True)
+    client_dp_delta: float = opt(1e-5, "client-level DP: delta of the reported (epsilon, "
+                                 "delta)", lo=0, lo_open=True, hi=0.1)
 
 
 @dataclass(frozen=True)
@@ -197,6 +214,14 @@ class RunConfig:
             if fed.aggregation == "fedprox":
                 raise ConfigError("dp = dp-sgd cannot use fedprox: its proximal term is not "
                                   "clipped per sample")
+        if self.privacy.client_dp != "off":
+            if fed.aggregation not in CLIENT_DP_AGGREGATIONS:
+                raise ConfigError(
+                    f"client-dp needs aggregation {' or '.join(CLIENT_DP_AGGREGATIONS)} (a "
+                    f"uniform mean of clipped updates), not {fed.aggregation}")
+            if fed.transfer_dtype != "float32":
+                raise ConfigError("client-dp needs transfer-dtype = float32: a float16 update "
+                                  "is no longer within the clipping norm")
 
     # -- flat form (Flower's run config) -----------------------------------------------------
     @classmethod

@@ -24,8 +24,14 @@ import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg
 
-from moma_protocol.settings import AGGREGATIONS, FederationSettings
+from moma_protocol.settings import (
+    AGGREGATIONS,
+    CLIENT_DP_AGGREGATIONS,
+    FederationSettings,
+    PrivacySettings,
+)
 from moma_protocol.wire import ARRAYS, METRICS, NUM_EXAMPLES
+from server.client_dp import ClientDP
 
 #: aggregation name → Flower strategy holding its arithmetic.
 METHODS: dict[str, Callable[[FederationSettings], FedAvg]] = {
@@ -79,13 +85,26 @@ class _Accepted:
 
 
 class Aggregator:
-    """One run's aggregation method (see module docstring)."""
+    """One run's aggregation method (see module docstring); with client-level DP
+    (``privacy.client_dp``) Flower's DP wrapper around it (:mod:`server.client_dp`)."""
 
-    def __init__(self, federation: FederationSettings) -> None:
+    def __init__(self, federation: FederationSettings,
+                 privacy: PrivacySettings | None = None) -> None:
         if federation.aggregation not in METHODS:
             raise ValueError(f"unknown aggregation {federation.aggregation!r}")
         self.method = federation.aggregation
         self.strategy = METHODS[self.method](federation)
+        self.client_dp: ClientDP | None = None
+        if privacy is not None and privacy.client_dp != "off":
+            if self.method not in CLIENT_DP_AGGREGATIONS:
+                raise ValueError(f"client-level DP cannot wrap {self.method}")
+            self.client_dp = ClientDP(privacy, cast(FedAvg, self.strategy))
+
+    def check(self, update: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]
+              ) -> str | None:
+        """Why the method refuses an update that passed :func:`check_update`, or None
+        (site-clipping: an update beyond the clipping norm)."""
+        return self.client_dp.check(update, reference) if self.client_dp else None
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The method's own state between rounds (FedAdam: ``m/<name>``, ``v/<name>``)."""
@@ -109,9 +128,13 @@ class Aggregator:
                 setattr(self.strategy, attr, values)
 
     def __call__(self, server_round: int, updates: list[dict[str, torch.Tensor]],
-                 weights: list[float], reference: dict[str, torch.Tensor]
-                 ) -> dict[str, torch.Tensor]:
-        """The new global state from checked updates (all carrying the same keys)."""
+                 weights: list[float], reference: dict[str, torch.Tensor],
+                 population: int = 0) -> dict[str, torch.Tensor]:
+        """The new global state from checked updates (all carrying the same keys).
+
+        With client-level DP the updates are averaged uniformly (``weights`` ignored) and
+        ``population`` (sites connected) is recorded with the release.
+        """
         if not updates:
             raise ValueError("nothing to aggregate")
         if any(not w > 0 for w in weights):
@@ -121,10 +144,18 @@ class Aggregator:
             raise ValueError("updates carry different tensors")
         if hasattr(self.strategy, "current_arrays"):  # server optimisers step from the global
             self.strategy.current_arrays = {k: reference[k].numpy() for k in sent}
+        if self.client_dp is not None:
+            weights = [1.0] * len(updates)  # DP-FedAvg: every site counts the same
         replies = [_Accepted(RecordDict({ARRAYS: ArrayRecord({k: u[k] for k in sent}),
                                          METRICS: MetricRecord({NUM_EXAMPLES: float(w)})}))
                    for u, w in zip(updates, weights, strict=True)]
-        arrays, _ = self.strategy.aggregate_train(server_round, cast(list[Message], replies))
+        if self.client_dp is not None:
+            arrays = self.client_dp.aggregate(
+                server_round, cast(list[Message], replies),
+                {k: reference[k].detach().cpu().numpy() for k in sent}, population)
+        else:
+            arrays, _ = self.strategy.aggregate_train(server_round,
+                                                      cast(list[Message], replies))
         if arrays is None:
             raise ValueError("the aggregation produced nothing")
         new = arrays.to_torch_state_dict()

@@ -12,6 +12,7 @@ from moma_core.atomic import atomic_write
 from moma_core.checkpoint import load_checkpoint, save_checkpoint, sha256_file
 from moma_core.models import Architecture
 from moma_core.report import markdown_table, plot_curves, write_json
+from moma_protocol.wire import DP_EPSILON
 
 SCHEMA_VERSION = 2
 
@@ -39,6 +40,47 @@ def _eval_keys(m: dict | None) -> dict | None:
     return {"accuracy": m.get("accuracy"), "macro_f1": m.get("macro-f1"),
             "kappa": m.get("kappa"), "loss": m.get("loss"),
             "num_examples": m.get("num-examples")}
+
+
+def privacy_summary(rounds: list[dict]) -> dict | None:
+    """results.json's ``privacy`` section: the client-level account after the last round
+    that released an aggregate (``client-dp``) and each site's cumulative sample-level ε as the
+    site reported it (DP-SGD; from its own ledger): only what sites chose to report."""
+    out: dict = {}
+    client = next((r["client_dp"] for r in reversed(rounds) if r.get("client_dp")), None)
+    if client:
+        out["client-level"] = client
+    sites: dict[str, dict] = {}
+    for r in rounds:
+        for node, site in r.get("sites", {}).items():
+            eps = (site.get("metrics") or {}).get(DP_EPSILON)
+            if eps is not None:
+                sites[str(site.get("site_name", node))] = {"epsilon": eps, "round": r["round"]}
+    if sites:
+        out["sample-level"] = {"unit": "patch", "mechanism": "dp-sgd (opacus)",
+                               "sites": dict(sorted(sites.items()))}
+    return out or None
+
+
+def privacy_lines(privacy: dict | None) -> list[str]:
+    """The report's privacy section (empty without DP)."""
+    if not privacy:
+        return []
+    text = ["## Privacy", ""]
+    c = privacy.get("client-level")
+    if c:
+        text += [f"Client-level DP ({c['mechanism']}): noise multiplier {c['noise-multiplier']:g}, "
+                 f"clipping norm {c['clipping-norm']:g}; after {c['releases']} noised "
+                 f"aggregate(s) each site's participation is ({c['epsilon']:.3f}, "
+                 f"{c['delta']:g})-DP ({c['accountant']}).", ""]
+    s = privacy.get("sample-level")
+    if s:
+        text += ["Sample-level DP-SGD, each site's cumulative ε as it reported it "
+                 f"(unit: {s['unit']}):", "",
+                 markdown_table([{"site": k, "epsilon": v["epsilon"], "round": v["round"]}
+                                 for k, v in s["sites"].items()],
+                                ["site", "epsilon", "round"]), ""]
+    return text
 
 
 class RunResults:
@@ -114,6 +156,9 @@ class RunResults:
         entry.setdefault("federated_eval", None)
         entry.setdefault("federated_eval_sites", {})
         rounds.append(entry)
+        privacy = privacy_summary(rounds)
+        if privacy:
+            self.data["privacy"] = privacy
         self.data["server_state"] = server_state
         write_json(self.path, self.data)
 
@@ -207,6 +252,7 @@ class RunResults:
         elif final:
             text += [f"Best round: {final['best_round']} (by {final['best_by']}); checkpoint "
                      f"`{final['best_checkpoint']}`.", ""]
+        text += privacy_lines(self.data.get("privacy"))
         text += extra_sections or []
         path = self.dir / "report.md"
         path.write_text("\n".join(text) + "\n")

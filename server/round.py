@@ -184,7 +184,8 @@ class Coordinator:
         self.names_registered = names is not None  # True: names come from registered keys
         self.confirmed: set[int] = set()  # sites known to hold the teacher
         self.contacted: set[int] = set()  # sites that answered the first-contact query
-        self.aggregate = Aggregator(run.federation)
+        self.aggregate = Aggregator(run.federation, run.privacy)
+        self.connected = 0  # sites connected when the last round was sampled
         self.local_keys: set[str] = set()  # what sites keep to themselves (FedBN)
         fed = run.federation
         if fed.fedbn:
@@ -207,6 +208,7 @@ class Coordinator:
                 f"only {len(nodes)} site(s) connected after {fed.round_timeout:.0f} s; the run "
                 f"needs at least {fed.min_train_nodes} (min-train-nodes). The completed rounds "
                 "are saved: start again with --resume")
+        self.connected = len(nodes)
         size = min(len(nodes), max(math.ceil(len(nodes) * fed.fraction_train),
                                    fed.min_train_nodes))
         return sorted(self.rng.sample(sorted(nodes), size))
@@ -286,7 +288,7 @@ class Coordinator:
                         "global student is unchanged", rnd, len(report.ok_sites), len(nodes),
                         self.run.federation.min_train_nodes)
             return state, report
-        return self.aggregate(rnd, updates, weights, state), report
+        return self.aggregate(rnd, updates, weights, state, self.connected), report
 
     def _check_replies(self, replies: list[tuple[int, Message]],
                        reference: dict[str, torch.Tensor], sites: dict[int, SiteReport]
@@ -317,7 +319,8 @@ class Coordinator:
             site.metrics = metrics
             if metrics.get(P.TEACHER_CACHED):
                 self.confirmed.add(node)
-            problem = check_update(update, reference, self.local_keys)
+            problem = check_update(update, reference, self.local_keys) or \
+                self.aggregate.check(update, reference)
             if problem or site.num_examples <= 0:
                 site.status, site.reason = REJECTED, problem or "no training examples"
                 continue

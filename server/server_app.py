@@ -120,6 +120,12 @@ def run_federation(grid: Grid, run: RunConfig) -> dict:
             coordinator.rng.setstate((rng[0], tuple(rng[1]), rng[2]))
         if saved.get("aggregator"):  # FedAdam's moments continue where they were
             coordinator.aggregate.load_state_dict(results.load_aggregator(saved["aggregator"]))
+        client_dp = coordinator.aggregate.client_dp
+        if client_dp is not None:  # the client-level account continues, never restarts
+            if "client_dp" not in saved:
+                raise ValueError("the run uses client-dp but its saved state has no privacy "
+                                 "account: it cannot be resumed without under-counting")
+            client_dp.load_state_dict(saved["client_dp"])
     eval_set = server_eval_set(co.eval_source, run, co.eval_sites)
     for rnd in range(first, fed.num_rounds + 1):
         start = time.time()
@@ -137,6 +143,12 @@ def run_federation(grid: Grid, run: RunConfig) -> dict:
         aggregator_state = coordinator.aggregate.state_dict()
         if aggregator_state:
             server_state["aggregator"] = results.save_aggregator(rnd, aggregator_state)
+        client_dp = coordinator.aggregate.client_dp
+        if client_dp is not None:
+            server_state["client_dp"] = client_dp.state_dict()
+            entry["client_dp"] = client_dp.spent()
+            log.info("round %d: client-level DP epsilon %.3f (delta %g) after %d releases", rnd,
+                     entry["client_dp"]["epsilon"], client_dp.delta, len(client_dp.releases))
         results.add_round(entry, state, arch, server_state)
     if fed.fraction_evaluate > 0 and results.data["rounds"]:
         last_entry = results.data["rounds"][-1]

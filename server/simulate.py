@@ -74,6 +74,11 @@ def parser() -> argparse.ArgumentParser:
                    help="sample-level DP-SGD at every site (objective dp-moma, kd or ce)")
     p.add_argument("--dp-noise-multiplier", type=float, default=None)
     p.add_argument("--dp-max-grad-norm", type=float, default=None)
+    p.add_argument("--client-dp", choices=("off", "server-clipping", "site-clipping"),
+                   default=None, help="client-level DP of the aggregate (Flower's fixed "
+                   "clipping; the results report each site's (epsilon, delta))")
+    p.add_argument("--client-dp-noise-multiplier", type=float, default=None)
+    p.add_argument("--client-dp-clipping-norm", type=float, default=None)
     p.add_argument("--n", type=int, default=None, help="synthetic: training images per site "
                                                         f"(default {SYNTHETIC_N})")
     p.add_argument("--label-skew", type=float, default=0.0,
@@ -106,7 +111,9 @@ RUN_KEYS = {"rounds": "num-rounds", "objective": "objective", "student_model": "
             "batch_size": "batch-size", "lr": "lr", "optimizer": "optimizer",
             "augment": "augment", "queue_size": "queue-size", "image_size": "image-size",
             "seed": "seed", "transfer_dtype": "transfer-dtype", "dp": "dp",
-            "dp_noise_multiplier": "dp-noise-multiplier", "dp_max_grad_norm": "dp-max-grad-norm"}
+            "dp_noise_multiplier": "dp-noise-multiplier", "dp_max_grad_norm": "dp-max-grad-norm",
+            "client_dp": "client-dp", "client_dp_noise_multiplier": "client-dp-noise-multiplier",
+            "client_dp_clipping_norm": "client-dp-clipping-norm"}
 
 
 def settings(args: argparse.Namespace) -> argparse.Namespace:

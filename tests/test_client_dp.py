@@ -1,0 +1,204 @@
+"""Client-level DP (Flower's fixed-clipping wrappers): clipping, noise, the coordinator's check
+of site-clipped updates, the account and its resumption, the results' privacy section."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from moma_protocol.clipping import clip_update, update_norm
+from moma_protocol.settings import ConfigError, FederationSettings, PrivacySettings, RunConfig
+from server.aggregation import Aggregator
+from server.client_dp import ClientDP, Release
+from server.results import privacy_lines, privacy_summary
+
+
+def _privacy(mode: str, z: float = 1.0, c: float = 1.0, delta: float = 1e-5) -> PrivacySettings:
+    return PrivacySettings(client_dp=mode, client_dp_noise_multiplier=z,
+                           client_dp_clipping_norm=c, client_dp_delta=delta)
+
+
+def _state(seed: int, scale: float = 1.0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"w": torch.randn(40, 30, generator=g) * scale,
+            "b": torch.randn(30, generator=g) * scale}
+
+
+def _plus(a: dict, b: dict, f: float = 1.0) -> dict:
+    return {k: a[k] + f * b[k] for k in a}
+
+
+def test_clip_update_bounds_the_change_and_leaves_a_small_one_alone():
+    start = _state(0)
+    big = _plus(start, _state(1, 3.0))
+    assert update_norm(big, start) > 10
+    clipped = clip_update(big, start, 2.0)
+    assert update_norm(clipped, start) == pytest.approx(2.0, rel=1e-5)
+    # the direction is kept: the clipped change is a positive multiple of the original one
+    d0 = torch.cat([(big[k] - start[k]).flatten() for k in big])
+    d1 = torch.cat([(clipped[k] - start[k]).flatten() for k in big])
+    assert torch.nn.functional.cosine_similarity(d0, d1, dim=0) > 0.99999
+    small = _plus(start, _state(2, 1e-3))
+    kept = clip_update(small, start, 2.0)
+    assert all(torch.allclose(kept[k], small[k], atol=1e-7) for k in small)
+
+
+def test_server_clipping_averages_clipped_changes_uniformly_before_noise():
+    """With negligible noise the new global is the reference plus the *uniform* mean of the
+    clipped changes, whatever the sites' example counts."""
+    ref = _state(0)
+    updates = [_plus(ref, _state(i, s)) for i, s in ((1, 5.0), (2, 0.001), (3, 2.0))]
+    agg = Aggregator(FederationSettings(), _privacy("server-clipping", z=1e-9, c=1.5))
+    new = agg(1, updates, [1000.0, 1.0, 10.0], ref, population=5)
+    for k in ref:
+        expected = ref[k] + sum(clip_update(u, ref, 1.5)[k] - ref[k] for u in updates) / 3
+        assert torch.allclose(new[k], expected, atol=1e-5), k
+    # an unclipped example-weighted mean would be dominated by the first site
+    plain = Aggregator(FederationSettings())(1, updates, [1000.0, 1.0, 10.0], ref)
+    assert not torch.allclose(plain["w"], new["w"], atol=1e-2)
+    assert agg.client_dp.releases[-1].sites == 3 and agg.client_dp.population == 5
+
+
+def test_the_noise_is_z_times_c_over_the_sites_aggregated():
+    ref = {"w": torch.zeros(400, 500)}
+    z, c, m = 1.3, 2.0, 4
+    agg = Aggregator(FederationSettings(), _privacy("server-clipping", z=z, c=c))
+    new = agg(1, [{"w": torch.zeros(400, 500)} for _ in range(m)], [1.0] * m, ref)
+    std = float(new["w"].std())
+    assert std == pytest.approx(z * c / m, rel=0.02)
+    assert abs(float(new["w"].mean())) < 0.01
+
+
+def test_site_clipping_rejects_an_update_beyond_the_norm_and_takes_a_clipped_one():
+    ref = _state(0)
+    raw = _plus(ref, _state(1, 2.0))
+    agg = Aggregator(FederationSettings(), _privacy("site-clipping", c=1.0))
+    reason = agg.check(raw, ref)
+    assert reason is not None and "above the run's clipping norm" in reason
+    assert agg.check(clip_update(raw, ref, 1.0), ref) is None
+    # server-clipping and no DP do not refuse it: they clip it (or do not need to)
+    assert Aggregator(FederationSettings(), _privacy("server-clipping")).check(raw, ref) is None
+    assert Aggregator(FederationSettings()).check(raw, ref) is None
+
+
+def test_site_clipping_adds_noise_without_clipping_again():
+    ref = {"w": torch.zeros(300, 300)}
+    change = torch.full((300, 300), 0.5 / 300)  # norm 0.5, under C = 1
+    agg = Aggregator(FederationSettings(), _privacy("site-clipping", z=1e-9, c=1.0))
+    new = agg(1, [{"w": ref["w"] + change}, {"w": ref["w"] - change}], [1.0, 1.0], ref)
+    assert float(new["w"].abs().max()) < 1e-6  # (+c − c)/2, and no real noise at z ~ 0
+    noisy = Aggregator(FederationSettings(), _privacy("site-clipping", z=2.0, c=1.0))
+    out = noisy(1, [{"w": ref["w"] + change}, {"w": ref["w"] + change}], [1.0, 1.0], ref)
+    assert float((out["w"] - change).std()) == pytest.approx(2.0 * 1.0 / 2, rel=0.03)
+
+
+def test_the_account_is_flowers_rdp_and_matches_opacus_for_the_gaussian_mechanism():
+    from opacus.accountants import RDPAccountant
+
+    dp = ClientDP(_privacy("server-clipping", z=1.1, delta=1e-5),
+                  Aggregator(FederationSettings()).strategy)
+    assert dp.spent()["epsilon"] == 0.0 and dp.spent()["releases"] == 0
+    eps = []
+    for rnd in range(1, 6):
+        ref = _state(0)
+        dp.aggregate(rnd, _replies([_plus(ref, _state(rnd, 0.1)) for _ in range(3)]),
+                     {k: v.numpy() for k, v in ref.items()}, population=3)
+        eps.append(dp.spent()["epsilon"])
+    assert all(a < b for a, b in zip(eps, eps[1:], strict=False))  # it composes
+    opacus = RDPAccountant()
+    for _ in range(5):  # no amplification: every release is a full Gaussian mechanism
+        opacus.step(noise_multiplier=1.1, sample_rate=1.0)
+    reference = opacus.get_epsilon(delta=1e-5)
+    # two RDP implementations (their orders grids differ): the same figure within 2 %
+    assert eps[-1] == pytest.approx(reference, rel=0.02)
+    # and a different noise gives a different figure: the test can fail
+    assert not math.isclose(eps[-1], _eps_for(2.0, 5), rel_tol=0.02)
+
+
+def _eps_for(z: float, releases: int) -> float:
+    dp = ClientDP(_privacy("server-clipping", z=z), Aggregator(FederationSettings()).strategy)
+    dp.population = 3
+    dp.releases = [Release(z, 3)] * releases
+    return dp.spent()["epsilon"]
+
+
+def _replies(updates):
+    from flwr.app import ArrayRecord, MetricRecord, RecordDict
+
+    from server.aggregation import _Accepted
+
+    return [_Accepted(RecordDict({"arrays": ArrayRecord(dict(u)),
+                                  "metrics": MetricRecord({"num-examples": 1.0})}))
+            for u in updates]
+
+
+def test_a_resumed_account_continues_and_a_broken_one_is_refused():
+    strategy = Aggregator(FederationSettings()).strategy
+    a = ClientDP(_privacy("site-clipping", z=0.9), strategy)
+    a.releases, a.population = [Release(0.9, 2), Release(0.9, 3)], 3
+    b = ClientDP(_privacy("site-clipping", z=0.9), strategy)
+    b.load_state_dict(a.state_dict())
+    assert b.spent() == a.spent() and b.spent()["epsilon"] > 0
+    for bad in ({}, {"population": 3, "releases": [[0.0, 2]]},
+                {"population": 1, "releases": [[0.9, 2]]},
+                {"population": "x", "releases": []}):
+        with pytest.raises(ValueError):
+            b.load_state_dict(bad)
+
+
+def test_client_dp_settings_are_checked_up_front():
+    with pytest.raises(ConfigError, match="client-dp needs aggregation"):
+        RunConfig().with_values(client_dp="server-clipping", aggregation="median")
+    with pytest.raises(ConfigError, match="transfer-dtype = float32"):
+        RunConfig().with_values(client_dp="site-clipping", transfer_dtype="float16")
+    with pytest.raises(ConfigError, match="client-dp-noise-multiplier"):
+        RunConfig().with_values(client_dp="site-clipping", client_dp_noise_multiplier=0)
+    with pytest.raises(ConfigError, match="client-dp"):
+        RunConfig().with_values(client_dp="local")
+    ok = RunConfig().with_values(client_dp="site-clipping", aggregation="fedprox")
+    assert ok.privacy.client_dp == "site-clipping"
+
+
+def test_the_results_privacy_section_holds_only_what_was_reported():
+    rounds = [{"round": 1, "sites": {"7": {"site_name": "a", "metrics": {"dp-epsilon": 0.4}},
+                                     "8": {"site_name": "b", "metrics": {}}},
+               "client_dp": {"epsilon": 1.5, "delta": 1e-5, "releases": 1,
+                             "mechanism": "gaussian, site-clipping", "noise-multiplier": 1.0,
+                             "clipping-norm": 1.0, "accountant": "flower rdp", "unit": "site"}},
+              {"round": 2, "sites": {"7": {"site_name": "a", "metrics": {"dp-epsilon": 0.7}}}}]
+    p = privacy_summary(rounds)
+    assert p["client-level"]["epsilon"] == 1.5
+    assert p["sample-level"]["sites"] == {"a": {"epsilon": 0.7, "round": 2}}  # b reported none
+    text = "\n".join(privacy_lines(p))
+    assert "(1.500, 1e-05)-DP" in text and "| a |" in text
+    assert privacy_summary([{"round": 1, "sites": {"7": {"site_name": "a", "metrics": {}}}}]) \
+        is None
+    assert np.isfinite(p["client-level"]["epsilon"])
+
+
+def test_a_site_clips_its_own_update_under_site_clipping(tmp_path):
+    """The same site round without and with ``site-clipping``: the plain update is far beyond
+    a small C, the clipped one is within it, in the same direction."""
+    from client import site_round
+    from moma_protocol import wire as P
+    from tests.helpers import tiny_run
+    from tests.test_protocol import _wire
+
+    start = _wire()
+    node = {"data-path": "synthetic:target", "cache-dir": str(tmp_path / "c"), "n": 32,
+            "device": "cpu", "site-name": "a"}
+    fields = site_round.RoundFields(teacher_sha="", server_round=1, score_incoming=False)
+    sent = {}
+    for mode in ("off", "site-clipping"):
+        run = tiny_run(objective="ce", lr=0.05, client_dp=mode, client_dp_clipping_norm=0.05)
+        blob, _, _ = site_round.train(node, run.to_flat(), fields, None, P.encode_blob(start))
+        sent[mode] = P.decode_state(blob)
+    plain, clipped = sent["off"], sent["site-clipping"]
+    assert update_norm(plain, start) > 0.5
+    assert update_norm(clipped, start) == pytest.approx(0.05, rel=1e-3)
+    d0 = torch.cat([(plain[k] - start[k]).flatten() for k in start])
+    d1 = torch.cat([(clipped[k] - start[k]).flatten() for k in start])
+    assert torch.nn.functional.cosine_similarity(d0, d1, dim=0) > 0.999
