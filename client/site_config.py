@@ -8,8 +8,9 @@ cache and site state), ``device`` (auto/cpu/cuda), ``site-name``; for synthetic 
 ``teacher-signer``
 (the coordinator's teacher-signing public key from the site's kit: teachers must be signed);
 the site's privacy policy, which wins over the run's settings: ``require-dp`` (true: train
-only in runs with DP-SGD) and ``max-epsilon`` (the site's ε budget over all runs, patch level;
-0: none).
+only in runs with DP-SGD), ``max-epsilon`` (the site's ε budget over all runs, patch level;
+0: none) and ``max-delta`` (the largest DP-SGD δ the site accepts; 0: 1/(10 × its training
+examples)).
 In a simulated federation Flower sets ``partition-id``/``num-partitions`` instead: the site is
 then entry ``partition-id`` of the run-scoped spec file named by the run config's
 ``simulation-sites`` (written by ``moma-simulate``), else synthetic site ``partition-id``. A
@@ -44,6 +45,7 @@ class SiteSettings:
     allow_outside_paths: bool = False
     require_dp: bool = False
     max_epsilon: float = 0.0
+    max_delta: float = 0.0
 
 
 def site_settings(node_config: dict, simulation_sites: str = "") -> SiteSettings:
@@ -76,6 +78,7 @@ def site_settings(node_config: dict, simulation_sites: str = "") -> SiteSettings
         allow_outside_paths=str(cfg.get("allow-outside-paths", "false")).lower() == "true",
         require_dp=str(cfg.get("require-dp", "false")).lower() == "true",
         max_epsilon=_max_epsilon(cfg.get("max-epsilon", 0.0)),
+        max_delta=_max_delta(cfg.get("max-delta", 0.0)),
     )
 
 
@@ -87,6 +90,17 @@ def _max_epsilon(value: object) -> float:
     if not eps >= 0 or eps == float("inf"):
         raise SiteConfigError(f"max-epsilon {value!r}: give a finite number ≥ 0 (0: no cap)")
     return eps
+
+
+def _max_delta(value: object) -> float:
+    try:
+        delta = float(value)
+    except (TypeError, ValueError):
+        raise SiteConfigError(f"max-delta {value!r} is not a number") from None
+    if not 0 <= delta < 1:
+        raise SiteConfigError(f"max-delta {value!r}: give a number in [0, 1) "
+                              "(0: 1/(10 x the site's training examples))")
+    return delta
 
 
 def _simulated_site(partition: int, num_partitions: int, spec: str) -> dict:

@@ -178,6 +178,10 @@ def dp_round(settings: SiteSettings, run: RunConfig, server_round: int, cfg: Tra
 
     p = run.privacy
     delta = p.dp_delta or default_delta(n_examples)
+    ceiling = settings.max_delta or default_delta(n_examples)
+    if delta > ceiling:  # ε is reported at δ: a larger δ would make the budget look unspent
+        raise PrivacyRefused(f"the run's dp-delta {delta:g} is above this site's ceiling "
+                             f"{ceiling:g} (max-delta; default 1/(10 x {n_examples} examples))")
     steps = cfg.epochs * batches if cfg.max_steps is None else min(cfg.epochs * batches,
                                                                     cfg.max_steps)
     step = DPStep(p.dp_noise_multiplier, 1.0 / max(batches, 1), steps)

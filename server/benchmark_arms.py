@@ -70,6 +70,9 @@ class Arm:
     fedbn: bool = False
     about: str = ""
     settings: tuple[tuple[str, object], ...] = ()  # other run settings (snake_case keys)
+    #: DP-SGD at every site with the noise multiplier that spends this patch-level ε over the
+    #: whole run (:func:`dp_noise_for`)
+    target_epsilon: float | None = None
 
     @property
     def needs_same_task(self) -> bool:
@@ -93,6 +96,11 @@ ARMS: tuple[Arm, ...] = (
         about="MoMA with FedBN (normalisation layers stay at the sites)"),
     Arm("centralised-moma", "central", "moma",
         about="MoMA on the pooled training data of all sites (no federation)"),
+    Arm("fedavg-dp-moma", "federated", "dp-moma",
+        about="FedAvg + dp-moma without DP (the private arms' objective, non-private)"),
+    *(Arm(f"dp-moma-eps{eps:g}", "federated", "dp-moma", target_epsilon=eps,
+          about=f"FedAvg + dp-moma with DP-SGD at every site, patch-level ε = {eps:g} over "
+                "the run (δ = 1/(10·n))") for eps in (8.0, 3.0, 1.0)),
 )
 ARM_NAMES = tuple(a.name for a in ARMS)
 #: the arms whose loss has MoMA's terms (NCE, KL, CE per round in the plots)
@@ -145,7 +153,32 @@ def setup(scenario: Scenario, arm_: Arm, seed: int, runs_dir: Path) -> Setup:
         run = run.with_values(eval_source="")
     if arm_.settings:
         run = run.with_values(**dict(arm_.settings))
+    if arm_.target_epsilon is not None:
+        run = run.with_values(dp="dp-sgd", dp_noise_multiplier=dp_noise_for(
+            run, sites, arm_.target_epsilon))
     return Setup(args, run, sites, out_dir)
+
+
+def dp_noise_for(run: RunConfig, sites: list[dict], target_epsilon: float) -> float:
+    """The DP-SGD noise multiplier with which every site spends at most ``target_epsilon``
+    over the run, by the same accounting the sites' ledgers do (sample rate 1/batches, local
+    epochs × batches steps a round, δ = 1/(10·n); the site with the most steps per example
+    decides)."""
+    from moma_core.privacy.accounting import default_delta, noise_for_target_epsilon
+
+    sigmas = []
+    for site in sites:
+        train = open_site(site, run).train
+        n = len(train)
+        batches = len(make_loader(train, run.training.batch_size, train=True))
+        steps = run.federation.num_rounds * run.training.local_epochs * batches
+        if run.training.max_steps:
+            steps = run.federation.num_rounds * min(run.training.local_epochs * batches,
+                                                    run.training.max_steps)
+        sigmas.append(noise_for_target_epsilon(
+            target_epsilon, run.privacy.dp_delta or default_delta(n), 1.0 / batches, steps,
+            run.privacy.dp_accountant))
+    return max(sigmas)
 
 
 # -- the arms ---------------------------------------------------------------------------------
@@ -201,7 +234,10 @@ def run_federated(s: Setup) -> dict:
             "init_digest": rounds[0].get("start_digest"),
             "rounds": [{k: (r.get("train") or {}).get(k) for k in TERMS} for r in rounds],
             "round_status": [r.get("status") for r in rounds],
-            "steps_per_site": steps, "run_dir": str(s.out_dir), "checkpoint": str(last)}
+            "steps_per_site": steps, "run_dir": str(s.out_dir), "checkpoint": str(last),
+            "privacy": results.get("privacy"),
+            "dp_noise_multiplier": s.run.privacy.dp_noise_multiplier
+            if s.run.privacy.dp == "dp-sgd" else None}
 
 
 def start_student(run: RunConfig, teacher: Path | None) -> tuple[nn.Module, str, str]:

@@ -303,3 +303,33 @@ def test_quick_benchmark_end_to_end(tmp_path):
     md = (out / "summary.md").read_text()
     assert "| fedavg-moma | 1 |" in md and "| local-only | 1 |" in md
     assert (out / "plots" / "different-task-3sites-terms.png").is_file()
+
+
+def test_private_arms_spend_their_target_epsilon_by_the_sites_own_accounting(tmp_path):
+    """The ε arms: DP-SGD with dp-moma, and a noise multiplier with which a site's ledger
+    (same sample rate, steps and δ as the site computes them) ends at or just under the
+    target over the run; a smaller ε needs more noise."""
+    from client.site_config import site_settings
+    from client.site_training import site_data
+    from moma_core.privacy.accounting import DPStep, default_delta, epsilon
+    from moma_core.sources import make_loader
+
+    args, sc = _tiny(tmp_path, "same")
+    sigmas = {}
+    for eps in (8.0, 3.0, 1.0):
+        s = setup(sc, arm(f"dp-moma-eps{eps:g}"), 0, tmp_path / f"e{eps:g}")
+        run = s.run
+        assert run.privacy.dp == "dp-sgd" and run.objective.objective == "dp-moma"
+        sigmas[eps] = run.privacy.dp_noise_multiplier
+        for site in s.sites:  # what each site's dp_round will account
+            data = site_data(site_settings(site), run.federation.image_size,
+                             run.training.augment, run.class_names)
+            batches = len(make_loader(data.train, run.training.batch_size, train=True))
+            steps = [DPStep(sigmas[eps], 1.0 / batches, run.training.local_epochs * batches)
+                     ] * run.federation.num_rounds
+            spent = epsilon(steps, default_delta(len(data.train)), run.privacy.dp_accountant)
+            assert spent <= eps * (1 + 1e-6)
+        assert spent > eps * 0.9  # not far under it either (the noisiest site decides)
+    assert sigmas[8.0] < sigmas[3.0] < sigmas[1.0]
+    plain = setup(sc, arm("fedavg-dp-moma"), 0, tmp_path / "plain").run
+    assert plain.privacy.dp == "off" and plain.objective.objective == "dp-moma"

@@ -98,6 +98,24 @@ def test_the_site_policy_wins(site, tmp_path):
     assert error_category(err.value) == "privacy-refused"
 
 
+
+def test_a_run_delta_above_the_sites_ceiling_is_refused_before_anything_is_spent(site):
+    """ε is reported at the run's δ: a coordinator that raises δ makes the same noise look
+    cheaper. By default a site accepts at most 1/(10·n); its own max-delta can allow more."""
+    settings, sha = site
+    loose = _dp_run().with_values(dp_delta=1e-3)
+    for policy in (replace(settings, max_delta=1e-4),  # the site's own ceiling
+                   replace(settings, n=400)):  # the default, 1/(10·n) < 1e-3 for n = 400
+        with pytest.raises(PrivacyRefused, match="above this site's ceiling") as err:
+            train_round(policy, loose, 1, _global(loose), sha)
+        assert error_category(err.value) == "privacy-refused"
+        assert PrivacyLedger(settings.cache_dir).entries() == []  # nothing spent
+    allowed = replace(settings, max_delta=1e-3)
+    state, _, metrics = train_round(allowed, loose, 1, _global(loose), sha)
+    assert metrics["dp-epsilon"] > 0
+    assert [e.delta for e in PrivacyLedger(settings.cache_dir).entries()] == [1e-3]
+
+
 def test_site_policy_comes_from_the_node_config(tmp_path):
     from client.site_config import SiteConfigError
 
@@ -107,3 +125,7 @@ def test_site_policy_comes_from_the_node_config(tmp_path):
     for bad in ("-1", "nan", "inf", "lots"):
         with pytest.raises(SiteConfigError, match="max-epsilon"):
             site_settings({**node, "max-epsilon": bad})
+    assert site_settings({**node, "max-delta": "1e-4"}).max_delta == 1e-4
+    for bad in ("-1", "nan", "1", "lots"):
+        with pytest.raises(SiteConfigError, match="max-delta"):
+            site_settings({**node, "max-delta": bad})
