@@ -22,9 +22,11 @@ only within (ε, δ). It is accounted with Flower's RDP accountant (``flwr[dp]``
 ``dp-accounting``): one Gaussian release of multiplier ``z`` per aggregated round, no
 amplification by sampling (sites are not sampled at random from a large population), under the
 add-or-remove-one-site relation; the results' privacy section reports the (ε, δ) after every
-round. Not covered: the coordinator still sees every update before the noise (only secure
-aggregation hides it), and the metrics the sites report (losses, accuracy, example counts)
-leave the site without noise.
+round. The noise comes from numpy's global Mersenne-Twister generator (Flower's), reseeded
+from the operating system's entropy before each release so that no run seed predicts it; it
+is not a cryptographically secure generator. Not covered: the coordinator still sees every
+update before the noise (only secure aggregation hides it), and the metrics the sites report
+(losses, accuracy, example counts) leave the site without noise.
 """
 
 from __future__ import annotations
@@ -88,6 +90,10 @@ class ClientDP:
                 reply.content[ARRAYS] = ArrayRecord(
                     {k: Array(clipped[k].numpy()) for k in sent})
         self.wrapper.num_sampled_clients = len(replies)
+        # Flower draws the noise from numpy's global generator: whatever seeded it before (a
+        # run seed is public in results.json) must not predict the noise, so it is reseeded
+        # from the operating system's entropy for every release
+        np.random.seed()
         arrays, _ = self.wrapper.aggregate_train(server_round, replies)
         if arrays is None:
             raise ValueError("the private aggregation produced nothing")

@@ -202,3 +202,15 @@ def test_a_site_clips_its_own_update_under_site_clipping(tmp_path):
     d0 = torch.cat([(plain[k] - start[k]).flatten() for k in start])
     d1 = torch.cat([(clipped[k] - start[k]).flatten() for k in start])
     assert torch.nn.functional.cosine_similarity(d0, d1, dim=0) > 0.999
+
+
+def test_the_noise_is_not_predicted_by_a_seed_set_before():
+    """Flower draws from numpy's global generator; a run seeds generators with its (public)
+    seed. Seeding numpy the same way before two releases must not give the same noise."""
+    ref = {"w": torch.zeros(50, 50)}
+    draws = []
+    for _ in range(2):
+        np.random.seed(0)
+        agg = Aggregator(FederationSettings(), _privacy("server-clipping", z=1.0, c=1.0))
+        draws.append(agg(1, [{"w": torch.zeros(50, 50)}] * 2, [1.0, 1.0], ref)["w"])
+    assert not torch.equal(draws[0], draws[1])
