@@ -296,3 +296,25 @@ def test_refusals_and_settings(teacher, public_keys, private_data):
                              teacher, public_keys=public_keys)
     assert not list(no_nce.trainable_parameters())
     assert set(no_nce.loss(student, x, y)[1]) == {"ce", "kl"}
+
+
+def test_the_dp_noise_is_not_replayed_by_the_run_seed(teacher, public_keys, private_data):
+    """A site seeds torch with a seed derived from the run's public seed (reproducible rounds);
+    DP-SGD's noise and Poisson batches must not follow it, or anyone knowing the seed could
+    replay the noise and subtract it. Two private calls from identical weights and seeds end
+    in different weights; the same calls without DP end in the same weights."""
+    def train(private: bool) -> list[torch.Tensor]:
+        student = make_private_compatible(_model(1))
+        obj = build_objective(ObjectiveConfig(kind="dp-moma", **SMALL), student, teacher,
+                              public_keys=public_keys)
+        loader = DataLoader(private_data, batch_size=6, shuffle=True,
+                            generator=torch.Generator().manual_seed(0))
+        torch.manual_seed(0)
+        train_local(student, obj, loader, TrainConfig(max_steps=2, lr=0.01, seed=0),
+                    privacy=DPConfig(noise_multiplier=1.0) if private else None)
+        return [p.detach().clone() for p in student.parameters()]
+
+    plain = [train(False), train(False)]
+    assert all(torch.equal(a, b) for a, b in zip(*plain, strict=True))  # the seed holds
+    private = [train(True), train(True)]
+    assert any(not torch.equal(a, b) for a, b in zip(*private, strict=True))

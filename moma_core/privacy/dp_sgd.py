@@ -312,11 +312,31 @@ def make_private_training(student: nn.Module, objective: nn.Module,
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
         engine = PrivacyEngine(accountant=privacy.accountant, secure_mode=privacy.secure_rng)
+    noise_generator = None
+    if not privacy.secure_rng:
+        # Without secure mode Opacus draws the noise and the Poisson batches from torch's
+        # global generator, which a site seeds from the run's (public) seed for reproducible
+        # rounds: whoever knows the seed could then replay the noise and subtract it. Both
+        # come from generators seeded with 64 bits of the operating system's entropy instead
+        # (DP rounds are therefore not bit-reproducible).
+        noise_generator = entropy_generator(device)
+        engine.secure_rng = entropy_generator("cpu")  # Opacus' Poisson sampler reads this
     module, dp_optimizer, dp_loader = engine.make_private(
         module=parts, optimizer=optimizer, data_loader=loader, noise_multiplier=noise,
-        max_grad_norm=privacy.max_grad_norm, poisson_sampling=privacy.poisson_sampling)
+        max_grad_norm=privacy.max_grad_norm, poisson_sampling=privacy.poisson_sampling,
+        noise_generator=noise_generator)
     use_contiguous_grad_samplers(module)
     return PrivateTraining(engine, module, dp_optimizer, dp_loader, privacy, noise, sample_rate)
+
+
+def entropy_generator(device: torch.device | str = "cpu") -> torch.Generator:
+    """A torch generator seeded with 64 bits from the operating system (``os.urandom``), not
+    from any seed a run or a test set."""
+    import os
+
+    generator = torch.Generator(device=torch.device(device))
+    generator.manual_seed(int.from_bytes(os.urandom(8), "little"))
+    return generator
 
 
 def use_contiguous_grad_samplers(grad_sample_module: nn.Module) -> None:
