@@ -123,6 +123,7 @@ def train_round(settings: SiteSettings, run: RunConfig, server_round: int,
     loader = make_loader(training_set(objective, data.train), tr.batch_size, train=True,
                          seed=seed, device=device)
     private = dp_round(settings, run, server_round, cfg, len(data.train), len(loader))
+    client_dp_round(settings, run, server_round)
     result = train_local(student, objective, loader, cfg, device,
                          privacy=private.config if private else None)
     keep = local_keys(fed.fedbn, student)
@@ -197,6 +198,26 @@ def dp_round(settings: SiteSettings, run: RunConfig, server_round: int, cfg: Tra
     config = DPConfig(max_grad_norm=p.dp_max_grad_norm, noise_multiplier=p.dp_noise_multiplier,
                       delta=delta, accountant=p.dp_accountant)
     return PrivateRound(config, entry.epsilon)
+
+
+def client_dp_round(settings: SiteSettings, run: RunConfig, server_round: int) -> None:
+    """With client-level DP (``client-dp``), record this round in the site's privacy ledger
+    before training: one Gaussian release of the run's noise multiplier, unit ``site``, no
+    amplification (sample rate 1). The site's own account of what the coordinator reports in
+    results.json; a round that is not aggregated in the end is still counted (the ledger never
+    under-states)."""
+    if run.privacy.client_dp == "off":
+        return
+    from moma_core.privacy.accounting import DPStep
+    from moma_core.privacy.ledger import PrivacyLedger
+
+    p = run.privacy
+    entry = PrivacyLedger(settings.cache_dir).record(
+        run.federation.run_name, server_round, DPStep(p.client_dp_noise_multiplier, 1.0, 1),
+        "site", p.client_dp_delta, "rdp", mechanism="client-dp")
+    log.info("client-level DP round %d (%s, noise %.3g): site-level ε now %.3f (δ %.2g)",
+             server_round, p.client_dp, p.client_dp_noise_multiplier, entry.epsilon,
+             p.client_dp_delta)
 
 
 def evaluate_round(settings: SiteSettings, run: RunConfig,

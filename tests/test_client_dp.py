@@ -202,6 +202,14 @@ def test_a_site_clips_its_own_update_under_site_clipping(tmp_path):
     d0 = torch.cat([(plain[k] - start[k]).flatten() for k in start])
     d1 = torch.cat([(clipped[k] - start[k]).flatten() for k in start])
     assert torch.nn.functional.cosine_similarity(d0, d1, dim=0) > 0.999
+    # the site's own ledger holds the client-level round (and nothing for the run without)
+    from moma_core.privacy.accounting import DPStep, epsilon
+    from moma_core.privacy.ledger import PrivacyLedger
+
+    entries = PrivacyLedger(tmp_path / "c").entries()
+    assert [(e.mechanism, e.unit, e.round, e.noise_multiplier, e.sample_rate) for e in entries] \
+        == [("client-dp", "site", 1, 1.0, 1.0)]
+    assert entries[0].epsilon == pytest.approx(epsilon([DPStep(1.0, 1.0, 1)], 1e-5, "rdp"))
 
 
 def test_the_noise_is_not_predicted_by_a_seed_set_before():

@@ -46,7 +46,7 @@ except ImportError:  # pragma: no cover
 
 LEDGER_VERSION = 1
 MECHANISMS: tuple[str, ...] = ("dp-sgd", "client-dp")
-UNITS: tuple[str, ...] = ("patch", "patient")
+UNITS: tuple[str, ...] = ("patch", "patient", "site")  # site: client-level DP
 
 STATUS_OK = "ok"
 STATUS_BUDGET_EXHAUSTED = "budget-exhausted"
