@@ -78,6 +78,10 @@ def parser() -> argparse.ArgumentParser:
                    help="this site's ε budget over all runs (patch level, its privacy ledger); "
                         "a round that would exceed it is refused with 'privacy-budget' "
                         "(default 0: no cap)")
+    g.add_argument("--max-client-epsilon", type=float, default=0.0,
+                   help="this site's site-level ε budget under client-level DP (client-dp), "
+                        "over all runs (its privacy ledger); a round that would exceed it is "
+                        "refused with 'privacy-budget' (default 0: no cap)")
     g.add_argument("--max-delta", type=float, default=0.0,
                    help="the largest DP-SGD δ this site accepts: the ledger reports ε at the "
                         "run's δ, and a larger δ makes ε look smaller; a run above it is "
@@ -118,6 +122,9 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     if not (args.max_epsilon >= 0 and args.max_epsilon != float("inf")):
         raise ValueError(f"--max-epsilon {args.max_epsilon}: give a finite number ≥ 0 "
                          "(0: no cap)")
+    if not (args.max_client_epsilon >= 0 and args.max_client_epsilon != float("inf")):
+        raise ValueError(f"--max-client-epsilon {args.max_client_epsilon}: give a finite "
+                         "number ≥ 0 (0: no cap)")
     if not 0 <= args.max_delta < 1:
         raise ValueError(f"--max-delta {args.max_delta}: give a number in [0, 1) "
                          "(0: 1/(10 × training examples))")
@@ -136,7 +143,8 @@ def node_config(args: argparse.Namespace) -> str:
               "skip-bad-images": "true" if args.skip_bad_images else "false",
               "allow-outside-paths": "true" if args.allow_outside_paths else "false",
               "require-dp": "true" if args.require_dp else "false",
-              "max-epsilon": float(args.max_epsilon), "max-delta": float(args.max_delta)}
+              "max-epsilon": float(args.max_epsilon), "max-delta": float(args.max_delta),
+              "max-client-epsilon": float(args.max_client_epsilon)}
     if args.kit_info is not None:
         values["teacher-signer"] = str(args.kit_info.teacher_signer.resolve())
     if args.site_index is not None:

@@ -9,8 +9,9 @@ cache and site state), ``device`` (auto/cpu/cuda), ``site-name``; for synthetic 
 (the coordinator's teacher-signing public key from the site's kit: teachers must be signed);
 the site's privacy policy, which wins over the run's settings: ``require-dp`` (true: train
 only in runs with DP-SGD), ``max-epsilon`` (the site's ε budget over all runs, patch level;
-0: none) and ``max-delta`` (the largest DP-SGD δ the site accepts; 0: 1/(10 × its training
-examples)).
+0: none), ``max-delta`` (the largest DP-SGD δ the site accepts; 0: 1/(10 × its training
+examples)) and ``max-client-epsilon`` (the site's site-level ε budget under client-level DP,
+over all runs; 0: none).
 In a simulated federation Flower sets ``partition-id``/``num-partitions`` instead: the site is
 then entry ``partition-id`` of the run-scoped spec file named by the run config's
 ``simulation-sites`` (written by ``moma-simulate``), else synthetic site ``partition-id``. A
@@ -46,6 +47,7 @@ class SiteSettings:
     require_dp: bool = False
     max_epsilon: float = 0.0
     max_delta: float = 0.0
+    max_client_epsilon: float = 0.0
 
 
 def site_settings(node_config: dict, simulation_sites: str = "") -> SiteSettings:
@@ -79,16 +81,18 @@ def site_settings(node_config: dict, simulation_sites: str = "") -> SiteSettings
         require_dp=str(cfg.get("require-dp", "false")).lower() == "true",
         max_epsilon=_max_epsilon(cfg.get("max-epsilon", 0.0)),
         max_delta=_max_delta(cfg.get("max-delta", 0.0)),
+        max_client_epsilon=_max_epsilon(cfg.get("max-client-epsilon", 0.0),
+                                        "max-client-epsilon"),
     )
 
 
-def _max_epsilon(value: object) -> float:
+def _max_epsilon(value: object, key: str = "max-epsilon") -> float:
     try:
         eps = float(value)
     except (TypeError, ValueError):
-        raise SiteConfigError(f"max-epsilon {value!r} is not a number") from None
+        raise SiteConfigError(f"{key} {value!r} is not a number") from None
     if not eps >= 0 or eps == float("inf"):
-        raise SiteConfigError(f"max-epsilon {value!r}: give a finite number ≥ 0 (0: no cap)")
+        raise SiteConfigError(f"{key} {value!r}: give a finite number ≥ 0 (0: no cap)")
     return eps
 
 

@@ -201,20 +201,25 @@ def dp_round(settings: SiteSettings, run: RunConfig, server_round: int, cfg: Tra
 
 
 def client_dp_round(settings: SiteSettings, run: RunConfig, server_round: int) -> None:
-    """With client-level DP (``client-dp``), record this round in the site's privacy ledger
-    before training: one Gaussian release of the run's noise multiplier, unit ``site``, no
-    amplification (sample rate 1). The site's own account of what the coordinator reports in
-    results.json; a round that is not aggregated in the end is still counted (the ledger never
-    under-states)."""
+    """With client-level DP (``client-dp``), check the site's ``max-client-epsilon`` and record
+    this round in the site's privacy ledger before training: one Gaussian release of the run's
+    noise multiplier, unit ``site``, no amplification (sample rate 1). The site's own account
+    of what the coordinator reports in results.json; a round that is not aggregated in the end
+    is still counted (the ledger never under-states)."""
     if run.privacy.client_dp == "off":
         return
     from moma_core.privacy.accounting import DPStep
     from moma_core.privacy.ledger import PrivacyLedger
 
     p = run.privacy
-    entry = PrivacyLedger(settings.cache_dir).record(
-        run.federation.run_name, server_round, DPStep(p.client_dp_noise_multiplier, 1.0, 1),
-        "site", p.client_dp_delta, "rdp", mechanism="client-dp")
+    step = DPStep(p.client_dp_noise_multiplier, 1.0, 1)
+    ledger = PrivacyLedger(settings.cache_dir)
+    check = ledger.plan(settings.max_client_epsilon or None, step, "site", p.client_dp_delta,
+                        "rdp", mechanism="client-dp")
+    if not check.allowed:
+        raise PrivacyBudgetExceeded(check.status)
+    entry = ledger.record(run.federation.run_name, server_round, step, "site",
+                          p.client_dp_delta, "rdp", mechanism="client-dp")
     log.info("client-level DP round %d (%s, noise %.3g): site-level ε now %.3f (δ %.2g)",
              server_round, p.client_dp, p.client_dp_noise_multiplier, entry.epsilon,
              p.client_dp_delta)

@@ -222,3 +222,26 @@ def test_the_noise_is_not_predicted_by_a_seed_set_before():
         agg = Aggregator(FederationSettings(), _privacy("server-clipping", z=1.0, c=1.0))
         draws.append(agg(1, [{"w": torch.zeros(50, 50)}] * 2, [1.0, 1.0], ref)["w"])
     assert not torch.equal(draws[0], draws[1])
+
+
+def test_a_site_caps_its_site_level_epsilon_under_client_dp(tmp_path):
+    """The site's max-client-epsilon wins: a round whose release would take the site past it
+    is refused by category before anything trains or is recorded; under the cap it trains."""
+    from client import site_round
+    from client.site_errors import PrivacyBudgetExceeded, error_category
+    from moma_core.privacy.ledger import PrivacyLedger
+    from moma_protocol import wire as P
+    from tests.helpers import tiny_run
+    from tests.test_protocol import _wire
+
+    run = tiny_run(objective="ce", client_dp="site-clipping").to_flat()
+    fields = site_round.RoundFields(teacher_sha="", server_round=1, score_incoming=False)
+    node = {"data-path": "synthetic:target", "cache-dir": str(tmp_path / "c"), "n": 32,
+            "device": "cpu", "site-name": "a", "max-client-epsilon": 0.5}
+    with pytest.raises(PrivacyBudgetExceeded) as err:
+        site_round.train(node, run, fields, None, P.encode_blob(_wire()))
+    assert error_category(err.value) == "privacy-budget" and str(err.value) == "would-exceed"
+    assert PrivacyLedger(tmp_path / "c").entries() == []
+    node["max-client-epsilon"] = 100.0
+    site_round.train(node, run, fields, None, P.encode_blob(_wire()))
+    assert [e.unit for e in PrivacyLedger(tmp_path / "c").entries()] == ["site"]

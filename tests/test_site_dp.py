@@ -125,6 +125,10 @@ def test_site_policy_comes_from_the_node_config(tmp_path):
     for bad in ("-1", "nan", "inf", "lots"):
         with pytest.raises(SiteConfigError, match="max-epsilon"):
             site_settings({**node, "max-epsilon": bad})
+    assert site_settings({**node, "max-client-epsilon": "2"}).max_client_epsilon == 2.0
+    for bad in ("-1", "nan", "inf", "lots"):
+        with pytest.raises(SiteConfigError, match="max-client-epsilon"):
+            site_settings({**node, "max-client-epsilon": bad})
     assert site_settings({**node, "max-delta": "1e-4"}).max_delta == 1e-4
     for bad in ("-1", "nan", "1", "lots"):
         with pytest.raises(SiteConfigError, match="max-delta"):
