@@ -173,7 +173,7 @@ def dp_round(settings: SiteSettings, run: RunConfig, server_round: int, cfg: Tra
     been counted: the ledger never under-states what was spent). None without DP."""
     if run.privacy.dp != "dp-sgd":
         return None
-    from moma_core.privacy.accounting import DPStep, default_delta
+    from moma_core.privacy.accounting import DPStep, default_delta, round_steps
     from moma_core.privacy.dp_sgd import DPConfig
     from moma_core.privacy.ledger import PrivacyLedger
 
@@ -183,8 +183,7 @@ def dp_round(settings: SiteSettings, run: RunConfig, server_round: int, cfg: Tra
     if delta > ceiling:  # ε is reported at δ: a larger δ would make the budget look unspent
         raise PrivacyRefused(f"the run's dp-delta {delta:g} is above this site's ceiling "
                              f"{ceiling:g} (max-delta; default 1/(10 x {n_examples} examples))")
-    steps = cfg.epochs * batches if cfg.max_steps is None else min(cfg.epochs * batches,
-                                                                    cfg.max_steps)
+    steps = round_steps(cfg.epochs, batches, cfg.max_steps)
     step = DPStep(p.dp_noise_multiplier, 1.0 / max(batches, 1), steps)
     ledger = PrivacyLedger(settings.cache_dir)
     check = ledger.plan(settings.max_epsilon or None, step, "patch", delta, p.dp_accountant)

@@ -164,17 +164,19 @@ def dp_noise_for(run: RunConfig, sites: list[dict], target_epsilon: float) -> fl
     over the run, by the same accounting the sites' ledgers do (sample rate 1/batches, local
     epochs × batches steps a round, δ = 1/(10·n); the site with the most steps per example
     decides)."""
-    from moma_core.privacy.accounting import default_delta, noise_for_target_epsilon
+    from moma_core.privacy.accounting import (
+        default_delta,
+        noise_for_target_epsilon,
+        round_steps,
+    )
 
     sigmas = []
     for site in sites:
         train = open_site(site, run).train
         n = len(train)
         batches = len(make_loader(train, run.training.batch_size, train=True))
-        steps = run.federation.num_rounds * run.training.local_epochs * batches
-        if run.training.max_steps:
-            steps = run.federation.num_rounds * min(run.training.local_epochs * batches,
-                                                    run.training.max_steps)
+        steps = run.federation.num_rounds * round_steps(run.training.local_epochs, batches,
+                                                        run.training.max_steps or None)
         sigmas.append(noise_for_target_epsilon(
             target_epsilon, run.privacy.dp_delta or default_delta(n), 1.0 / batches, steps,
             run.privacy.dp_accountant))

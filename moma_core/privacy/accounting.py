@@ -106,6 +106,13 @@ def epsilon(history: Sequence[DPStep], delta: float, accountant: str = "rdp") ->
     return max(eps, 0.0) if math.isfinite(eps) else math.inf
 
 
+def round_steps(epochs: int, batches: int, max_steps: int | None = None) -> int:
+    """DP-SGD steps of one local training call: ``epochs`` × ``batches``, at most
+    ``max_steps`` (what a site records per round; the benchmark plans with the same count)."""
+    steps = epochs * batches
+    return steps if not max_steps else min(steps, max_steps)
+
+
 def default_delta(num_examples: int) -> float:
     """The usual δ for a data set of ``num_examples`` units: 1 / (10 · num_examples)."""
     if not isinstance(num_examples, int) or isinstance(num_examples, bool) or num_examples < 1:
