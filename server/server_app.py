@@ -33,6 +33,7 @@ from moma_core.objectives import init_student_from_teacher, same_task
 from moma_core.sources import SYNTHETIC, make_loader, open_eval_data
 from moma_protocol.settings import RunConfig
 from moma_protocol.wire import wire_state
+from server.aggregation import Aggregator
 from server.results import RunResults
 from server.round import Coordinator
 from server.teacher_package import TeacherPackage, package_teacher
@@ -120,12 +121,7 @@ def run_federation(grid: Grid, run: RunConfig) -> dict:
             coordinator.rng.setstate((rng[0], tuple(rng[1]), rng[2]))
         if saved.get("aggregator"):  # FedAdam's moments continue where they were
             coordinator.aggregate.load_state_dict(results.load_aggregator(saved["aggregator"]))
-        client_dp = coordinator.aggregate.client_dp
-        if client_dp is not None:  # the client-level account continues, never restarts
-            if "client_dp" not in saved:
-                raise ValueError("the run uses client-dp but its saved state has no privacy "
-                                 "account: it cannot be resumed without under-counting")
-            client_dp.load_state_dict(saved["client_dp"])
+        restore_client_dp(coordinator.aggregate, saved)
     eval_set = server_eval_set(co.eval_source, run, co.eval_sites)
     for rnd in range(first, fed.num_rounds + 1):
         start = time.time()
@@ -161,6 +157,17 @@ def run_federation(grid: Grid, run: RunConfig) -> dict:
     finally:
         results.write_report()
     return final
+
+
+def restore_client_dp(aggregate: Aggregator, saved: dict) -> None:
+    """A resumed run's client-level DP account continues where it was, never restarts: a
+    saved state without it (or with an unreadable one) stops the resume (ValueError)."""
+    if aggregate.client_dp is None:
+        return
+    if "client_dp" not in saved:
+        raise ValueError("the run uses client-dp but its saved state has no privacy account: "
+                         "it cannot be resumed without under-counting")
+    aggregate.client_dp.load_state_dict(saved["client_dp"])
 
 
 def score(state: dict[str, torch.Tensor], arch: Architecture, data: Dataset) -> dict:

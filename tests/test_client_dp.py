@@ -245,3 +245,18 @@ def test_a_site_caps_its_site_level_epsilon_under_client_dp(tmp_path):
     node["max-client-epsilon"] = 100.0
     site_round.train(node, run, fields, None, P.encode_blob(_wire()))
     assert [e.unit for e in PrivacyLedger(tmp_path / "c").entries()] == ["site"]
+
+
+def test_a_resume_without_the_saved_account_is_refused():
+    """The coordinator's resume: the client-level account must come back with the run (it
+    would otherwise restart at ε = 0 and under-count every earlier release)."""
+    from server.server_app import restore_client_dp
+
+    agg = Aggregator(FederationSettings(), _privacy("site-clipping", z=0.9))
+    with pytest.raises(ValueError, match="no privacy account"):
+        restore_client_dp(agg, {"rng": []})
+    with pytest.raises(ValueError, match="unreadable"):
+        restore_client_dp(agg, {"client_dp": {"releases": "x"}})
+    restore_client_dp(agg, {"client_dp": {"population": 3, "releases": [[0.9, 2], [0.9, 3]]}})
+    assert len(agg.client_dp.releases) == 2 and agg.client_dp.spent()["epsilon"] > 0
+    restore_client_dp(Aggregator(FederationSettings()), {})  # no client-dp: nothing to restore
