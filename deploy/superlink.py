@@ -9,6 +9,12 @@ hosts reach only ``/v1/fleet/*`` (and ``/health``); everything else answers 403 
 from this host (loopback, or the address the SuperLink is bound to), where ``moma-server``
 submits its own run.
 
+Before it starts on a state database a previous coordinator left behind (the SuperLink's
+state lives in the run folder, so ``moma-server --resume`` finds it), every run that database
+still holds as unfinished is stopped with Flower's own ``stop_run``: its coordinator is gone,
+and a site that reconnects must not be handed that run's undelivered instructions (it would
+train a round nobody aggregates, and spend privacy budget on it).
+
 Usage: ``python -m deploy.superlink <flower-superlink arguments>``.
 """
 
@@ -97,6 +103,40 @@ def _install_gate() -> None:
     flower_main.create_app = gated_create_app
 
 
+def database_arg(argv: list[str]) -> str | None:
+    """The ``--database`` value in a flower-superlink command line, if any."""
+    for i, arg in enumerate(argv):
+        if arg == "--database" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--database="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def retire_stale_runs(database: str) -> list[int]:
+    """Stop every unfinished run in a SuperLink state file; returns their run IDs.
+
+    Only an existing SQLite file is opened (a fresh or in-memory state has no runs).
+    """
+    from pathlib import Path
+
+    if database.startswith(":") or "://" in database or not Path(database).is_file():
+        return []
+    from flwr.common.constant import Status
+    from flwr.superlink.config_loader import (
+        get_federation_manager,
+        get_objectstore_linkstate_factories,
+    )
+
+    _, factory = get_objectstore_linkstate_factories(database, get_federation_manager())
+    state = factory.state()
+    stale = [run.run_id for run in state.get_run_info()
+             if run.status.status != Status.FINISHED]
+    for run_id in stale:
+        state.stop_run(run_id)
+    return stale
+
+
 def main() -> None:
     from flwr.superlink.cli import flower_superlink
 
@@ -105,6 +145,10 @@ def main() -> None:
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
+    database = database_arg(sys.argv[1:])
+    if database is not None:
+        for run_id in retire_stale_runs(database):
+            log.info("stopped run %s, left unfinished by a previous coordinator", run_id)
     _install_gate()
     sys.argv[0] = "flower-superlink"
     flower_superlink()
