@@ -24,6 +24,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 from collections.abc import Callable
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -78,10 +79,14 @@ def _sent_arrays(msg: Message) -> set[str]:
 def _round_fields(msg: Message) -> RoundFields:
     try:
         config = msg.content[P.CONFIG]
-        return RoundFields(str(config[P.TEACHER_SHA]), int(config[P.SERVER_ROUND]),
-                           bool(config.get(P.EVALUATE_FLAG, False)))
+        fields = RoundFields(str(config[P.TEACHER_SHA]), int(config[P.SERVER_ROUND]),
+                             bool(config.get(P.EVALUATE_FLAG, False)),
+                             float(config.get(P.CLIPPING_NORM, 0.0)))
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigError("the train message lacks the teacher hash or round") from exc
+    if not (fields.clipping_norm >= 0 and math.isfinite(fields.clipping_norm)):
+        raise ConfigError("the train message's clipping norm is not a norm")
+    return fields
 
 
 def _teacher(msg: Message) -> TeacherDelivery | None:

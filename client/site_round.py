@@ -39,6 +39,7 @@ class RoundFields:
     teacher_sha: str
     server_round: int
     score_incoming: bool
+    clipping_norm: float = 0.0  # client-dp = site-clipping: this round's norm (0: the run's)
 
 
 @functools.lru_cache(maxsize=4)
@@ -96,7 +97,8 @@ def train(node_config: dict, run_config: dict, fields: RoundFields,
     if run.privacy.client_dp == "site-clipping":  # bounded before it leaves the site
         from moma_protocol.clipping import clip_update
 
-        state = clip_update(state, global_state, run.privacy.client_dp_clipping_norm)
+        state = clip_update(state, global_state,
+                            fields.clipping_norm or run.privacy.client_dp_clipping_norm)
     sent = P.pack_update(state, global_state, run.federation.transfer_dtype)
     return P.encode_blob(sent), metrics, incoming
 

@@ -41,6 +41,8 @@ AUGMENTS = ("randaugment", "flip", "none")
 CLIENT_DP_MODES = ("off", "server-clipping", "site-clipping")
 #: aggregations whose arithmetic is Flower's FedAvg (what client-level DP accounting assumes)
 CLIENT_DP_AGGREGATIONS = ("fedavg", "fedprox")
+#: client-level DP: a fixed clipping norm, or one adapted to a quantile of the update norms
+CLIENT_DP_CLIPPINGS = ("fixed", "adaptive")
 
 
 class ConfigError(ValueError):
@@ -143,8 +145,8 @@ class PrivacySettings:
     dp_accountant: str = opt("rdp", "privacy accountant (Opacus)", ("rdp", "prv"))
     dp_public_images: int = opt(256, "dp-moma: synthetic public images whose frozen-teacher "
                                 "keys are the negatives", lo=1, hi=65536)
-    client_dp: str = opt("off", "client-level DP of the aggregate (Flower's fixed-clipping "
-                         "wrappers): off, server-clipping (the coordinator clips each update) "
+    client_dp: str = opt("off", "client-level DP of the aggregate (DP-FedAvg with Flower's "
+                         "arithmetic): off, server-clipping (the coordinator clips each update) "
                          "or site-clipping (each site clips its own; the coordinator checks)",
                          CLIENT_DP_MODES)
     client_dp_noise_multiplier: float = opt(1.0, "client-level DP: Gaussian noise multiplier z "
@@ -155,6 +157,26 @@ class PrivacySettings:
                                          lo_open=True)
     client_dp_delta: float = opt(1e-5, "client-level DP: delta of the reported (epsilon, "
                                  "delta)", lo=0, lo_open=True, hi=0.1)
+    client_dp_clipping: str = opt("fixed", "client-level DP: the clipping norm stays fixed, or "
+                                  "adapts each round to a quantile of the sites' update norms "
+                                  "(Andrew et al. 2021; client-dp-clipping-norm is its start)",
+                                  CLIENT_DP_CLIPPINGS)
+    client_dp_target_quantile: float = opt(0.5, "adaptive clipping: fraction of site updates "
+                                           "meant to fall within the clipping norm", lo=0,
+                                           hi=1)
+    client_dp_clip_lr: float = opt(0.2, "adaptive clipping: learning rate of the norm's "
+                                   "geometric update", lo=0, lo_open=True, hi=10)
+    client_dp_count_stddev: float = opt(0.0, "adaptive clipping: std of the Gaussian noise on "
+                                        "the count of unclipped updates; 0: the larger of "
+                                        "min-train-nodes/20 and the noise multiplier", lo=0)
+
+    def count_stddev(self, expected_sites: int) -> float:
+        """Adaptive clipping's count noise σ_b: the setting, else max(expected sites/20, z)
+        (Andrew et al. recommend sites/20; with few sites that leaves no noise for the update,
+        so at least z, which raises the update's noise multiplier by a factor 1.15)."""
+        if self.client_dp_count_stddev > 0:
+            return self.client_dp_count_stddev
+        return max(expected_sites / 20, self.client_dp_noise_multiplier)
 
 
 @dataclass(frozen=True)
@@ -222,6 +244,14 @@ class RunConfig:
             if fed.transfer_dtype != "float32":
                 raise ConfigError("client-dp needs transfer-dtype = float32: a float16 update "
                                   "is no longer within the clipping norm")
+            if self.privacy.client_dp_clipping == "adaptive":
+                z = self.privacy.client_dp_noise_multiplier
+                sigma_b = self.privacy.count_stddev(fed.min_train_nodes)
+                if not z < 2 * sigma_b:
+                    raise ConfigError(
+                        f"client-dp-count-stddev {sigma_b:g} is too small for noise multiplier "
+                        f"{z:g}: adaptive clipping spends part of the noise on the count, "
+                        "which needs a count std above half the noise multiplier")
 
     # -- flat form (Flower's run config) -----------------------------------------------------
     @classmethod

@@ -5,7 +5,8 @@ both sides read them once from Flower's run config (:mod:`moma_protocol.settings
 
 Coordinator → site (train): ``arrays`` (global student, float tensors), ``config`` with only
 what changes per round (``server-round``, ``teacher-sha256``, ``evaluate``: also score the
-incoming student), and — only when the site lacks it — ``teacher`` (the teacher's safetensors
+incoming student; under ``client-dp = site-clipping`` the round's ``clipping-norm``),
+and — only when the site lacks it — ``teacher`` (the teacher's safetensors
 file as raw bytes) with ``teacher-meta`` (its sidecar JSON and, when the coordinator signed it,
 the signature JSON).
 Coordinator → site (query ``teacher-status``, first contact only): ``config`` with
@@ -52,6 +53,8 @@ TEACHER_SIGNATURE = "signature"
 EVAL_METRICS = "eval-metrics"
 EVALUATE_FLAG = "evaluate"
 SERVER_ROUND = "server-round"
+#: client-dp = site-clipping: the L2 norm the site clips its update to this round
+CLIPPING_NORM = "clipping-norm"
 TEACHER_CACHED = "teacher-cached"
 TEACHER_STATUS = "query.teacher_status"
 TRAIN = "train"

@@ -98,7 +98,8 @@ class Aggregator:
         if privacy is not None and privacy.client_dp != "off":
             if self.method not in CLIENT_DP_AGGREGATIONS:
                 raise ValueError(f"client-level DP cannot wrap {self.method}")
-            self.client_dp = ClientDP(privacy, cast(FedAvg, self.strategy))
+            self.client_dp = ClientDP(privacy, cast(FedAvg, self.strategy),
+                                     federation.min_train_nodes)
 
     def check(self, update: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]
               ) -> str | None:

@@ -69,8 +69,13 @@ def privacy_lines(privacy: dict | None) -> list[str]:
     text = ["## Privacy", ""]
     c = privacy.get("client-level")
     if c:
+        clip = f"clipping norm {c['clipping-norm']:g}"
+        if c.get("clipping") == "adaptive":
+            clip = (f"adaptive clipping (last norm {c['clipping-norm']:g}, next "
+                    f"{c['next-clipping-norm']:g}; update noise multiplier "
+                    f"{c['update-noise-multiplier']:g}, count noise std {c['count-stddev']:g})")
         text += [f"Client-level DP ({c['mechanism']}): noise multiplier {c['noise-multiplier']:g}, "
-                 f"clipping norm {c['clipping-norm']:g}; after {c['releases']} noised "
+                 f"{clip}; after {c['releases']} noised "
                  f"aggregate(s) each site's participation is ({c['epsilon']:.3f}, "
                  f"{c['delta']:g})-DP ({c['accountant']}).", ""]
     s = privacy.get("sample-level")

@@ -244,10 +244,14 @@ class Coordinator:
         fed = self.run.federation
         n_eval = math.ceil(len(nodes) * fed.fraction_evaluate)
         scorers = set(self.rng.sample(nodes, n_eval)) if n_eval < len(nodes) else set(nodes)
+        dp = self.aggregate.client_dp
+        clip = dp.round_norm() if dp is not None else None
         messages = []
         for node in nodes:
             config = ConfigRecord({P.SERVER_ROUND: rnd, P.TEACHER_SHA: self.teacher_sha,
                                    P.EVALUATE_FLAG: node in scorers})
+            if clip is not None:
+                config[P.CLIPPING_NORM] = clip
             records = {P.ARRAYS: arrays, P.CONFIG: config}
             if self.teacher is not None and node not in self.confirmed:
                 package = self.teacher.records()

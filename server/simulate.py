@@ -75,10 +75,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dp-noise-multiplier", type=float, default=None)
     p.add_argument("--dp-max-grad-norm", type=float, default=None)
     p.add_argument("--client-dp", choices=("off", "server-clipping", "site-clipping"),
-                   default=None, help="client-level DP of the aggregate (Flower's fixed "
-                   "clipping; the results report each site's (epsilon, delta))")
+                   default=None, help="client-level DP of the aggregate (who clips; the "
+                   "results report the (epsilon, delta) at the site level)")
     p.add_argument("--client-dp-noise-multiplier", type=float, default=None)
-    p.add_argument("--client-dp-clipping-norm", type=float, default=None)
+    p.add_argument("--client-dp-clipping-norm", type=float, default=None,
+                   help="the clipping norm (adaptive: its first value)")
+    p.add_argument("--client-dp-clipping", choices=("fixed", "adaptive"), default=None,
+                   help="client-level DP: fixed clipping norm, or adapted each round to a "
+                   "quantile of the update norms")
     p.add_argument("--n", type=int, default=None, help="synthetic: training images per site "
                                                         f"(default {SYNTHETIC_N})")
     p.add_argument("--label-skew", type=float, default=0.0,
@@ -113,7 +117,8 @@ RUN_KEYS = {"rounds": "num-rounds", "objective": "objective", "student_model": "
             "seed": "seed", "transfer_dtype": "transfer-dtype", "dp": "dp",
             "dp_noise_multiplier": "dp-noise-multiplier", "dp_max_grad_norm": "dp-max-grad-norm",
             "client_dp": "client-dp", "client_dp_noise_multiplier": "client-dp-noise-multiplier",
-            "client_dp_clipping_norm": "client-dp-clipping-norm"}
+            "client_dp_clipping_norm": "client-dp-clipping-norm",
+            "client_dp_clipping": "client-dp-clipping"}
 
 
 def settings(args: argparse.Namespace) -> argparse.Namespace:

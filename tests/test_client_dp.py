@@ -77,7 +77,7 @@ def test_site_clipping_rejects_an_update_beyond_the_norm_and_takes_a_clipped_one
     raw = _plus(ref, _state(1, 2.0))
     agg = Aggregator(FederationSettings(), _privacy("site-clipping", c=1.0))
     reason = agg.check(raw, ref)
-    assert reason is not None and "above the run's clipping norm" in reason
+    assert reason is not None and "above the round's clipping norm" in reason
     assert agg.check(clip_update(raw, ref, 1.0), ref) is None
     # server-clipping and no DP do not refuse it: they clip it (or do not need to)
     assert Aggregator(FederationSettings(), _privacy("server-clipping")).check(raw, ref) is None
@@ -260,3 +260,130 @@ def test_a_resume_without_the_saved_account_is_refused():
     restore_client_dp(agg, {"client_dp": {"population": 3, "releases": [[0.9, 2], [0.9, 3]]}})
     assert len(agg.client_dp.releases) == 2 and agg.client_dp.spent()["epsilon"] > 0
     restore_client_dp(Aggregator(FederationSettings()), {})  # no client-dp: nothing to restore
+
+
+# -- adaptive clipping (Andrew et al. 2021) -------------------------------------------------
+def _adaptive(mode: str, z: float, c: float, sigma_b: float, lr: float = 0.2,
+              quantile: float = 0.5) -> PrivacySettings:
+    return PrivacySettings(client_dp=mode, client_dp_noise_multiplier=z,
+                           client_dp_clipping_norm=c, client_dp_clipping="adaptive",
+                           client_dp_count_stddev=sigma_b, client_dp_clip_lr=lr,
+                           client_dp_target_quantile=quantile)
+
+
+@pytest.mark.parametrize("mode", ["server-clipping", "site-clipping"])
+def test_adaptive_clipping_moves_the_norm_toward_the_target_quantile(mode):
+    """All updates within the norm: it shrinks by exp(-lr (1 - q)); all beyond: it grows by
+    exp(lr q) (negligible count noise)."""
+    ref = _state(0)
+    small = [_plus(ref, _state(i, 1e-4)) for i in range(1, 4)]
+    big = [clip_update(_plus(ref, _state(i, 5.0)), ref, 2.0) if mode == "site-clipping"
+           else _plus(ref, _state(i, 5.0)) for i in range(1, 4)]
+    agg = Aggregator(FederationSettings(), _adaptive(mode, z=1e-9, c=2.0, sigma_b=1e-6))
+    dp = agg.client_dp
+    agg(1, small, [1.0] * 3, ref)
+    assert dp.releases[-1].clipping_norm == 2.0
+    assert dp.clipping_norm == pytest.approx(2.0 * math.exp(-0.2 * 0.5), rel=1e-5)
+    c1 = dp.clipping_norm
+    big = [clip_update(u, ref, c1) for u in big] if mode == "site-clipping" else big
+    agg(2, big, [1.0] * 3, ref)
+    assert dp.releases[-1].clipping_norm == pytest.approx(c1)
+    assert dp.clipping_norm == pytest.approx(c1 * math.exp(0.2 * 0.5), rel=1e-5)
+    # the account is one Gaussian release of the run's z per round, whatever the norm did
+    assert [r.noise_multiplier for r in dp.releases] == [1e-9, 1e-9]
+
+
+def test_adaptive_noise_is_scaled_by_the_norm_the_updates_were_clipped_to():
+    """The update noise is z_Δ·C_t/m with C_t this round's norm, not the next round's (Flower's
+    adaptive wrappers scale it by the moved norm, which under-noises a shrinking norm)."""
+    ref = {"w": torch.zeros(400, 500)}
+    z, c, m, sigma_b = 1.3, 2.0, 40, 1.0  # 40 sites: the count's noise moves b̃ by ~0.025
+    agg = Aggregator(FederationSettings(), _adaptive("server-clipping", z, c, sigma_b, lr=2.0))
+    new = agg(1, [{"w": torch.zeros(400, 500)} for _ in range(m)], [1.0] * m, ref)
+    z_update = (z ** -2 - (2 * sigma_b) ** -2) ** -0.5
+    assert agg.client_dp.update_noise_multiplier == pytest.approx(z_update)
+    assert float(new["w"].std()) == pytest.approx(z_update * c / m, rel=0.02)
+    assert agg.client_dp.clipping_norm < 0.7 * c  # every update was within: the norm shrank
+
+
+def test_adaptive_settings_are_checked_and_the_count_noise_has_a_usable_default():
+    with pytest.raises(ConfigError, match="client-dp-count-stddev"):
+        RunConfig().with_values(client_dp="server-clipping", client_dp_clipping="adaptive",
+                                client_dp_noise_multiplier=1.0, client_dp_count_stddev=0.4)
+    with pytest.raises(ConfigError, match="client-dp-clipping"):
+        RunConfig().with_values(client_dp="server-clipping", client_dp_clipping="quantile")
+    with pytest.raises(ConfigError, match="client-dp-target-quantile"):
+        RunConfig().with_values(client_dp_target_quantile=1.5)
+    run = RunConfig().with_values(client_dp="site-clipping", client_dp_clipping="adaptive",
+                                  client_dp_noise_multiplier=0.8, min_train_nodes=2)
+    assert run.privacy.count_stddev(2) == 0.8  # two sites: 2/20 would leave no update noise
+    assert run.privacy.count_stddev(100) == 5.0  # Andrew et al.'s sites/20
+    dp = ClientDP(run.privacy, Aggregator(FederationSettings()).strategy, 2)
+    assert dp.update_noise_multiplier == pytest.approx(0.8 * (4 / 3) ** 0.5)
+
+
+def test_site_clipping_sends_the_rounds_norm_and_the_site_clips_to_it(tmp_path):
+    """Under site-clipping the train message names this round's norm; the site clips to it
+    (not to the run's starting norm); a message with a broken norm is refused."""
+    from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+    from client import site_round
+    from client.client_app import _round_fields
+    from client.site_errors import ConfigError as SiteConfigError
+    from moma_protocol import wire as P
+    from tests.helpers import tiny_run
+    from tests.test_protocol import _wire, instruction
+
+    agg = Aggregator(FederationSettings(), _adaptive("site-clipping", 0.5, 1.0, 1.0))
+    assert agg.client_dp.round_norm() == 1.0
+    agg.client_dp.clipping_norm = 0.02
+    assert agg.client_dp.round_norm() == 0.02
+    assert Aggregator(FederationSettings(),
+                      _adaptive("server-clipping", 0.5, 1.0, 1.0)).client_dp.round_norm() is None
+
+    def message(norm):
+        config = {P.SERVER_ROUND: 1, P.TEACHER_SHA: "", P.EVALUATE_FLAG: False}
+        if norm is not None:
+            config[P.CLIPPING_NORM] = norm
+        return instruction(P.TRAIN, RecordDict({P.ARRAYS: ArrayRecord(),
+                                                P.CONFIG: ConfigRecord(config)}))
+
+    assert _round_fields(message(None)).clipping_norm == 0.0
+    fields = _round_fields(message(0.02))
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(SiteConfigError):
+            _round_fields(message(bad))
+    start = _wire()
+    node = {"data-path": "synthetic:target", "cache-dir": str(tmp_path / "c"), "n": 32,
+            "device": "cpu", "site-name": "a"}
+    run = tiny_run(objective="ce", lr=0.05, client_dp="site-clipping",
+                   client_dp_clipping="adaptive", client_dp_clipping_norm=1.0,
+                   client_dp_noise_multiplier=0.5, client_dp_count_stddev=1.0)
+    blob, _, _ = site_round.train(node, run.to_flat(), fields, None, P.encode_blob(start))
+    assert update_norm(P.decode_state(blob), start) == pytest.approx(0.02, rel=1e-3)
+
+
+def test_a_resumed_adaptive_run_continues_from_the_adapted_norm():
+    strategy = Aggregator(FederationSettings()).strategy
+    a = ClientDP(_adaptive("server-clipping", 0.5, 1.0, 1.0), strategy)
+    a.releases, a.population, a.clipping_norm = [Release(0.5, 2, 1.0)], 2, 0.37
+    b = ClientDP(_adaptive("server-clipping", 0.5, 1.0, 1.0), strategy)
+    b.load_state_dict(a.state_dict())
+    assert b.clipping_norm == 0.37 and b.spent() == a.spent()
+    assert b.spent()["next-clipping-norm"] == 0.37 and b.spent()["clipping-norm"] == 1.0
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="clipping norm"):
+            b.load_state_dict({**a.state_dict(), "clipping-norm": bad})
+    # an account saved before the norm was recorded still loads (a fixed norm)
+    c = ClientDP(_privacy("server-clipping", z=0.5), strategy)
+    c.load_state_dict({"population": 2, "releases": [[0.5, 2]]})
+    assert c.releases == [Release(0.5, 2, 0.0)] and c.clipping_norm == 1.0
+
+
+def test_the_report_names_adaptive_clipping():
+    strategy = Aggregator(FederationSettings()).strategy
+    dp = ClientDP(_adaptive("server-clipping", 0.5, 1.0, 1.0), strategy, 2)
+    dp.releases, dp.population, dp.clipping_norm = [Release(0.5, 2, 1.0)], 2, 0.8
+    text = "\n".join(privacy_lines({"client-level": dp.spent()}))
+    assert "adaptive clipping (last norm 1, next 0.8" in text
+    assert "count noise std 1" in text

@@ -310,12 +310,16 @@ def test_dp_sgd_simulation_audits_clean_and_fills_each_ledger(tmp_path):
         assert 0 < reported[0] < reported[1]
 
 
-@pytest.mark.parametrize("mode", ["server-clipping", "site-clipping"])
-def test_client_level_dp_simulation_learns_audits_clean_and_reports_epsilon(tmp_path, mode):
+@pytest.mark.parametrize("mode,clipping", [("server-clipping", "fixed"),
+                                           ("site-clipping", "adaptive")])
+def test_client_level_dp_simulation_learns_audits_clean_and_reports_epsilon(tmp_path, mode,
+                                                                            clipping):
     """Client-level DP in a simulated federation: every message passes the audit, the
     results carry the account after every round (what Flower's accountant gives for the
     releases made) and the report states it; with the small noise a handful of sites can
-    afford (z·C/m per coordinate), the student still ends above chance."""
+    afford (z·C/m per coordinate), the student still ends above chance. Adaptive clipping
+    (site-clipping: each train message names the round's norm, which the sites apply and the
+    coordinator checks) moves the norm down while every update is within it."""
     from server.aggregation import Aggregator
     from server.client_dp import Release
 
@@ -325,7 +329,7 @@ def test_client_level_dp_simulation_learns_audits_clean_and_reports_epsilon(tmp_
     # the millions (a statement about the mechanism, not a privacy promise; docs/privacy.md)
     run = tiny_run(run_name=f"cdp-{mode}", num_rounds=3, objective="ce", local_epochs=2,
                    client_dp=mode, client_dp_noise_multiplier=1e-4,
-                   client_dp_clipping_norm=100.0)
+                   client_dp_clipping_norm=100.0, client_dp_clipping=clipping)
     sites = synthetic_sites(tmp_path / "cache", 2, n=160)
     final, results, _ = _simulate(tmp_path, run, 2, _app(_recorder(str(audit))), sites)
     _check_audit(audit, run)
@@ -333,9 +337,16 @@ def test_client_level_dp_simulation_learns_audits_clean_and_reports_epsilon(tmp_
     assert [r["status"] for r in rounds] == ["ok"] * 3
     epsilons = [r["client_dp"]["epsilon"] for r in rounds]
     assert all(0 < a < b for a, b in zip(epsilons, epsilons[1:], strict=False))
+    norms = [r["client_dp"]["clipping-norm"] for r in rounds]
     expected = Aggregator(run.federation, run.privacy).client_dp  # the same releases, anew
     expected.population = 2
-    expected.releases = [Release(1e-4, 2)] * 3
+    expected.releases = [Release(1e-4, 2, c) for c in norms]
+    if clipping == "adaptive":
+        assert norms[0] == 100.0 and all(a > b for a, b in zip(norms, norms[1:], strict=False))
+        expected.clipping_norm = rounds[-1]["client_dp"]["next-clipping-norm"]
+        assert expected.clipping_norm < norms[-1]
+    else:
+        assert norms == [100.0] * 3
     assert results["privacy"]["client-level"] == expected.spent()
     assert results["privacy"]["client-level"]["mechanism"] == f"gaussian, {mode}"
     report = (Path(rounds[-1]["checkpoint"]).parents[1] / "report.md").read_text()
