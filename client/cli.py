@@ -74,6 +74,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--require-dp", action="store_true",
                    help="train only in runs with DP-SGD (dp = dp-sgd); others are refused "
                         "with 'privacy-refused'")
+    g.add_argument("--require-client-dp", action="store_true",
+                   help="train only in runs with client-level DP of the aggregate "
+                        "(client-dp); others are refused with 'privacy-refused'")
     g.add_argument("--max-epsilon", type=float, default=0.0,
                    help="this site's ε budget over all runs (patch level, its privacy ledger); "
                         "a round that would exceed it is refused with 'privacy-budget' "
@@ -143,6 +146,7 @@ def node_config(args: argparse.Namespace) -> str:
               "skip-bad-images": "true" if args.skip_bad_images else "false",
               "allow-outside-paths": "true" if args.allow_outside_paths else "false",
               "require-dp": "true" if args.require_dp else "false",
+              "require-client-dp": "true" if args.require_client_dp else "false",
               "max-epsilon": float(args.max_epsilon), "max-delta": float(args.max_delta),
               "max-client-epsilon": float(args.max_client_epsilon)}
     if args.kit_info is not None:

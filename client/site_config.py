@@ -8,7 +8,8 @@ cache and site state), ``device`` (auto/cpu/cuda), ``site-name``; for synthetic 
 ``teacher-signer``
 (the coordinator's teacher-signing public key from the site's kit: teachers must be signed);
 the site's privacy policy, which wins over the run's settings: ``require-dp`` (true: train
-only in runs with DP-SGD), ``max-epsilon`` (the site's ε budget over all runs, patch level;
+only in runs with DP-SGD), ``require-client-dp`` (true: train only in runs with client-level
+DP of the aggregate), ``max-epsilon`` (the site's ε budget over all runs, patch level;
 0: none), ``max-delta`` (the largest DP-SGD δ the site accepts; 0: 1/(10 × its training
 examples)) and ``max-client-epsilon`` (the site's site-level ε budget under client-level DP,
 over all runs; 0: none).
@@ -45,6 +46,7 @@ class SiteSettings:
     teacher_signer: Path | None = None
     allow_outside_paths: bool = False
     require_dp: bool = False
+    require_client_dp: bool = False
     max_epsilon: float = 0.0
     max_delta: float = 0.0
     max_client_epsilon: float = 0.0
@@ -79,6 +81,7 @@ def site_settings(node_config: dict, simulation_sites: str = "") -> SiteSettings
         teacher_signer=Path(str(cfg["teacher-signer"])) if cfg.get("teacher-signer") else None,
         allow_outside_paths=str(cfg.get("allow-outside-paths", "false")).lower() == "true",
         require_dp=str(cfg.get("require-dp", "false")).lower() == "true",
+        require_client_dp=str(cfg.get("require-client-dp", "false")).lower() == "true",
         max_epsilon=_max_epsilon(cfg.get("max-epsilon", 0.0)),
         max_delta=_max_delta(cfg.get("max-delta", 0.0)),
         max_client_epsilon=_max_epsilon(cfg.get("max-client-epsilon", 0.0),

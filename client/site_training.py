@@ -99,6 +99,9 @@ def train_round(settings: SiteSettings, run: RunConfig, server_round: int,
     if settings.require_dp and run.privacy.dp != "dp-sgd":
         raise PrivacyRefused("this site trains only with DP-SGD (require-dp); the run has "
                              f"dp = {run.privacy.dp}")
+    if settings.require_client_dp and run.privacy.client_dp == "off":
+        raise PrivacyRefused("this site trains only under client-level DP "
+                             "(require-client-dp); the run has client-dp = off")
     device = resolve_device(settings.device)
     cache = TeacherCache(settings.cache_dir, settings.teacher_signer)
     distils = run.objective.objective != "ce"

@@ -80,6 +80,16 @@ def test_the_site_policy_wins(site, tmp_path):
     with pytest.raises(PrivacyRefused) as err:
         train_round(strict, tiny_run(), 1, _global(tiny_run()), sha)
     assert error_category(err.value) == "privacy-refused"
+    # a site that requires client-level DP refuses a run without it, takes one with it
+    wants_client_dp = replace(settings, require_client_dp=True)
+    with pytest.raises(PrivacyRefused, match="require-client-dp") as err:
+        train_round(wants_client_dp, tiny_run(), 1, _global(tiny_run()), sha)
+    assert error_category(err.value) == "privacy-refused"
+    assert PrivacyLedger(settings.cache_dir).entries() == []
+    with_client_dp = tiny_run(client_dp="server-clipping")
+    train_round(wants_client_dp, with_client_dp, 1, _global(with_client_dp), sha)
+    assert [e.mechanism for e in PrivacyLedger(settings.cache_dir).entries()] == ["client-dp"]
+    (settings.cache_dir / "privacy" / "ledger.json").unlink()
     # a budget the round would exceed: refused, nothing trained, nothing recorded
     run = _dp_run()
     capped = replace(settings, max_epsilon=0.01)
@@ -121,7 +131,8 @@ def test_site_policy_comes_from_the_node_config(tmp_path):
 
     node = {**synthetic_sites(tmp_path, 1)[0], "require-dp": "true", "max-epsilon": 3.5}
     s = site_settings(node)
-    assert s.require_dp and s.max_epsilon == 3.5
+    assert s.require_dp and s.max_epsilon == 3.5 and not s.require_client_dp
+    assert site_settings({**node, "require-client-dp": "true"}).require_client_dp
     for bad in ("-1", "nan", "inf", "lots"):
         with pytest.raises(SiteConfigError, match="max-epsilon"):
             site_settings({**node, "max-epsilon": bad})
@@ -133,3 +144,23 @@ def test_site_policy_comes_from_the_node_config(tmp_path):
     for bad in ("-1", "nan", "1", "lots"):
         with pytest.raises(SiteConfigError, match="max-delta"):
             site_settings({**node, "max-delta": bad})
+
+
+def test_the_site_policy_flags_reach_the_node_config(tmp_path):
+    """``moma-client``'s policy flags become the node config the site's ClientApp reads."""
+    from flwr.common.config import parse_config_args
+
+    from client.cli import node_config, parser, resolve
+
+    args = resolve(parser().parse_args([
+        "--insecure", "--server", "127.0.0.1:1", "--data", "synthetic:target",
+        "--cache-dir", str(tmp_path), "--require-dp", "--require-client-dp",
+        "--max-epsilon", "4", "--max-client-epsilon", "9", "--max-delta", "1e-4"]))
+    args.kit_info = None
+    s = site_settings(parse_config_args([node_config(args)]))  # as flower-supernode reads it
+    assert (s.require_dp, s.require_client_dp) == (True, True)
+    assert (s.max_epsilon, s.max_client_epsilon, s.max_delta) == (4.0, 9.0, 1e-4)
+    plain = resolve(parser().parse_args([
+        "--insecure", "--server", "127.0.0.1:1", "--data", "synthetic:target",
+        "--cache-dir", str(tmp_path)]))
+    assert 'require-client-dp="false"' in node_config(plain)
