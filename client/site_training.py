@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from client.site_config import SiteSettings
 from client.site_errors import MissingTeacher, PrivacyBudgetExceeded, PrivacyRefused
@@ -125,7 +126,7 @@ def train_round(settings: SiteSettings, run: RunConfig, server_round: int,
     cfg = replace(run.train_config(server_round), seed=seed)
     loader = make_loader(training_set(objective, data.train), tr.batch_size, train=True,
                          seed=seed, device=device)
-    private = dp_round(settings, run, server_round, cfg, len(data.train), len(loader))
+    private = dp_round(settings, run, server_round, cfg, data.train, len(loader))
     client_dp_round(settings, run, server_round)
     result = train_local(student, objective, loader, cfg, device,
                          privacy=private.config if private else None)
@@ -170,10 +171,14 @@ class PrivateRound:
 
 
 def dp_round(settings: SiteSettings, run: RunConfig, server_round: int, cfg: TrainConfig,
-             n_examples: int, batches: int) -> PrivateRound | None:
+             train_set: Dataset, batches: int) -> PrivateRound | None:
     """DP-SGD settings of this round at this site, its budget checked and *recorded* in the
     site's privacy ledger before any private step is taken (a round that then fails has still
-    been counted: the ledger never under-states what was spent). None without DP."""
+    been counted: the ledger never under-states what was spent). None without DP.
+
+    ``dp-unit = patient``: the units are the patients of ``train_set`` (its ``patient_ids``;
+    a site without them refuses the run), the sample rate and steps those of
+    :mod:`moma_core.privacy.patient_sampling`, the ledger's unit ``patient``."""
     if run.privacy.dp != "dp-sgd":
         return None
     from moma_core.privacy.accounting import DPStep, default_delta, round_steps
@@ -181,24 +186,40 @@ def dp_round(settings: SiteSettings, run: RunConfig, server_round: int, cfg: Tra
     from moma_core.privacy.ledger import PrivacyLedger
 
     p = run.privacy
-    delta = p.dp_delta or default_delta(n_examples)
-    ceiling = settings.max_delta or default_delta(n_examples)
+    units, what = len(train_set), "examples"
+    if p.dp_unit == "patient":
+        from moma_core.privacy.patient_sampling import patient_groups, patient_steps_per_epoch
+
+        ids = getattr(train_set, "patient_ids", None)
+        if ids is None:
+            raise PrivacyRefused("the run's dp-unit is patient but this site's data names no "
+                                 "patients (a CSV manifest with a patient_id column)")
+        try:
+            groups = patient_groups(ids)
+        except ValueError as exc:
+            raise PrivacyRefused(f"dp-unit patient: {exc}") from None
+        units, what = len(groups), "patients"
+        batches = patient_steps_per_epoch(groups, p.dp_patches_per_patient,
+                                          run.training.batch_size)
+    delta = p.dp_delta or default_delta(units)
+    ceiling = settings.max_delta or default_delta(units)
     if delta > ceiling:  # ε is reported at δ: a larger δ would make the budget look unspent
         raise PrivacyRefused(f"the run's dp-delta {delta:g} is above this site's ceiling "
-                             f"{ceiling:g} (max-delta; default 1/(10 x {n_examples} examples))")
+                             f"{ceiling:g} (max-delta; default 1/(10 x {units} {what}))")
     steps = round_steps(cfg.epochs, batches, cfg.max_steps)
     step = DPStep(p.dp_noise_multiplier, 1.0 / max(batches, 1), steps)
     ledger = PrivacyLedger(settings.cache_dir)
-    check = ledger.plan(settings.max_epsilon or None, step, "patch", delta, p.dp_accountant)
+    check = ledger.plan(settings.max_epsilon or None, step, p.dp_unit, delta, p.dp_accountant)
     if not check.allowed:
         raise PrivacyBudgetExceeded(check.status)
-    entry = ledger.record(run.federation.run_name, server_round, step, "patch", delta,
+    entry = ledger.record(run.federation.run_name, server_round, step, p.dp_unit, delta,
                           p.dp_accountant)
-    log.info("DP-SGD round %d: noise %.3g, sample rate %.4g, %d steps; site ε now %.3f "
-             "(δ %.2g, %s)", server_round, step.noise_multiplier, step.sample_rate, steps,
-             entry.epsilon, delta, p.dp_accountant)
+    log.info("DP-SGD round %d (unit %s): noise %.3g, sample rate %.4g, %d steps; site ε now "
+             "%.3f (δ %.2g, %s)", server_round, p.dp_unit, step.noise_multiplier,
+             step.sample_rate, steps, entry.epsilon, delta, p.dp_accountant)
     config = DPConfig(max_grad_norm=p.dp_max_grad_norm, noise_multiplier=p.dp_noise_multiplier,
-                      delta=delta, accountant=p.dp_accountant)
+                      delta=delta, accountant=p.dp_accountant, unit=p.dp_unit,
+                      patches_per_patient=p.dp_patches_per_patient)
     return PrivateRound(config, entry.epsilon)
 
 

@@ -38,6 +38,9 @@ class Transformed(Dataset):
         targets = getattr(base, "targets", None)
         self.targets = [int(targets[i]) for i in self.indices] if targets is not None else None
         self.classes = list(base.classes)
+        pids = getattr(base, "patient_ids", None)
+        #: the patient of each example (CSV manifests with a ``patient_id`` column), else None
+        self.patient_ids = [pids[i] for i in self.indices] if pids is not None else None
 
     def __len__(self) -> int:
         return len(self.indices)

@@ -145,6 +145,13 @@ class PrivacySettings:
     dp_accountant: str = opt("rdp", "privacy accountant (Opacus)", ("rdp", "prv"))
     dp_public_images: int = opt(256, "dp-moma: synthetic public images whose frozen-teacher "
                                 "keys are the negatives", lo=1, hi=65536)
+    dp_unit: str = opt("patch", "DP-SGD privacy unit: patch (one image) or patient (all of a "
+                       "patient's images: patients are sampled, each brings at most "
+                       "dp-patches-per-patient; needs a patient_id column at every site)",
+                       ("patch", "patient"))
+    dp_patches_per_patient: int = opt(8, "dp-unit patient: most patches a sampled patient "
+                                      "brings to a step (each clipped to dp-max-grad-norm / "
+                                      "this)", lo=1, hi=4096)
     client_dp: str = opt("off", "client-level DP of the aggregate (DP-FedAvg with Flower's "
                          "arithmetic): off, server-clipping (the coordinator clips each update) "
                          "or site-clipping (each site clips its own; the coordinator checks)",

@@ -42,10 +42,11 @@ def _eval_keys(m: dict | None) -> dict | None:
             "num_examples": m.get("num-examples")}
 
 
-def privacy_summary(rounds: list[dict]) -> dict | None:
+def privacy_summary(rounds: list[dict], unit: str = "patch") -> dict | None:
     """results.json's ``privacy`` section: the client-level account after the last round
     that released an aggregate (``client-dp``) and each site's cumulative sample-level ε as the
-    site reported it (DP-SGD; from its own ledger): only what sites chose to report."""
+    site reported it (DP-SGD, of the run's ``dp-unit``; from its own ledger): only what sites
+    chose to report."""
     out: dict = {}
     client = next((r["client_dp"] for r in reversed(rounds) if r.get("client_dp")), None)
     if client:
@@ -57,7 +58,7 @@ def privacy_summary(rounds: list[dict]) -> dict | None:
             if eps is not None:
                 sites[str(site.get("site_name", node))] = {"epsilon": eps, "round": r["round"]}
     if sites:
-        out["sample-level"] = {"unit": "patch", "mechanism": "dp-sgd (opacus)",
+        out["sample-level"] = {"unit": unit, "mechanism": "dp-sgd (opacus)",
                                "sites": dict(sorted(sites.items()))}
     return out or None
 
@@ -161,7 +162,8 @@ class RunResults:
         entry.setdefault("federated_eval", None)
         entry.setdefault("federated_eval_sites", {})
         rounds.append(entry)
-        privacy = privacy_summary(rounds)
+        privacy = privacy_summary(rounds, str(self.data.get("config", {})
+                                              .get("dp-unit", "patch")))
         if privacy:
             self.data["privacy"] = privacy
         self.data["server_state"] = server_state

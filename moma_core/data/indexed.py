@@ -15,11 +15,12 @@ from torch.utils.data import Dataset
 
 
 class WithIndex(Dataset):
-    """Items of ``dataset`` as ``(x, y, i)``; ``classes`` and ``targets`` kept when present."""
+    """Items of ``dataset`` as ``(x, y, i)``; ``classes``, ``targets`` and ``patient_ids``
+    kept when present."""
 
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
-        for name in ("classes", "targets"):
+        for name in ("classes", "targets", "patient_ids"):
             if hasattr(dataset, name):
                 setattr(self, name, getattr(dataset, name))
 

@@ -34,6 +34,8 @@ if TYPE_CHECKING:
     from opacus.optimizers import DPOptimizer
 
 ACCOUNTANTS = ("rdp", "prv")  # those the privacy ledger composes (moma_core.privacy.accounting)
+#: the privacy unit: one patch, or all of one patient's patches (moma_core.privacy.patient_sampling)
+UNITS = ("patch", "patient")
 
 
 class PrivacyIncompatibleError(ValueError):
@@ -49,6 +51,12 @@ class DPConfig:
     call's sample rate (a horizon covering several calls, e.g. rounds × local epochs), or, with
     ``epochs`` unset, after this call's own steps. ``poisson_sampling`` should stay on: the
     accountant's ε assumes it. ``secure_rng`` needs ``torchcsprng`` (Opacus' secure mode).
+
+    ``unit = "patient"`` protects patients instead of patches
+    (:mod:`moma_core.privacy.patient_sampling`): the loader's data set must carry
+    ``patient_ids``; patients are Poisson-sampled, each brings at most ``patches_per_patient``
+    patches, and ``max_grad_norm``, ``noise_multiplier`` and the sample rate are then a
+    patient's.
     """
 
     max_grad_norm: float = 1.0
@@ -59,6 +67,8 @@ class DPConfig:
     poisson_sampling: bool = True
     secure_rng: bool = False
     accountant: str = "rdp"
+    unit: str = "patch"
+    patches_per_patient: int = 8
 
     def __post_init__(self) -> None:
         if (self.noise_multiplier is None) == (self.target_epsilon is None):
@@ -78,6 +88,14 @@ class DPConfig:
                              "with target_epsilon")
         if self.accountant not in ACCOUNTANTS:
             raise ValueError(f"accountant {self.accountant!r}: choose one of {ACCOUNTANTS}")
+        if self.unit not in UNITS:
+            raise ValueError(f"unit {self.unit!r}: choose one of {UNITS}")
+        if not (isinstance(self.patches_per_patient, int) and self.patches_per_patient >= 1):
+            raise ValueError(f"patches per patient {self.patches_per_patient!r}: give an "
+                             "integer >= 1")
+        if self.unit == "patient" and not self.poisson_sampling:
+            raise ValueError("unit patient samples patients by Poisson sampling: keep "
+                             "poisson_sampling on")
 
 
 @dataclass(frozen=True)
@@ -88,6 +106,8 @@ class PrivacyReport:
     noise ``noise_multiplier`` at Poisson rate ``sample_rate`` (this call alone: compose the
     calls of a site, e.g. from ``(noise_multiplier, sample_rate, steps)``, for its total).
     ``expected_batch_size`` is the divisor Opacus uses for the mean of the clipped gradients.
+    With ``unit = "patient"`` the noise multiplier, clipping norm and sample rate are a
+    patient's (each patch is clipped to ``max_grad_norm / patches_per_patient``).
     """
 
     noise_multiplier: float
@@ -99,6 +119,8 @@ class PrivacyReport:
     epsilon: float
     accountant: str
     poisson_sampling: bool
+    unit: str = "patch"
+    patches_per_patient: int = 0
 
     def to_dict(self) -> dict[str, float | int | str | bool]:
         return asdict(self)
@@ -249,14 +271,24 @@ class PrivateTraining:
         if self._report is not None:
             return self._report
         steps = self.steps
-        eps = float(self.engine.accountant.get_epsilon(delta=self.config.delta)) if steps else 0.0
+        patient = self.config.unit == "patient"
+        if not steps:
+            eps = 0.0
+        elif patient:  # Opacus' accountant saw the per-patch multiplier: account the patient's
+            from moma_core.privacy.accounting import DPStep, epsilon
+
+            eps = epsilon([DPStep(self.noise_multiplier, self.sample_rate, steps)],
+                          self.config.delta, self.config.accountant)
+        else:
+            eps = float(self.engine.accountant.get_epsilon(delta=self.config.delta))
         return PrivacyReport(
             noise_multiplier=float(self.noise_multiplier),
             max_grad_norm=float(self.config.max_grad_norm),
             sample_rate=float(self.sample_rate), steps=steps,
-            expected_batch_size=int(self.optimizer.expected_batch_size),
+            expected_batch_size=int(round(self.optimizer.expected_batch_size)),
             delta=float(self.config.delta), epsilon=eps, accountant=self.config.accountant,
-            poisson_sampling=bool(self.config.poisson_sampling))
+            poisson_sampling=bool(self.config.poisson_sampling), unit=self.config.unit,
+            patches_per_patient=self.config.patches_per_patient if patient else 0)
 
     def close(self) -> PrivacyReport:
         """Remove Opacus' hooks and per-sample attributes from the models; the final report."""
@@ -298,12 +330,19 @@ def make_private_training(student: nn.Module, objective: nn.Module,
     parts = private_parts(student, objective)
     _strip_stale_hooks(parts)
     parts.train()
-    sample_rate = 1 / len(loader)
+    patients = None
+    if privacy.unit == "patient":
+        patients = patient_loader(loader, privacy.patches_per_patient)
+    sample_rate = 1 / len(loader) if patients is None else 1 / len(patients)
     noise = privacy.noise_multiplier
     if noise is None:
         steps = cfg.epochs * len(loader)
         if cfg.max_steps is not None:
             steps = min(steps, cfg.max_steps)
+        if patients is not None:
+            steps = cfg.epochs * len(patients)
+            if cfg.max_steps is not None:
+                steps = min(steps, cfg.max_steps)
         horizon = ({"epochs": privacy.epochs} if privacy.epochs is not None
                    else {"steps": steps})
         noise = get_noise_multiplier(target_epsilon=privacy.target_epsilon,
@@ -321,12 +360,56 @@ def make_private_training(student: nn.Module, objective: nn.Module,
         # (DP rounds are therefore not bit-reproducible).
         noise_generator = entropy_generator(device)
         engine.secure_rng = entropy_generator("cpu")  # Opacus' Poisson sampler reads this
-    module, dp_optimizer, dp_loader = engine.make_private(
-        module=parts, optimizer=optimizer, data_loader=loader, noise_multiplier=noise,
-        max_grad_norm=privacy.max_grad_norm, poisson_sampling=privacy.poisson_sampling,
-        noise_generator=noise_generator)
+    if patients is None:
+        module, dp_optimizer, dp_loader = engine.make_private(
+            module=parts, optimizer=optimizer, data_loader=loader, noise_multiplier=noise,
+            max_grad_norm=privacy.max_grad_norm, poisson_sampling=privacy.poisson_sampling,
+            noise_generator=noise_generator)
+    else:
+        # a patch's gradient clipped to C/k and noise σ·k·(C/k) = σ·C: a patient's k patches
+        # move the sum by at most C, the noise is that of multiplier σ for the patient
+        k = privacy.patches_per_patient
+        module, dp_optimizer, dp_loader = engine.make_private(
+            module=parts, optimizer=optimizer, data_loader=patients, noise_multiplier=noise * k,
+            max_grad_norm=privacy.max_grad_norm / k, poisson_sampling=False,
+            noise_generator=noise_generator)
+        dp_optimizer.expected_batch_size = max(patients.batch_sampler.expected_batch_size(),
+                                               1.0)
     use_contiguous_grad_samplers(module)
     return PrivateTraining(engine, module, dp_optimizer, dp_loader, privacy, noise, sample_rate)
+
+
+def patient_loader(loader: DataLoader, patches_per_patient: int) -> DataLoader:
+    """A loader over ``loader``'s data set drawing patients by Poisson sampling
+    (:class:`~moma_core.privacy.patient_sampling.PatientPoissonSampler`, OS-entropy seeded),
+    a step drawing ``loader``'s batch size of patches on average; empty batches keep the
+    items' shapes (Opacus' collate)."""
+    from opacus.data_loader import dtype_safe, shape_safe, wrap_collate_with_empty
+    from torch.utils.data import default_collate
+
+    from moma_core.privacy.patient_sampling import (
+        PatientPoissonSampler,
+        patient_groups,
+        patient_steps_per_epoch,
+    )
+
+    dataset = loader.dataset
+    ids = getattr(dataset, "patient_ids", None)
+    if ids is None:
+        raise PrivacyIncompatibleError(
+            "unit patient needs the patient of every example: a CSV manifest with a "
+            "patient_id column")
+    groups = patient_groups(ids)
+    steps = patient_steps_per_epoch(groups, patches_per_patient, loader.batch_size or 1)
+    sampler = PatientPoissonSampler(groups, patches_per_patient, 1 / steps, steps,
+                                    entropy_generator("cpu"))
+    first = dataset[0]
+    collate = wrap_collate_with_empty(
+        collate_fn=loader.collate_fn or default_collate,
+        sample_empty_shapes=[(0, *shape_safe(x)) for x in first],
+        dtypes=[dtype_safe(x) for x in first])
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+                      num_workers=loader.num_workers, pin_memory=loader.pin_memory)
 
 
 def entropy_generator(device: torch.device | str = "cpu") -> torch.Generator:
