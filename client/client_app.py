@@ -34,6 +34,7 @@ from client import site_round, site_worker
 from client.site_errors import ConfigError, error_category, error_reply
 from client.site_round import RoundFields, TeacherDelivery, site_and_run
 from client.site_worker import NODE_KEY
+from moma_protocol import secagg as S
 from moma_protocol import wire as P
 
 log = logging.getLogger("moma.client")
@@ -48,10 +49,16 @@ def guarded(handler: Handler) -> Handler:
     @functools.wraps(handler)
     def run(msg: Message, context: Context) -> Message:
         kind = msg.metadata.message_type
+        stage = S.stage_of(msg.content) if kind == P.TRAIN and msg.has_content() and \
+            S.is_secagg(msg.content) else None  # read before the protocol consumes it
         try:
             reply = handler(msg, context)
-            problems = (P.check_error_reply(reply) if reply.has_error() else
-                        P.check_site_reply(reply.content, kind, _sent_arrays(msg)))
+            if reply.has_error():
+                problems = P.check_error_reply(reply)
+            elif stage is not None:
+                problems = S.check_secagg_reply(reply.content, stage)
+            else:
+                problems = P.check_site_reply(reply.content, kind, _sent_arrays(msg))
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as exc:  # nothing but a category may leave the site
@@ -154,9 +161,9 @@ def teacher_status(msg: Message, context: Context) -> Message:
     return Message(RecordDict(records), reply_to=msg)
 
 
-@app.train()
-@guarded
-def train(msg: Message, context: Context) -> Message:
+def run_train(msg: Message, context: Context) -> tuple[bytes, dict, dict | None]:
+    """The site's round for a train message (on its warm worker when it has one): the
+    student file it sends, its metrics and its evaluation of the incoming student."""
     fields, teacher, student = _round_fields(msg), _teacher(msg), _student(msg)
     header = {"op": "train", "fields": dataclasses.asdict(fields),
               "teacher": None if teacher is None else
@@ -165,10 +172,18 @@ def train(msg: Message, context: Context) -> Message:
                         [student] + ([teacher.blob] if teacher is not None else []))
     if answer is not None:
         reply, parts = answer
-        sent, metrics, incoming = parts[0], reply["metrics"], reply["incoming"]
-    else:
-        sent, metrics, incoming = site_round.train(context.node_config, context.run_config,
-                                                   fields, teacher, student)
+        return parts[0], reply["metrics"], reply["incoming"]
+    return site_round.train(context.node_config, context.run_config, fields, teacher, student)
+
+
+@app.train()
+@guarded
+def train(msg: Message, context: Context) -> Message:
+    if S.is_secagg(msg.content):  # a stage of secure aggregation (client.secagg_site)
+        from client.secagg_site import secure_stage
+
+        return secure_stage(msg, context, run_train)
+    sent, metrics, incoming = run_train(msg, context)
     records = {P.ARRAYS: P.blob_record(sent), P.METRICS: MetricRecord(metrics)}
     if incoming is not None:
         records[P.EVAL_METRICS] = MetricRecord(incoming)

@@ -41,6 +41,8 @@ AUGMENTS = ("randaugment", "flip", "none")
 CLIENT_DP_MODES = ("off", "server-clipping", "site-clipping")
 #: aggregations whose arithmetic is Flower's FedAvg (what client-level DP accounting assumes)
 CLIENT_DP_AGGREGATIONS = ("fedavg", "fedprox")
+#: secure aggregation of the sites' updates (moma_protocol.secagg)
+SECAGG_MODES = ("off", "secaggplus")
 #: client-level DP: a fixed clipping norm, or one adapted to a quantile of the update norms
 CLIENT_DP_CLIPPINGS = ("fixed", "adaptive")
 
@@ -176,6 +178,19 @@ class PrivacySettings:
     client_dp_count_stddev: float = opt(0.0, "adaptive clipping: std of the Gaussian noise on "
                                         "the count of unclipped updates; 0: the larger of "
                                         "min-train-nodes/20 and the noise multiplier", lo=0)
+    secagg: str = opt("off", "secure aggregation: off, or secaggplus (Flower's SecAgg+: the "
+                      "coordinator learns only the weighted mean of the updates)",
+                      SECAGG_MODES)
+    secagg_share_fraction: float = opt(1.0, "SecAgg+: fraction of the round's sites each site "
+                                       "shares its mask keys with", lo=0, lo_open=True, hi=1)
+    secagg_threshold: float = opt(0.67, "SecAgg+: fraction of a site's shares needed to "
+                                  "unmask (above 0.5; 1 minus it is the dropout tolerance)",
+                                  lo=0.5, lo_open=True, hi=1)
+    secagg_clipping_range: float = opt(1.0, "SecAgg+: bound on each coordinate of a site's "
+                                       "weighted update; a site beyond it fails the round",
+                                       lo=0, lo_open=True, hi=1e6)
+    secagg_max_weight: float = opt(10000.0, "SecAgg+: example count that weighs 1 (larger "
+                                   "counts risk overflow; 1 per site under client-dp)", lo=1)
 
     def count_stddev(self, expected_sites: int) -> float:
         """Adaptive clipping's count noise σ_b: the setting, else max(expected sites/20, z)
@@ -243,6 +258,25 @@ class RunConfig:
             if fed.aggregation == "fedprox":
                 raise ConfigError("dp = dp-sgd cannot use fedprox: its proximal term is not "
                                   "clipped per sample")
+        if self.privacy.secagg != "off":
+            if fed.aggregation not in CLIENT_DP_AGGREGATIONS:
+                raise ConfigError(
+                    f"secagg needs aggregation {' or '.join(CLIENT_DP_AGGREGATIONS)}: the "
+                    f"coordinator sees only the weighted mean, not each update "
+                    f"({fed.aggregation} needs each)")
+            if self.privacy.client_dp == "server-clipping":
+                raise ConfigError("secagg cannot use client-dp = server-clipping: the "
+                                  "coordinator cannot clip updates it cannot see (use "
+                                  "site-clipping)")
+            if self.privacy.client_dp != "off" and \
+                    self.privacy.client_dp_clipping == "adaptive":
+                raise ConfigError("secagg cannot use adaptive clipping: the coordinator "
+                                  "cannot count clipped updates it cannot see")
+            if fed.min_train_nodes < 2:
+                raise ConfigError("secagg needs min-train-nodes of at least 2")
+            if fed.transfer_dtype != "float32":
+                raise ConfigError("secagg needs transfer-dtype = float32 (the sites send "
+                                  "their change of the float32 student)")
         if self.privacy.client_dp != "off":
             if fed.aggregation not in CLIENT_DP_AGGREGATIONS:
                 raise ConfigError(

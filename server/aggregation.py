@@ -128,6 +128,23 @@ class Aggregator:
             if values:
                 setattr(self.strategy, attr, values)
 
+    def secure_mean(self, server_round: int, reference: dict[str, torch.Tensor],
+                    mean: dict[str, np.ndarray], sites: int, population: int = 0
+                    ) -> dict[str, torch.Tensor]:
+        """The new global state from secure aggregation's weighted mean change ``mean`` (of
+        ``sites`` sites): FedAvg's (and FedProx's) step, the only arithmetic on a sum; with
+        client-level DP its Gaussian noise is added and the release counted."""
+        if self.method not in CLIENT_DP_AGGREGATIONS:
+            raise ValueError(f"secure aggregation cannot run {self.method}")
+        change = {k: np.asarray(v, dtype=np.float32) for k, v in mean.items()}
+        if self.client_dp is not None:
+            change = self.client_dp.noise_mean(change, sites, population)
+        out = {}
+        for k, ref in reference.items():
+            out[k] = (ref.detach().cpu().float() + torch.from_numpy(change[k])).to(ref.dtype) \
+                if k in change else ref.detach().clone()
+        return out
+
     def __call__(self, server_round: int, updates: list[dict[str, torch.Tensor]],
                  weights: list[float], reference: dict[str, torch.Tensor],
                  population: int = 0) -> dict[str, torch.Tensor]:

@@ -146,6 +146,24 @@ class ClientDP:
             self.adapt(within, len(replies))
         return arrays
 
+    def noise_mean(self, mean: dict[str, np.ndarray], sites: int, population: int
+                   ) -> dict[str, np.ndarray]:
+        """Secure aggregation: Gaussian noise of std z·C/m on the mean of ``sites`` changes
+        the sites clipped themselves (site-clipping; the coordinator cannot check them), by
+        Flower's ``compute_stdv``/``add_gaussian_noise_inplace``; the release is counted."""
+        from flwr.supercore.differential_privacy import add_gaussian_noise_inplace, compute_stdv
+
+        if self.mode != "site-clipping" or self.adaptive:
+            raise ValueError("secure aggregation needs client-dp site-clipping, fixed norm")
+        keys = list(mean)
+        arrays = [np.array(mean[k], dtype=np.float32, copy=True) for k in keys]
+        np.random.seed()  # as in aggregate: no run seed predicts the noise
+        add_gaussian_noise_inplace(arrays, compute_stdv(self.update_noise_multiplier,
+                                                        self.clipping_norm, sites))
+        self.population = max(self.population, population, sites)
+        self.releases.append(Release(self.noise_multiplier, sites, self.clipping_norm))
+        return dict(zip(keys, arrays, strict=True))
+
     def adapt(self, within: int, sites: int) -> None:
         """Andrew et al.'s geometric step from the noised fraction of unclipped updates."""
         fraction = float(np.random.normal(within, self.count_stddev)) / sites

@@ -243,6 +243,8 @@ class Coordinator:
                        sites: dict[int, SiteReport]) -> list[Message]:
         fed = self.run.federation
         n_eval = math.ceil(len(nodes) * fed.fraction_evaluate)
+        if self.run.privacy.secagg != "off":
+            n_eval = 0  # a secure round's replies carry only the masked update and metrics
         scorers = set(self.rng.sample(nodes, n_eval)) if n_eval < len(nodes) else set(nodes)
         dp = self.aggregate.client_dp
         clip = dp.round_norm() if dp is not None else None
@@ -278,6 +280,8 @@ class Coordinator:
         msgs = self.train_messages(rnd, nodes, P.encode_state(P.pack_global(state, dtype)), sites)
         log.info("round %d: training on %d sites (teacher sent to %d)", rnd, len(nodes),
                  sum(s.teacher_sent for s in sites.values()))
+        if self.run.privacy.secagg != "off":
+            return self._secure_round(rnd, state, msgs, sites)
         replies = exchange(self.grid, msgs, self.run.federation.round_timeout)
         updates, weights = self._check_replies(replies, state, sites)
         report = RoundReport(rnd, [sites[n] for n in nodes], self.run.federation.min_train_nodes)
@@ -293,6 +297,51 @@ class Coordinator:
                         self.run.federation.min_train_nodes)
             return state, report
         return self.aggregate(rnd, updates, weights, state, self.connected), report
+
+    def _secure_round(self, rnd: int, state: dict[str, torch.Tensor], msgs: list[Message],
+                      sites: dict[int, SiteReport]
+                      ) -> tuple[dict[str, torch.Tensor], RoundReport]:
+        """The round's train exchange under SecAgg+ (:mod:`server.secagg`): the new global is
+        the old one plus the weighted mean change (with client-level DP, plus its noise)."""
+        from server.secagg import SecureExchange
+
+        fed = self.run.federation
+        keys = [k for k in state if k not in self.local_keys]
+        contents = {m.metadata.dst_node_id: m.content for m in msgs}
+        for node in contents:  # the protocol's messages are counted from here on
+            sites[node].bytes_down = sites[node].bytes_down - record_nbytes(contents[node])
+        result = SecureExchange(self.run.privacy, fed.round_timeout).run(
+            self.grid, rnd, contents, {k: tuple(state[k].shape) for k in keys}, keys)
+        for node, site in sites.items():
+            site.bytes_down += result.bytes_down.get(node, 0)
+            site.bytes_up += result.bytes_up.get(node, 0)
+            if node in result.metrics:
+                metrics = dict(result.metrics[node])
+                site.num_examples = int(metrics.pop(P.NUM_EXAMPLES, 0))
+                site.metrics, site.status = metrics, OK
+                if metrics.get(P.TEACHER_CACHED):
+                    self.confirmed.add(node)
+            else:
+                site.status = FAILED if result.failures.get(node) != "no reply" else NO_REPLY
+                site.reason = result.failures.get(node)
+                if site.reason == "missing-teacher":
+                    self.confirmed.discard(node)
+        report = RoundReport(rnd, [sites[n] for n in sorted(sites)], fed.min_train_nodes)
+        report.train = weighted_means({**s.metrics, P.NUM_EXAMPLES: s.num_examples}
+                                      for s in report.ok_sites)
+        for line in report.reasons():
+            log.warning("round %d: %s", rnd, line)
+        if report.failed or result.mean is None:
+            for s in report.sites:  # no aggregate: no site's update counted
+                if s.status == OK:
+                    s.status, s.reason = FAILED, "secure aggregation: no aggregate"
+            log.warning("round %d failed under secure aggregation: %d of %d sites in the "
+                        "sum, min-train-nodes is %d; the global student is unchanged", rnd,
+                        len(result.metrics), len(sites), fed.min_train_nodes)
+            return state, report
+        new = self.aggregate.secure_mean(rnd, state, result.mean, len(report.ok_sites),
+                                         self.connected)
+        return new, report
 
     def _check_replies(self, replies: list[tuple[int, Message]],
                        reference: dict[str, torch.Tensor], sites: dict[int, SiteReport]

@@ -1,0 +1,215 @@
+"""The coordinator's side of a secure-aggregation round (``secagg = "secaggplus"``).
+
+The train exchange of a round runs Flower's ``SecAggPlusWorkflow`` (its four stages and its
+unmasking, unchanged) with MoMA-FL's own train messages in place of the legacy fit
+instructions: each site receives exactly what it would without secure aggregation (the global
+student, the round's fields, the teacher where it lacks it) plus the protocol's values, and
+answers with its masked, weighted change of the student (:mod:`client.secagg_site`). What the
+coordinator obtains is the weighted mean of the changes of the sites whose masked vectors it
+collected — never one site's change — and each site's metrics (which, as without secure
+aggregation, leave the site in the clear).
+
+:class:`SecureExchange` runs one round. Every message passes through :class:`_CountingGrid`,
+which counts each site's bytes, records its failures by category (an error reply, or no reply
+within the round's timeout) and drops a masked vector whose shapes are not those of the sent
+tensors (a site out of step with the run) before it can spoil the sum: the protocol then treats
+that site as dropped. With fewer sites left than a site's reconstruction threshold, Flower's
+workflow halts and the round has no aggregate.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.common.secure_aggregation.secaggplus_constants import Key
+from flwr.serverapp import Grid
+
+from moma_protocol import secagg as S
+from moma_protocol import wire as P
+from moma_protocol.settings import PrivacySettings
+
+log = logging.getLogger("moma.server")
+
+MODULUS_RANGE = 1 << 32
+QUANTIZATION_RANGE = 1 << 22
+
+
+@dataclass
+class SecureResult:
+    """What one secure round gave the coordinator."""
+
+    mean: dict[str, np.ndarray] | None  # the weighted mean change; None: no aggregate
+    weight: float = 0.0  # the sum of the weights (examples, or sites under client-dp)
+    metrics: dict[int, dict[str, float]] = field(default_factory=dict)  # node → its metrics
+    bytes_down: dict[int, int] = field(default_factory=dict)
+    bytes_up: dict[int, int] = field(default_factory=dict)
+    failures: dict[int, str] = field(default_factory=dict)  # node → category or "no reply"
+
+
+class _Proxy:
+    """The node handle Flower's legacy fit path expects (only its id is used)."""
+
+    def __init__(self, node_id: int) -> None:
+        self.node_id = node_id
+        self.cid = str(node_id)
+
+
+class _Collector:
+    """The legacy strategy Flower's workflow calls: the sites are chosen, the result kept."""
+
+    def __init__(self, nodes: list[int]) -> None:
+        self.nodes = nodes
+        self.results: list = []
+        self.mean: list[np.ndarray] | None = None
+
+    def configure_fit(self, server_round, parameters, client_manager):
+        from flwr.common import FitIns, Parameters
+
+        return [(_Proxy(n), FitIns(Parameters([], ""), {})) for n in self.nodes]
+
+    def aggregate_fit(self, server_round, results, failures):
+        from flwr.common import parameters_to_ndarrays
+
+        self.results = list(results)
+        if results:  # every result carries the unmasked weighted mean (Flower's workflow)
+            self.mean = parameters_to_ndarrays(results[0][1].parameters)
+            return results[0][1].parameters, {}
+        return None, {}
+
+
+class _CountingGrid:
+    """The round's grid as Flower's workflow sees it (see module docstring)."""
+
+    def __init__(self, grid: Grid, timeout: float, shapes: list[tuple[int, ...]],
+                 result: SecureResult) -> None:
+        self.grid, self.timeout, self.shapes, self.result = grid, timeout, shapes, result
+
+    def __getattr__(self, name: str):
+        return getattr(self.grid, name)
+
+    def send_and_receive(self, messages, *, timeout: float | None = None) -> list[Message]:
+        from server.round import exchange, record_nbytes
+
+        messages = list(messages)
+        r = self.result
+        for m in messages:
+            node = m.metadata.dst_node_id
+            r.bytes_down[node] = r.bytes_down.get(node, 0) + record_nbytes(m.content)
+        replies = exchange(self.grid, messages, self.timeout)
+        answered, out = set(), []
+        for node, reply in replies:
+            answered.add(node)
+            if reply.has_error():
+                r.failures.setdefault(node, P.error_reason(reply))
+                continue
+            r.bytes_up[node] = r.bytes_up.get(node, 0) + record_nbytes(reply.content)
+            problem = self._problem(reply)
+            if problem:
+                log.warning("site %d: %s; it is left out of the secure sum", node, problem)
+                r.failures.setdefault(node, f"protocol: {problem}")
+                continue
+            out.append(reply)
+        for m in messages:
+            if m.metadata.dst_node_id not in answered:
+                r.failures.setdefault(m.metadata.dst_node_id, "no reply")
+        return out
+
+    def _problem(self, reply: Message) -> str | None:
+        content = reply.content
+        if S.CONFIGS not in content.config_records:
+            return "no secure-aggregation record"
+        configs = content.config_records[S.CONFIGS]
+        if Key.MASKED_PARAMETERS in configs:
+            from flwr.common import bytes_to_ndarray
+
+            try:
+                shapes = [tuple(bytes_to_ndarray(b).shape)
+                          for b in configs[Key.MASKED_PARAMETERS]]
+            except (TypeError, ValueError):
+                return "unreadable masked vector"
+            if shapes != self.shapes:
+                return "masked vector of the wrong shapes"
+            try:
+                metrics = dict(content.config_records["fitres.metrics"])
+            except KeyError:
+                return "no metrics"
+            if set(metrics) - P.TRAIN_METRICS:
+                return "metrics not allowed"
+        return None
+
+
+class SecureExchange:
+    """One round's train exchange under SecAgg+ (see module docstring)."""
+
+    def __init__(self, privacy: PrivacySettings, timeout: float) -> None:
+        self.privacy = privacy
+        self.timeout = timeout
+
+    def workflow(self):
+        from flwr.server.workflow import SecAggPlusWorkflow
+
+        p = self.privacy
+        return SecAggPlusWorkflow(num_shares=float(p.secagg_share_fraction),
+                                  reconstruction_threshold=float(p.secagg_threshold),
+                                  max_weight=float(p.secagg_max_weight),
+                                  clipping_range=float(p.secagg_clipping_range),
+                                  quantization_range=QUANTIZATION_RANGE,
+                                  modulus_range=MODULUS_RANGE, timeout=self.timeout)
+
+    def run(self, grid: Grid, server_round: int, contents: dict[int, RecordDict],
+            reference: dict[str, tuple[int, ...]], keys: list[str]) -> SecureResult:
+        """Run the protocol with ``contents`` (node → its train message content) over the
+        sent tensors ``keys`` of shapes ``reference``; see :class:`SecureResult`."""
+        from flwr.server.compat.legacy_context import LegacyContext
+        from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+        from flwr.server.workflow.constant import Key as WorkflowKey
+
+        S.install_secure_masks()
+        result = SecureResult(None)
+        nodes = sorted(contents)
+        collector = _Collector(nodes)
+        context = LegacyContext(Context(run_id=0, node_id=0, node_config={},
+                                        state=RecordDict(), run_config={}),
+                                strategy=collector)  # type: ignore[arg-type]
+        context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
+            {WorkflowKey.CURRENT_ROUND: server_round})
+        context.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord()
+        workflow = self.workflow()
+        setup = workflow.setup_stage
+
+        def setup_with_contents(g, ctx, state) -> bool:
+            ok = setup(g, ctx, state)
+            # the sites train on MoMA-FL's own train message, not a legacy fit instruction
+            state.nid_to_fitins = {n: contents[n] for n in state.nid_to_fitins}
+            return ok
+
+        workflow.setup_stage = setup_with_contents  # type: ignore[method-assign]
+        counting = _CountingGrid(grid, self.timeout, S.expected_shapes(reference, keys), result)
+        workflow(counting, context)  # type: ignore[arg-type]
+        for proxy, fit in collector.results:
+            result.metrics[proxy.node_id] = {k: float(v) for k, v in fit.metrics.items()}
+        aggregated = {proxy.node_id for proxy, _ in collector.results}
+        for node in nodes:
+            if node not in aggregated:
+                result.failures.setdefault(node, "secure aggregation: left out")
+        if collector.mean is not None and collector.results:
+            arrays = collector.mean
+            order = S.tensor_order(keys)
+            if len(arrays) != len(order) or any(
+                    tuple(a.shape) != tuple(reference[k]) for a, k in zip(arrays, order,
+                                                                          strict=False)):
+                log.error("round %d: the unmasked sum has the wrong shapes", server_round)
+            elif not all(np.isfinite(a).all() for a in arrays):
+                log.error("round %d: the unmasked sum is not finite", server_round)
+            else:
+                result.mean = {k: np.asarray(a, dtype=np.float32)
+                               for k, a in zip(order, arrays, strict=True)}
+                result.weight = float(sum(f.num_examples for _, f in collector.results))
+        if result.mean is None:
+            for node in nodes:  # no aggregate: nobody's update counted
+                result.failures.setdefault(node, "secure aggregation: no aggregate")
+            result.metrics = {}
+        return result
