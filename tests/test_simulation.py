@@ -20,10 +20,13 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.clientapp import ClientApp
+from flwr.common import bytes_to_ndarray
+from flwr.common.secure_aggregation.secaggplus_constants import Key, Stage
 from safetensors.torch import load_file
 
 import client.client_app as product
 from moma_core.models import Architecture, build_model
+from moma_protocol import secagg as S
 from moma_protocol import wire as P
 from server.simulate import run_simulated
 from tests.helpers import IMAGE_SIZE, synthetic_sites, tiny_run, tiny_teacher
@@ -42,12 +45,24 @@ def _app(*mods) -> ClientApp:
 
 def _recorder(folder: str):
     def record(msg, context, call_next):
+        stage = S.stage_of(msg.content) if msg.metadata.message_type == "train" and \
+            S.is_secagg(msg.content) else None  # read before the protocol consumes it
         reply = call_next(msg, context)
         kind = msg.metadata.message_type
         summary = {"type": kind, "records": {}, "site": context.node_config.get("partition-id")}
         if reply.has_error():
             summary["error"] = {"code": reply.error.code, "reason": reply.error.reason}
             summary["problems"] = P.check_error_reply(reply)
+            Path(folder, f"{uuid.uuid4().hex}.json").write_text(json.dumps(summary))
+            return reply
+        if stage is not None:  # a SecAgg+ stage: masked values, keys and shares only
+            configs = reply.content.config_records.get(S.CONFIGS, {})
+            summary.update(secagg=stage, problems=S.check_secagg_reply(reply.content, stage),
+                           records={name: sorted(rec.keys())
+                                    for name, rec in reply.content.items()})
+            if Key.MASKED_PARAMETERS in configs:
+                summary["masked_shapes"] = [list(bytes_to_ndarray(b).shape)
+                                            for b in configs[Key.MASKED_PARAMETERS]]
             Path(folder, f"{uuid.uuid4().hex}.json").write_text(json.dumps(summary))
             return reply
         sent = set(P.state_header(P.state_blob(msg.content[P.ARRAYS]))) \
@@ -139,6 +154,12 @@ def _check_audit(audit: Path, run) -> None:
         if "error" in s:
             assert s["error"]["reason"] in P.ERROR_CODES, s
             assert s["error"]["code"] == P.ERROR_CODES[s["error"]["reason"]], s
+            continue
+        if "secagg" in s:  # masked: the weight factor, then one array per student tensor
+            assert s["records"].get("fitres.parameters", []) == [], s  # emptied: masked only
+            if s["secagg"] == Stage.COLLECT_MASKED_VECTORS:
+                assert s["masked_shapes"] == [[1]] + [allowed[k][0] for k in
+                                                      S.tensor_order(allowed)], s
             continue
         for name, rec in s["records"].items():
             assert rec["kind"] in ("arrays", "metrics", "config"), rec
@@ -351,5 +372,33 @@ def test_client_level_dp_simulation_learns_audits_clean_and_reports_epsilon(tmp_
     assert results["privacy"]["client-level"]["mechanism"] == f"gaussian, {mode}"
     report = (Path(rounds[-1]["checkpoint"]).parents[1] / "report.md").read_text()
     assert "## Privacy" in report and "Client-level DP" in report
+    chance = 1 / len(run.class_names)
+    assert final["metrics"]["accuracy"] > chance + 0.05, final
+
+
+@pytest.mark.parametrize("client_dp", ["off", "site-clipping"])
+def test_secure_aggregation_simulation_learns_and_audits_clean(tmp_path, client_dp):
+    """SecAgg+ in a simulated federation (Flower's engine, the product's ClientApp): every
+    round goes through the four stages at every site, each masked vector has the student's
+    shapes and nothing else leaves in the clear but metrics; the student learns. With
+    client-side clipping the coordinator noises the secure mean and accounts it."""
+    audit = tmp_path / "audit"
+    audit.mkdir()
+    run = tiny_run(run_name=f"secagg-{client_dp}", num_rounds=3, objective="ce",
+                   local_epochs=2, secagg="secaggplus", client_dp=client_dp,
+                   client_dp_noise_multiplier=1e-4, client_dp_clipping_norm=100.0,
+                   min_train_nodes=3, min_available_nodes=3)
+    sites = synthetic_sites(tmp_path / "cache", 3, n=160)
+    final, results, _ = _simulate(tmp_path, run, 3, _app(_recorder(str(audit))), sites)
+    _check_audit(audit, run)
+    summaries = [json.loads(p.read_text()) for p in audit.glob("*.json")]
+    stages = [s["secagg"] for s in summaries if "secagg" in s]
+    assert {st: stages.count(st) for st in Stage.all()} == {st: 9 for st in Stage.all()}
+    assert not [s for s in summaries if s["type"] == "train" and "secagg" not in s]
+    rounds = results["rounds"]
+    assert [r["status"] for r in rounds] == ["ok"] * 3
+    assert all(r["start_digest"] != r["end_digest"] for r in rounds)
+    if client_dp != "off":
+        assert [r["client_dp"]["releases"] for r in rounds] == [1, 2, 3]
     chance = 1 / len(run.class_names)
     assert final["metrics"]["accuracy"] > chance + 0.05, final
