@@ -80,6 +80,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--client-dp-noise-multiplier", type=float, default=None)
     p.add_argument("--client-dp-clipping-norm", type=float, default=None,
                    help="the clipping norm (adaptive: its first value)")
+    p.add_argument("--secagg", choices=("off", "secaggplus"), default=None,
+                   help="secure aggregation (Flower's SecAgg+): the coordinator learns only "
+                   "the weighted mean of the sites' updates")
     p.add_argument("--client-dp-clipping", choices=("fixed", "adaptive"), default=None,
                    help="client-level DP: fixed clipping norm, or adapted each round to a "
                    "quantile of the update norms")
@@ -118,7 +121,7 @@ RUN_KEYS = {"rounds": "num-rounds", "objective": "objective", "student_model": "
             "dp_noise_multiplier": "dp-noise-multiplier", "dp_max_grad_norm": "dp-max-grad-norm",
             "client_dp": "client-dp", "client_dp_noise_multiplier": "client-dp-noise-multiplier",
             "client_dp_clipping_norm": "client-dp-clipping-norm",
-            "client_dp_clipping": "client-dp-clipping"}
+            "client_dp_clipping": "client-dp-clipping", "secagg": "secagg"}
 
 
 def settings(args: argparse.Namespace) -> argparse.Namespace:

@@ -286,3 +286,12 @@ def test_secagg_settings_are_checked_up_front():
         with pytest.raises(ConfigError, match=match):
             tiny_run(secagg="secaggplus", **bad)
     assert tiny_run(secagg="secaggplus", aggregation="fedprox").privacy.secagg == "secaggplus"
+
+
+def test_moma_simulate_takes_secure_aggregation(tmp_path):
+    from server.simulate import parser, run_config, settings
+
+    args = settings(parser().parse_args(["--secagg", "secaggplus", "--sites", "3",
+                                         "--runs-dir", str(tmp_path / "runs")]))
+    run = run_config(args, tmp_path / "runs" / "x", ("a", "b"), None, None)
+    assert run.privacy.secagg == "secaggplus" and run.federation.min_train_nodes == 3
