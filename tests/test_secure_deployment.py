@@ -32,8 +32,10 @@ pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 PORT = 9092
 CEILING = 900.0
+# the honest run also aggregates securely (SecAgg+): its masked stages cross real hosts, and
+# each site's protocol state must survive between its four messages of a round
 SMALL = (f"image-size={IMAGE_SIZE} batch-size=16 queue-size=64 optimizer=\"adamw\" "
-         "lr=0.003 augment=\"flip\" round-timeout=900.0")
+         "lr=0.003 augment=\"flip\" round-timeout=900.0 secagg=\"secaggplus\"")
 ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
 
 
@@ -188,6 +190,7 @@ def test_secure_federation_across_hosts(tmp_path):
         assert rc == 0, (logs / "server.log").read_text()[-4000:]
         results = json.loads((runs / "secure" / "results.json").read_text())
         assert [r["round"] for r in results["rounds"]] == [1, 2]
+        assert (logs / "server.log").read_text().count("Secure aggregation completed") == 2
         for entry in results["rounds"]:
             assert sorted(s["site_name"] for s in entry["sites"].values()) == \
                 ["site-a", "site-b"]
