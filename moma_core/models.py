@@ -65,7 +65,9 @@ def create_classifier(model_name: str, num_classes: int, drop_rate: float = 0.2)
 
 
 #: ``Architecture.extra["norm"]``: "batch" (the timm model as built) or "group" (every
-#: BatchNorm a GroupNorm: a student trained with DP-SGD, see moma_core.privacy.dp_sgd).
+#: BatchNorm a GroupNorm: a student trained with DP-SGD, see moma_core.privacy.dp_sgd), with
+#: ``extra["group-size"]`` channels per group (absent: gcd(32, channels) groups, the rule of
+#: checkpoints written before it existed).
 NORMS = ("batch", "group")
 
 
@@ -79,7 +81,8 @@ def build_model(arch: Architecture) -> nn.Module:
     if norm == "group":
         from moma_core.privacy.dp_sgd import make_private_compatible
 
-        model = make_private_compatible(model)
+        size = arch.extra.get("group-size")
+        model = make_private_compatible(model, group_size=int(size) if size else None)
     return model
 
 

@@ -41,6 +41,8 @@ AUGMENTS = ("randaugment", "flip", "none")
 CLIENT_DP_MODES = ("off", "server-clipping", "site-clipping")
 #: aggregations whose arithmetic is Flower's FedAvg (what client-level DP accounting assumes)
 CLIENT_DP_AGGREGATIONS = ("fedavg", "fedprox")
+#: channels per GroupNorm group of a DP-SGD student (moma_core.privacy.dp_sgd.group_count)
+DP_GROUP_SIZE = 16
 #: secure aggregation of the sites' updates (moma_protocol.secagg)
 SECAGG_MODES = ("off", "secaggplus")
 #: client-level DP: a fixed clipping norm, or one adapted to a quantile of the update norms
@@ -335,7 +337,8 @@ class RunConfig:
         from moma_core.models import Architecture
 
         fed = self.federation
-        extra = {"norm": "group"} if self.privacy.dp == "dp-sgd" else {}
+        extra = {"norm": "group", "group-size": DP_GROUP_SIZE} if self.privacy.dp == "dp-sgd" \
+            else {}
         return Architecture(fed.student_model, tuple(classes or self.class_names),
                             fed.image_size, extra=extra)
 

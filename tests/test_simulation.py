@@ -303,32 +303,36 @@ def test_the_ce_baseline_starts_from_the_teacher_without_shipping_it(tmp_path):
 
 
 @pytest.mark.slow
-def test_dp_sgd_simulation_audits_clean_and_fills_each_ledger(tmp_path):
-    """Sample-level DP-SGD (dp-moma) at every site of a simulated federation: every message
-    passes the audit, the student is the GroupNorm one, and each site's ledger holds one entry
-    per round whose composed ε is what the site reported. (Accuracy under DP is a benchmark
-    figure, not asserted here: this tiny untrained teacher teaches nothing either way.)"""
+def test_dp_sgd_simulation_learns_audits_clean_and_fills_each_ledger(tmp_path):
+    """Sample-level DP-SGD at every site of a simulated federation: every message passes the
+    audit, the student is the GroupNorm one, each site's ledger holds one entry per round
+    whose composed ε is what the site reported, and the student ends above chance (CE under
+    noise σ = 0.3: a statement about the mechanism, at an ε of tens; dp-moma's own plumbing is
+    tested at the site, tests/test_site_dp.py)."""
     from moma_core.privacy.ledger import PrivacyLedger
 
     audit = tmp_path / "audit"
     audit.mkdir()
-    run = tiny_run(run_name="dp", num_rounds=2, objective="dp-moma", dp="dp-sgd",
-                   dp_noise_multiplier=0.8, dp_max_grad_norm=1.0, dp_public_images=32,
-                   optimizer="sgd", lr=0.05, min_train_nodes=2, min_available_nodes=2)
-    sites = synthetic_sites(tmp_path / "cache", 2, n=64)
-    _, results, _ = _simulate(tmp_path, run, 2, _app(_recorder(str(audit))), sites)
+    run = tiny_run(run_name="dp", num_rounds=6, objective="ce", dp="dp-sgd",
+                   dp_noise_multiplier=0.3, dp_max_grad_norm=1.0, local_epochs=3,
+                   batch_size=64, lr=0.01,
+                   min_train_nodes=2, min_available_nodes=2)
+    sites = synthetic_sites(tmp_path / "cache", 2, n=200)
+    final, results, _ = _simulate(tmp_path, run, 2, _app(_recorder(str(audit))), sites)
     _check_audit(audit, run)
     rounds = results["rounds"]
-    assert [r["status"] for r in rounds] == ["ok", "ok"]
+    assert [r["status"] for r in rounds] == ["ok"] * 6
     checkpoint = load_file(rounds[-1]["checkpoint"])
     assert not any("running_mean" in k for k in checkpoint)  # GroupNorm: nothing batch-wise
     for site in sites:
         entries = PrivacyLedger(Path(site["cache-dir"])).entries()
-        assert [e.round for e in entries] == [1, 2] and entries[0].unit == "patch"
+        assert [e.round for e in entries] == [1, 2, 3, 4, 5, 6] and entries[0].unit == "patch"
         reported = [next(s for s in r["sites"].values() if s["site_name"] == site["site-name"])
                     ["metrics"]["dp-epsilon"] for r in rounds]
         assert reported == pytest.approx([e.epsilon for e in entries])
-        assert 0 < reported[0] < reported[1]
+        assert all(0 < a < b for a, b in zip(reported, reported[1:], strict=False))
+    chance = 1 / len(run.class_names)
+    assert final["metrics"]["accuracy"] > chance + 0.05, final
 
 
 @pytest.mark.parametrize("mode,clipping", [("server-clipping", "fixed"),

@@ -1,5 +1,6 @@
 """DP-SGD at a site: the run's settings, the site's policy (which wins) and its ledger."""
 
+import math
 from dataclasses import replace
 
 import pytest
@@ -43,7 +44,7 @@ def test_dp_sgd_settings_are_checked_up_front():
         _dp_run(dp_noise_multiplier=0.0)
     run = _dp_run()
     arch = run.student_architecture()
-    assert arch.extra == {"norm": "group"}
+    assert arch.extra == {"norm": "group", "group-size": 16}
     model = build_model(arch)
     assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
                    for m in model.modules())
@@ -164,3 +165,20 @@ def test_the_site_policy_flags_reach_the_node_config(tmp_path):
         "--insecure", "--server", "127.0.0.1:1", "--data", "synthetic:target",
         "--cache-dir", str(tmp_path)]))
     assert 'require-client-dp="false"' in node_config(plain)
+
+
+def test_a_dp_student_keeps_at_least_16_channels_per_group():
+    """The DP student's GroupNorms: ≥ 16 channels per group from the run's architecture; a
+    checkpoint's architecture without ``group-size`` keeps the old rule (same state, same
+    behaviour)."""
+    from moma_core.models import Architecture
+    from moma_core.privacy.dp_sgd import group_count
+
+    assert [group_count(c, 16) for c in (16, 24, 32, 48, 64, 256, 1280)] == \
+        [1, 1, 2, 3, 4, 16, 32]
+    new = build_model(_dp_run().student_architecture())
+    old = build_model(Architecture("test_efficientnet", ("a", "b"), 32, extra={"norm": "group"}))
+    norms = [m for m in new.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(m.num_channels // m.num_groups >= 16 for m in norms)
+    olds = [m for m in old.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert [m.num_groups for m in olds] == [math.gcd(32, m.num_channels) for m in olds]

@@ -129,11 +129,22 @@ class PrivacyReport:
 # ----------------------------------------------------------------------------- the student
 
 
-def make_private_compatible(student: nn.Module, num_groups: int | None = None) -> nn.Module:
+def group_count(channels: int, group_size: int) -> int:
+    """GroupNorm groups for ``channels`` with at least ``group_size`` channels per group (at
+    most 32 groups, a divisor of ``channels``): Wu & He's GroupNorm works as well with ~16
+    channels per group as with 32 groups, and a small student's narrow layers (16 or 24
+    channels) would otherwise normalise each channel alone, which loses the stain intensity
+    the classes differ by."""
+    return math.gcd(channels, max(1, min(32, channels // group_size)))
+
+
+def make_private_compatible(student: nn.Module, num_groups: int | None = None,
+                            group_size: int | None = None) -> nn.Module:
     """A copy of ``student`` that Opacus can train; ``student`` itself is not changed.
 
-    Every BatchNorm becomes a GroupNorm with ``num_groups`` groups (default gcd(32, channels),
-    Opacus' rule): timm's BatchNormAct layers become timm ``GroupNormAct`` keeping their
+    Every BatchNorm becomes a GroupNorm with ``num_groups`` groups, or with
+    :func:`group_count` groups for ``group_size`` channels per group (default gcd(32,
+    channels), Opacus' rule): timm's BatchNormAct layers become timm ``GroupNormAct`` keeping their
     activation and dropout (``ModuleValidator.fix`` would not touch them: it matches exact
     types), the plain ones go through ``opacus.validators.ModuleValidator.fix``, which also fixes
     the other layers it knows. The affine weight and bias are carried over; running statistics
@@ -154,6 +165,10 @@ def make_private_compatible(student: nn.Module, num_groups: int | None = None) -
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = ModuleValidator.fix(model, **kwargs)
+    if group_size is not None:
+        for m in model.modules():
+            if isinstance(m, nn.GroupNorm):
+                m.num_groups = group_count(m.num_channels, group_size)
     with torch.no_grad():
         for name, m in model.named_modules():
             if name in affine and isinstance(m, nn.GroupNorm) and m.affine:
