@@ -205,11 +205,15 @@ def sampler_coverage(module: nn.Module) -> str:
         GradSampleModuleFastGradientClipping,
     )
 
+    from moma_core.privacy.dp_sgd import _norm_act_samplers
+
     counts = Counter(type(m) for m in module.modules()
                      if any(p.requires_grad for p in m.parameters(recurse=False)))
+    ours = _norm_act_samplers(module)  # what train_local's path adds to Opacus' registry
     parts = []
     for kind, n in counts.most_common():
-        how = "sampler" if kind in GradSampleModule.GRAD_SAMPLERS else "functorch"
+        how = ("sampler" if kind in GradSampleModule.GRAD_SAMPLERS else
+               "moma-fl's sampler" if kind in ours else "functorch")
         if kind in GradSampleModuleFastGradientClipping.NORM_SAMPLERS:
             how += ", ghost"
         parts.append(f"{n} {kind.__name__} ({how})")
@@ -332,7 +336,8 @@ def report(results: list[tuple[Setup, dict[str, float], int]], load: float) -> s
     lines += ["", f"**Goal DP / no DP ≤ {GOAL}:** " + "; ".join(verdicts) + ".", "",
               "Context: " + "; ".join(context) + ".", "",
               "Trainable layers by how Opacus computes their per-sample gradients (Opacus' own "
-              "sampler / functorch fallback; ghost: norm without per-sample gradient): "
+              "sampler / moma-fl's sampler (hooks path) / functorch fallback; ghost: norm "
+              "without per-sample gradient): "
               + "; ".join(coverage) + ".", ""]
     if failures:
         lines += ["Opacus modes that do not work with this model:", *failures, ""]

@@ -454,8 +454,42 @@ def use_contiguous_grad_samplers(grad_sample_module: nn.Module) -> None:
                               for a in activations], backprops.contiguous())
         return sampler
 
-    grad_sample_module.GRAD_SAMPLERS = {kind: contiguous(fn) for kind, fn
-                                        in GradSampleModule.GRAD_SAMPLERS.items()}
+    samplers = dict(GradSampleModule.GRAD_SAMPLERS)
+    samplers.update(_norm_act_samplers(grad_sample_module))
+    grad_sample_module.GRAD_SAMPLERS = {kind: contiguous(fn) for kind, fn in samplers.items()}
+
+
+def _norm_act_samplers(root: nn.Module) -> dict[type, Callable]:
+    """A per-sample gradient for timm's ``GroupNormAct`` (GroupNorm, then dropout and an
+    activation in one module), which Opacus has none for and would otherwise send through
+    functorch, layer by layer. Opacus' hooks give the module's input and the gradient of its
+    output; the gradient of the GroupNorm's output is recovered by differentiating the
+    activation at the recomputed normalised values. Only where every such layer's dropout is
+    the identity (a dropout mask cannot be recomputed)."""
+    from timm.layers import GroupNormAct
+
+    layers = [m for m in root.modules() if type(m) is GroupNormAct]
+    if not layers or not all(isinstance(m.drop, nn.Identity) for m in layers):
+        return {}
+
+    def sampler(layer: nn.Module, activations: list, backprops: torch.Tensor) -> dict:
+        import torch.nn.functional as F
+
+        x = activations[0].detach()
+        with torch.enable_grad():
+            z = F.group_norm(x, layer.num_groups, layer.weight.detach(),
+                             None if layer.bias is None else layer.bias.detach(),
+                             layer.eps).requires_grad_(True)
+            (grad_z,) = torch.autograd.grad(layer.act(z), z, backprops)
+        out = {}
+        if layer.weight.requires_grad:
+            normed = F.group_norm(x, layer.num_groups, eps=layer.eps)
+            out[layer.weight] = torch.einsum("ni...->ni", normed * grad_z)
+        if layer.bias is not None and layer.bias.requires_grad:
+            out[layer.bias] = torch.einsum("ni...->ni", grad_z)
+        return out
+
+    return {GroupNormAct: sampler}
 
 
 def _norm_act_to_group_norm(root: nn.Module, num_groups: int | None) -> None:
