@@ -55,6 +55,7 @@ from moma_core.privacy.dp_sgd import (  # noqa: E402
     use_contiguous_grad_samplers,
 )
 from moma_core.train import TrainConfig  # noqa: E402
+from moma_protocol.settings import DP_GROUP_SIZE  # noqa: E402
 
 for _message in ("Secure RNG turned off", "Full backward hook is firing",
                  "Using a non-full backward hook", "Using a non-zero noise"):
@@ -228,7 +229,7 @@ def build(size: str, num_keys: int) -> Setup:
     teacher = create_classifier(model_name, NUM_CLASSES).eval()  # keeps BatchNorm, frozen
     torch.manual_seed(1)
     student_bn = create_classifier(model_name, NUM_CLASSES).train()
-    student_gn = make_private_compatible(student_bn)
+    student_gn = make_private_compatible(student_bn, group_size=DP_GROUP_SIZE)  # as a run builds it
     # K public keys: random unit vectors (their values do not change the step's cost)
     keys = F.normalize(torch.randn(num_keys, feature_dim(teacher)), dim=1)
     obj0 = build_objective(ObjectiveConfig(kind="dp-moma"), student_gn, teacher,

@@ -318,3 +318,29 @@ def test_the_dp_noise_is_not_replayed_by_the_run_seed(teacher, public_keys, priv
     assert all(torch.equal(a, b) for a, b in zip(*plain, strict=True))  # the seed holds
     private = [train(True), train(True)]
     assert any(not torch.equal(a, b) for a, b in zip(*private, strict=True))
+
+
+@pytest.mark.parametrize("stride,padding,dilation,kernel,bias", [
+    (1, 1, 1, 3, False), (2, 1, 1, 3, True), (2, 2, 1, 5, False), (1, 2, 2, 3, True)])
+def test_the_depthwise_sampler_equals_opacus_conv_sampler(stride, padding, dilation, kernel,
+                                                          bias):
+    from opacus.grad_sample.conv import compute_conv_grad_sample
+
+    from moma_core.privacy.dp_sgd import _with_depthwise
+
+    torch.manual_seed(0)
+    layer = nn.Conv2d(12, 12, kernel, stride=stride, padding=padding, dilation=dilation,
+                      groups=12, bias=bias)
+    x = torch.randn(5, 12, 17, 17)
+    backprops = torch.randn_like(layer(x))
+    fast = _with_depthwise(compute_conv_grad_sample)(layer, [x], backprops)
+    reference = compute_conv_grad_sample(layer, [x], backprops)
+    assert set(fast) == set(reference)
+    for p, g in reference.items():
+        assert fast[p].shape == g.shape and torch.allclose(fast[p], g, atol=1e-5), p.shape
+    # a convolution that is not depthwise goes to Opacus' own sampler
+    dense = nn.Conv2d(4, 6, 3, padding=1)
+    x = torch.randn(3, 4, 9, 9)
+    b = torch.randn_like(dense(x))
+    got = _with_depthwise(compute_conv_grad_sample)(dense, [x], b)
+    assert torch.equal(got[dense.weight], compute_conv_grad_sample(dense, [x], b)[dense.weight])

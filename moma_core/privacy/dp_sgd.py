@@ -456,7 +456,38 @@ def use_contiguous_grad_samplers(grad_sample_module: nn.Module) -> None:
 
     samplers = dict(GradSampleModule.GRAD_SAMPLERS)
     samplers.update(_norm_act_samplers(grad_sample_module))
+    if nn.Conv2d in samplers:
+        samplers[nn.Conv2d] = _with_depthwise(samplers[nn.Conv2d])
     grad_sample_module.GRAD_SAMPLERS = {kind: contiguous(fn) for kind, fn in samplers.items()}
+
+
+def _with_depthwise(conv_sampler: Callable) -> Callable:
+    """Opacus' Conv2d sampler, with depthwise convolutions (one filter per channel, as in
+    EfficientNet/MobileNet blocks) done as one grouped convolution of the padded input by the
+    output gradients (weight[n, c] = Σ_hw grad[n, c, h, w] · x_pad[n, c, h·s + i·d, w·s + j·d])
+    instead of unfolding every patch: the same values, a fraction of the time."""
+    import torch.nn.functional as F
+
+    def sampler(layer: nn.Module, activations: list, backprops: torch.Tensor) -> dict:
+        depthwise = (layer.groups == layer.in_channels == layer.out_channels > 1
+                     and not isinstance(layer.padding, str) and layer.padding_mode == "zeros")
+        if not depthwise:
+            return conv_sampler(layer, activations, backprops)
+        x = activations[0]
+        n, c = x.shape[:2]
+        (ph, pw), (kh, kw) = layer.padding, layer.kernel_size
+        padded = F.pad(x, (pw, pw, ph, ph))
+        out = {}
+        if layer.weight.requires_grad:
+            grad = F.conv2d(padded.reshape(1, n * c, *padded.shape[2:]),
+                            backprops.reshape(n * c, 1, *backprops.shape[2:]),
+                            stride=layer.dilation, dilation=layer.stride, groups=n * c)
+            out[layer.weight] = grad[:, :, :kh, :kw].reshape(n, c, 1, kh, kw)
+        if layer.bias is not None and layer.bias.requires_grad:
+            out[layer.bias] = backprops.sum(dim=(2, 3))
+        return out
+
+    return sampler
 
 
 def _norm_act_samplers(root: nn.Module) -> dict[type, Callable]:
