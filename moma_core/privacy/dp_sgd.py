@@ -507,14 +507,16 @@ def _norm_act_samplers(root: nn.Module) -> dict[type, Callable]:
         import torch.nn.functional as F
 
         x = activations[0].detach()
+        normed = F.group_norm(x, layer.num_groups, eps=layer.eps)  # before the affine map
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        z = normed * layer.weight.detach().view(shape)
+        if layer.bias is not None:
+            z = z + layer.bias.detach().view(shape)
         with torch.enable_grad():
-            z = F.group_norm(x, layer.num_groups, layer.weight.detach(),
-                             None if layer.bias is None else layer.bias.detach(),
-                             layer.eps).requires_grad_(True)
+            z.requires_grad_(True)
             (grad_z,) = torch.autograd.grad(layer.act(z), z, backprops)
         out = {}
         if layer.weight.requires_grad:
-            normed = F.group_norm(x, layer.num_groups, eps=layer.eps)
             out[layer.weight] = torch.einsum("ni...->ni", normed * grad_z)
         if layer.bias is not None and layer.bias.requires_grad:
             out[layer.bias] = torch.einsum("ni...->ni", grad_z)
