@@ -36,6 +36,7 @@ def secure_stage(msg: Message, context: Context, run_round: RoundFn) -> Message:
     stage = str(configs.get(Key.STAGE, ""))
     problem = None
     if stage == Stage.SETUP:
+        _same_ranges(configs, context)
         problem = S.check_setup(configs)
     elif stage == Stage.UNMASK:
         problem = S.check_unmask(configs)
@@ -46,6 +47,19 @@ def secure_stage(msg: Message, context: Context, run_round: RoundFn) -> Message:
         return weighted_update(m, c, run_round)
 
     return secaggplus_mod(msg, context, masked_train)
+
+
+def _same_ranges(configs, context: Context) -> None:
+    """The setup's quantisation ranges must be the run's (what this site checks its update
+    against): a coordinator that sent others would get a clipped, useless sum."""
+    _, run = site_and_run(context.node_config, context.run_config)
+    p = run.privacy
+    try:
+        sent = (float(configs[Key.CLIPPING_RANGE]), float(configs[Key.MAX_WEIGHT]))
+    except (KeyError, TypeError, ValueError):
+        raise ConfigError("the secure-aggregation setup lacks its ranges") from None
+    if sent != (p.secagg_clipping_range, p.secagg_max_weight):
+        raise ConfigError("the secure-aggregation setup's ranges are not the run's")
 
 
 def weighted_update(msg: Message, context: Context, run_round: RoundFn) -> Message:
@@ -67,13 +81,13 @@ def weighted_update(msg: Message, context: Context, run_round: RoundFn) -> Messa
     examples = int(metrics.get(P.NUM_EXAMPLES, 0))
     weight = 1 if run.privacy.client_dp != "off" else examples
     p = run.privacy
-    largest = max((float(np.abs(a).max()) for a in update if a.size), default=0.0)
-    if largest * min(weight / p.secagg_max_weight, 1.0) > p.secagg_clipping_range:
-        raise ConfigError(f"a coordinate of this site's weighted update exceeds the run's "
-                          f"secagg-clipping-range {p.secagg_clipping_range:g}")
     if weight > p.secagg_max_weight:
         raise ConfigError(f"{weight} examples exceed the run's secagg-max-weight "
                           f"{p.secagg_max_weight:g} (the masked sum could overflow)")
+    largest = max((float(np.abs(a).max()) for a in update if a.size), default=0.0)
+    if largest * weight / p.secagg_max_weight > p.secagg_clipping_range:
+        raise ConfigError(f"a coordinate of this site's weighted update exceeds the run's "
+                          f"secagg-clipping-range {p.secagg_clipping_range:g}")
     fit = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(update), weight,
                  {k: float(v) for k, v in metrics.items()})
     return Message(compat.fitres_to_recorddict(fit, False), reply_to=msg)

@@ -42,7 +42,6 @@ class SecureResult:
     """What one secure round gave the coordinator."""
 
     mean: dict[str, np.ndarray] | None  # the weighted mean change; None: no aggregate
-    weight: float = 0.0  # the sum of the weights (examples, or sites under client-dp)
     metrics: dict[int, dict[str, float]] = field(default_factory=dict)  # node → its metrics
     bytes_down: dict[int, int] = field(default_factory=dict)
     bytes_up: dict[int, int] = field(default_factory=dict)
@@ -207,7 +206,6 @@ class SecureExchange:
             else:
                 result.mean = {k: np.asarray(a, dtype=np.float32)
                                for k, a in zip(order, arrays, strict=True)}
-                result.weight = float(sum(f.num_examples for _, f in collector.results))
         if result.mean is None:
             for node in nodes:  # no aggregate: nobody's update counted
                 result.failures.setdefault(node, "secure aggregation: no aggregate")

@@ -241,12 +241,15 @@ def test_a_site_refuses_a_setup_or_unmask_that_would_expose_it(tmp_path):
     context = Context(run_id=1, node_id=7, node_config=synthetic_sites(tmp_path, 1)[0],
                       state=RecordDict(), run_config=tiny_run(secagg="secaggplus").to_flat())
     setup = dict(sample_num=4, share_num=4, clipping_range=1.0, target_range=1 << 22,
-                 mod_range=1 << 32, max_weight=100.0)
+                 mod_range=1 << 32, max_weight=10000.0)
     with pytest.raises(PrivacyRefused, match="threshold"):
         secagg_site.secure_stage(_stage_message(Stage.SETUP, threshold=2, **setup), context,
                                  client_app.run_train)
     reply = client_app.train(_stage_message(Stage.SETUP, threshold=2, **setup), context)
     assert reply.has_error() and reply.error.reason == "privacy-refused"
+    other = {**setup, "clipping_range": 100.0}  # not the run's: the sum would be clipped
+    bad = client_app.train(_stage_message(Stage.SETUP, threshold=3, **other), context)
+    assert bad.has_error() and bad.error.reason == "config-error"
     ok = client_app.train(_stage_message(Stage.SETUP, threshold=3, **setup), context)
     assert not ok.has_error()
     assert set(ok.content.config_records[S.CONFIGS]) == {Key.PUBLIC_KEY_1, Key.PUBLIC_KEY_2}
