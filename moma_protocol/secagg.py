@@ -50,6 +50,8 @@ STAGE_REPLY_KEYS: dict[str, frozenset[str]] = {
 }
 FIT_RECORDS = frozenset({"fitres.metrics", "fitres.num_examples", "fitres.parameters",
                          "fitres.status"})
+#: what Flower's workflow reads from a masked-vector reply besides the masked vector
+FIT_REQUIRED = frozenset({"fitres.metrics", "fitres.num_examples", "fitres.status"})
 
 
 def is_secagg(content: RecordDict) -> bool:
@@ -166,9 +168,14 @@ def check_secagg_reply(content: RecordDict, stage: str) -> list[str]:
     if CONFIGS not in content.config_records:
         return problems + ["no secure-aggregation record"]
     keys = set(content.config_records[CONFIGS].keys())
-    if keys - STAGE_REPLY_KEYS.get(stage, frozenset()):
-        problems.append(f"values not allowed in a {stage} reply: "
-                        f"{sorted(keys - STAGE_REPLY_KEYS.get(stage, frozenset()))}")
+    expected = STAGE_REPLY_KEYS.get(stage, frozenset())
+    if keys - expected:
+        problems.append(f"values not allowed in a {stage} reply: {sorted(keys - expected)}")
+    if expected - keys:
+        problems.append(f"values missing from a {stage} reply: {sorted(expected - keys)}")
+    if stage == Stage.COLLECT_MASKED_VECTORS and not FIT_REQUIRED <= set(content.keys()):
+        problems.append(f"records missing from a {stage} reply: "
+                        f"{sorted(FIT_REQUIRED - set(content.keys()))}")
     if "fitres.parameters" in content.array_records and \
             len(content.array_records["fitres.parameters"]):
         problems.append("the update left the site unmasked")

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.common.secure_aggregation.secaggplus_constants import Key
+from flwr.common.secure_aggregation.secaggplus_constants import Key, Stage
 from flwr.serverapp import Grid
 
 from moma_protocol import secagg as S
@@ -94,6 +94,8 @@ class _CountingGrid:
 
         messages = list(messages)
         r = self.result
+        stages = {S.stage_of(m.content) for m in messages}  # Flower sends one stage a call
+        stage = stages.pop() if len(stages) == 1 else ""
         for m in messages:
             node = m.metadata.dst_node_id
             r.bytes_down[node] = r.bytes_down.get(node, 0) + record_nbytes(m.content)
@@ -105,7 +107,7 @@ class _CountingGrid:
                 r.failures.setdefault(node, P.error_reason(reply))
                 continue
             r.bytes_up[node] = r.bytes_up.get(node, 0) + record_nbytes(reply.content)
-            problem = self._problem(reply)
+            problem = self._problem(reply, stage)
             if problem:
                 log.warning("site %d: %s; it is left out of the secure sum", node, problem)
                 r.failures.setdefault(node, f"protocol: {problem}")
@@ -116,27 +118,24 @@ class _CountingGrid:
                 r.failures.setdefault(m.metadata.dst_node_id, "no reply")
         return out
 
-    def _problem(self, reply: Message) -> str | None:
-        content = reply.content
-        if S.CONFIGS not in content.config_records:
-            return "no secure-aggregation record"
-        configs = content.config_records[S.CONFIGS]
-        if Key.MASKED_PARAMETERS in configs:
+    def _problem(self, reply: Message, stage: str) -> str | None:
+        """Why a site's reply to ``stage`` must not reach Flower's workflow, or None: the
+        protocol's own checks (:func:`moma_protocol.secagg.check_secagg_reply`), then the
+        masked vector's shapes, which must be the sent tensors' (a vector of other shapes would
+        spoil the sum of every site)."""
+        problems = S.check_secagg_reply(reply.content, stage)
+        if problems:
+            return problems[0]
+        if stage == Stage.COLLECT_MASKED_VECTORS:
             from flwr.common import bytes_to_ndarray
 
+            masked = reply.content.config_records[S.CONFIGS][Key.MASKED_PARAMETERS]
             try:
-                shapes = [tuple(bytes_to_ndarray(b).shape)
-                          for b in configs[Key.MASKED_PARAMETERS]]
+                shapes = [tuple(bytes_to_ndarray(b).shape) for b in masked]
             except (TypeError, ValueError):
                 return "unreadable masked vector"
             if shapes != self.shapes:
                 return "masked vector of the wrong shapes"
-            try:
-                metrics = dict(content.config_records["fitres.metrics"])
-            except KeyError:
-                return "no metrics"
-            if set(metrics) - P.TRAIN_METRICS:
-                return "metrics not allowed"
         return None
 
 

@@ -45,6 +45,7 @@ class SiteGrid:
         self.silent: dict[int, str] = {}
         self.masked: dict[int, list[np.ndarray]] = {}
         self.stages: dict[int, list[str]] = defaultdict(list)
+        self.tamper: dict[int, object] = {}  # node → a function that alters its masked reply
 
     def get_node_ids(self) -> list[int]:
         return list(self.contexts)
@@ -67,7 +68,10 @@ class SiteGrid:
             reply = HANDLERS[msg.metadata.message_type](copy.deepcopy(msg), self.contexts[node])
             reply.metadata.__dict__["_src_node_id"] = node
             reply.metadata.__dict__["_reply_to_message_id"] = mid
-            if stage == Stage.COLLECT_MASKED_VECTORS and not reply.has_error():
+            if stage == Stage.COLLECT_MASKED_VECTORS and node in self.tamper:
+                self.tamper[node](reply.content)  # a site that lies, after its own checks
+            if stage == Stage.COLLECT_MASKED_VECTORS and not reply.has_error() and \
+                    Key.MASKED_PARAMETERS in reply.content.config_records[S.CONFIGS]:
                 from flwr.common import bytes_to_ndarray
 
                 self.masked[node] = [bytes_to_ndarray(b) for b in
@@ -179,6 +183,37 @@ def test_a_site_that_drops_out_is_left_out_and_the_round_survives(
         assert np.allclose((new[k] - start[k]).numpy(), expected, atol=2e-5), k
 
 
+def test_a_site_whose_masked_reply_breaks_the_protocol_is_left_out(
+        tmp_path, task_identity, true_updates):
+    """Sites that lie at the masked-vector stage (a vector of other shapes, an extra record,
+    no vector at all) never reach Flower's sum: each is left out as a protocol failure, and
+    the other sites' weighted mean is still recovered."""
+    from flwr.app import ConfigRecord as Config
+
+    def other_shapes(content):
+        masked = content.config_records[S.CONFIGS][Key.MASKED_PARAMETERS]
+        content.config_records[S.CONFIGS][Key.MASKED_PARAMETERS] = masked[:-1]
+
+    def extra_record(content):
+        content.config_records["images"] = Config({"x": b"pixels"})
+
+    def no_vector(content):
+        del content.config_records[S.CONFIGS][Key.MASKED_PARAMETERS]
+
+    # seven sites, 4 of 7 shares to unmask: three sites may fall out
+    run, grid, coordinator, start = _federation(tmp_path, 7, secagg_threshold=0.55)
+    grid.tamper = {11: other_shapes, 12: extra_record, 13: no_vector}
+    new, report = coordinator.run_round(1, start)
+    status = {s.node_id: (s.status, s.reason) for s in report.sites}
+    assert status[11] == ("failed", "protocol: masked vector of the wrong shapes")
+    assert status[12][0] == "failed" and "records not allowed" in status[12][1]
+    assert status[13][0] == "failed" and "values missing" in status[13][1]
+    assert [status[n][0] for n in (10, 14, 15, 16)] == ["ok"] * 4
+    mean = _weighted_mean(true_updates, [10, 14, 15, 16])
+    for k, expected in zip(S.tensor_order(start), mean, strict=True):
+        assert np.allclose((new[k] - start[k]).numpy(), expected, atol=2e-5), k
+
+
 def test_too_many_dropouts_fail_the_round_and_keep_the_student(tmp_path, task_identity):
     run, grid, coordinator, start = _federation(tmp_path, 3)
     grid.silent = {11: Stage.SHARE_KEYS, 12: Stage.SHARE_KEYS}
@@ -265,8 +300,12 @@ def test_a_reply_that_carries_the_update_in_the_clear_is_caught():
 
     masked = RecordDict({S.CONFIGS: ConfigRecord({Key.MASKED_PARAMETERS: [b"x"]}),
                          "fitres.metrics": ConfigRecord({"train-loss": 1.0}),
-                         "fitres.num_examples": MetricRecord({"num_examples": 3})})
+                         "fitres.num_examples": MetricRecord({"num_examples": 3}),
+                         "fitres.status": ConfigRecord({"code": 0, "message": ""})})
     assert S.check_secagg_reply(masked, Stage.COLLECT_MASKED_VECTORS) == []
+    weightless = RecordDict({k: v for k, v in masked.items() if k != "fitres.num_examples"})
+    assert any("records missing" in p for p in S.check_secagg_reply(
+        weightless, Stage.COLLECT_MASKED_VECTORS))
     clear = RecordDict({**masked, "fitres.parameters": ArrayRecord(
         {"0": __import__("flwr.app", fromlist=["Array"]).Array(np.ones(3))})})
     assert "the update left the site unmasked" in S.check_secagg_reply(
