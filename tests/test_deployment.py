@@ -2,6 +2,7 @@
 (SuperNodes) as separate processes talking gRPC; every process is stopped by PID at the end.
 """
 
+import itertools
 import json
 import os
 import signal
@@ -87,53 +88,6 @@ def federation(tmp_path):
     fed.stop_all()
 
 
-def test_killed_site_does_not_stop_the_round_and_rejoins(federation, tmp_path):
-    """Three sites over gRPC, one killed mid-round and back for the next: the round goes on
-    without it, and everything a two-round federation must do holds for all three."""
-    teacher = tiny_teacher(tmp_path / "teacher.safetensors")
-    federation.server(teacher, rounds=2, sites=3, timeout=300)
-    # site-2 has enough images that its round-1 work outlasts the wait below (polled every
-    # 0.5 s): it stores the teacher first, then decodes its data and trains (48 images: ~1 s)
-    for i in range(3):
-        federation.site(i, 3, n=600 if i == 2 else 48)
-    cached = tmp_path / "site-2" / "teachers"
-    # a generous ceiling: three sites and a SuperLink start slowly on a busy 2-core machine
-    _wait(lambda: cached.exists() and any(cached.glob("*.safetensors")),
-          "site-2 to cache the teacher", timeout=1200, federation=federation)
-    federation.kill("site-2")  # dies mid-round: it received the train message
-    federation.site(2, 3)  # and comes back, with its cache, for the next round
-    rc = federation.wait_server(1200)
-    assert rc == 0, federation.log("server")[-4000:]
-    r1, r2 = federation.results()["rounds"]
-    status1 = {s["site_name"]: s["status"] for s in r1["sites"].values()}
-    assert status1["site-0"] == status1["site-1"] == "ok"
-    assert status1["site-2"] in ("no reply", "failed")  # killed: timeout or node unavailable
-    assert len(r1["failed_sites"]) == 1 and r1["start_digest"] != r1["end_digest"]
-    ok2 = [s for s in r2["sites"].values() if s["status"] == "ok"]
-    assert sorted(s["site_name"] for s in ok2) == ["site-0", "site-1", "site-2"]
-    rejoined = next(s for s in ok2 if s["site_name"] == "site-2")
-    assert not rejoined["teacher_sent"]  # its cache already held the teacher
-    # the teacher crossed the wire once per site (round 1), never again
-    results = federation.results()
-    teacher_size = teacher.stat().st_size
-    honest1 = [s for s in r1["sites"].values() if s["site_name"] != "site-2"]
-    assert all(s["teacher_sent"] and s["bytes_down"] > teacher_size for s in honest1)
-    assert not any(s["teacher_sent"] for s in r2["sites"].values())
-    first_down = min(s["bytes_down"] for s in honest1)
-    assert all(s["bytes_down"] < first_down - 0.9 * teacher_size for s in r2["sites"].values())
-    # the global student changed each round; metrics are in results.json
-    assert r1["start_digest"] != r1["end_digest"] != r2["end_digest"]
-    assert r2["server_eval"]["num_examples"] > 0 and r2["federated_eval"]["accuracy"] >= 0
-    assert results["final"]["best_round"] in (1, 2)
-    # each site verified and cached the teacher, and persisted its private state
-    for i in range(3):
-        site = tmp_path / f"site-{i}"
-        assert len(list((site / "teachers").glob("*.safetensors"))) == 1
-        assert json.loads((site / "runs" / "dep" / "state.json").read_text())["round"] == 2
-        assert "queue.queue_ptr" in load_file(str(site / "runs" / "dep" /
-                                                   "objective.safetensors"))
-
-
 def _wait(condition, what: str, timeout: float = 600.0, federation=None) -> None:
     """Wait for ``condition``; fail at once (with its log) if the coordinator has exited."""
     deadline = time.time() + timeout
@@ -150,16 +104,30 @@ def _train_messages(federation: Federation, site: str) -> int:
     return federation.log(site).count("Receiving: train message")
 
 
-def test_sigkill_leaves_nothing_and_resume_trains_each_round_once(federation, tmp_path):
+def test_killed_site_and_killed_coordinator_lose_nothing(federation, tmp_path):
+    """Three sites over gRPC for three rounds. A site killed mid-round does not stop the round
+    and rejoins from its cache; the coordinator SIGKILLed after a round leaves no process
+    behind, a second coordinator on its run folder is refused, and ``--resume`` trains each
+    remaining round exactly once; a killed site leaves nothing behind either."""
     from deploy.lifecycle import tagged_pids
 
     teacher = tiny_teacher(tmp_path / "teacher.safetensors")
-    federation.server(teacher, rounds=3, sites=2, timeout=300)
-    for i in range(2):
-        federation.site(i, 2)
+    federation.server(teacher, rounds=3, sites=3, timeout=300)
+    # site-2 has enough images that its round-1 work outlasts the wait below (polled every
+    # 0.5 s): it stores the teacher first, then decodes its data and trains (48 images: ~1 s)
+    for i in range(3):
+        federation.site(i, 3, n=600 if i == 2 else 48)
+    cached = tmp_path / "site-2" / "teachers"
+    # a generous ceiling: three sites and a SuperLink start slowly on a busy 2-core machine
+    _wait(lambda: cached.exists() and any(cached.glob("*.safetensors")),
+          "site-2 to cache the teacher", timeout=1200, federation=federation)
+    federation.kill("site-2")  # dies mid-round: it received the train message
+    federation.site(2, 3)  # and comes back, with its cache, for the next round
     results = tmp_path / "runs" / "dep" / "results.json"
     _wait(lambda: results.exists() and len(json.loads(results.read_text())["rounds"]) >= 1,
-          "round 1", federation=federation)
+          "round 1", timeout=1200, federation=federation)
+
+    # -- the coordinator killed ---------------------------------------------------------
     server_tag = str((tmp_path / "runs" / "dep" / ".moma-server.lock").resolve())
     first = federation.procs["server"]
     # hold the run here (rounds take seconds): freeze the ServerApp, so the coordinator is
@@ -186,20 +154,54 @@ def test_sigkill_leaves_nothing_and_resume_trains_each_round_once(federation, tm
     _wait(lambda: not any(Path(f"/proc/{p}").exists() for p in children), "orphans to die")
     assert tagged_pids(server_tag) == []
     done = len(json.loads(results.read_text())["rounds"])
+    assert done < 3, "the run ended before the coordinator was killed"
     before = {s: _train_messages(federation, s) for s in ("site-0", "site-1")}
     del federation.procs["server"]
     federation.start("server", [*first.args, "--resume"])
-    rc = federation.wait_server(900)
+    rc = federation.wait_server(1200)
     assert rc == 0, federation.log("server")[-4000:]
-    assert [r["round"] for r in federation.results()["rounds"]] == [1, 2, 3]
     for site, n in before.items():  # exactly one train message per site per resumed round
         assert _train_messages(federation, site) == n + 3 - done, site
-    # and a killed site leaves nothing behind either; the same command starts it again
+
+    # -- what the three rounds recorded ---------------------------------------------------
+    rounds = federation.results()["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    r1, later = rounds[0], rounds[1:]
+    status1 = {s["site_name"]: s["status"] for s in r1["sites"].values()}
+    assert status1["site-0"] == status1["site-1"] == "ok"
+    assert status1["site-2"] in ("no reply", "failed")  # killed: timeout or node unavailable
+    assert len(r1["failed_sites"]) == 1
+    for entry in later:  # the restarted site-2 trained again, with its cached teacher
+        ok = [s for s in entry["sites"].values() if s["status"] == "ok"]
+        assert sorted(s["site_name"] for s in ok) == ["site-0", "site-1", "site-2"], entry
+    # the teacher crossed the wire once per site (round 1), never again, resume included
+    teacher_size = teacher.stat().st_size
+    honest1 = [s for s in r1["sites"].values() if s["site_name"] != "site-2"]
+    assert all(s["teacher_sent"] and s["bytes_down"] > teacher_size for s in honest1)
+    first_down = min(s["bytes_down"] for s in honest1)
+    for entry in later:
+        assert not any(s["teacher_sent"] for s in entry["sites"].values())
+        assert all(s["bytes_down"] < first_down - 0.9 * teacher_size
+                   for s in entry["sites"].values())
+    # the global student changed each round, and each round began where the last one ended
+    for a, b in itertools.pairwise(rounds):
+        assert a["start_digest"] != a["end_digest"] and b["start_digest"] == a["end_digest"]
+    assert rounds[-1]["server_eval"]["num_examples"] > 0
+    assert rounds[-1]["federated_eval"]["accuracy"] >= 0
+    assert federation.results()["final"]["best_round"] in (1, 2, 3)
+    # each site verified and cached the teacher, and persisted its private state
+    for i in range(3):
+        site = tmp_path / f"site-{i}"
+        assert len(list((site / "teachers").glob("*.safetensors"))) == 1
+        assert json.loads((site / "runs" / "dep" / "state.json").read_text())["round"] == 3
+        assert "queue.queue_ptr" in load_file(str(site / "runs" / "dep" /
+                                                   "objective.safetensors"))
+
+    # -- and a killed site leaves nothing behind; the same command starts it again ----------
     site_tag = str((tmp_path / "site-0" / ".moma-client.lock").resolve())
-    site_children = tagged_pids(site_tag)
-    assert site_children
+    assert tagged_pids(site_tag)
     os.kill(federation.procs["site-0"].pid, signal.SIGKILL)
     federation.procs.pop("site-0").wait(60)
     _wait(lambda: tagged_pids(site_tag) == [], "the site's children to die")
-    federation.site(0, 2)
+    federation.site(0, 3)
     _wait(lambda: "connecting to" in federation.log("site-0"), "the site to restart")
