@@ -104,6 +104,7 @@ def _train_messages(federation: Federation, site: str) -> int:
     return federation.log(site).count("Receiving: train message")
 
 
+@pytest.mark.timeout(3600)  # its own waits have generous ceilings (a busy machine)
 def test_killed_site_and_killed_coordinator_lose_nothing(federation, tmp_path):
     """Three sites over gRPC for three rounds. A site killed mid-round does not stop the round
     and rejoins from its cache; the coordinator SIGKILLed after a round leaves no process
