@@ -22,12 +22,12 @@ demo: $(STAMP)
 # made once): about 2.5 minutes on 2 cores
 UNIT := $(BIN)/python -m pytest -q -n 3 --dist loadfile -m "not slow"
 
-# everything: the unit tests, then the simulated and deployed federations (real SuperLink and
-# SuperNodes, Ray) one at a time: they start many processes each and must not share a Ray
-# cluster or the cores with another federation
+# everything in three pytest workers: each unit-test file, and each simulated or deployed
+# federation (real SuperLink and SuperNodes, Ray), is one group; the longest start first
+# (tests/conftest.py). A federation waits much of its time on processes and polls; the other
+# workers fill that time.
 test: $(STAMP)
-	$(UNIT)
-	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python -m pytest -q -n 3 --dist loadgroup --no-loadscope-reorder
 
 # the unit tests only (no federation started)
 test-fast: $(STAMP)

@@ -6,6 +6,34 @@ import sys
 import pytest
 import torch
 
+# `make test` runs every test in pytest-xdist workers with `--dist loadgroup`: each unit-test file
+# is one group (its module fixtures are made once, as with `--dist loadfile`) and each slow test
+# one group of its own. The longest start first, so that no worker is left alone with one at the
+# end; a federation test spends much of its time waiting on processes and polls, time the other
+# workers fill.
+LONGEST_FIRST = (
+    "tests/test_deployment.py",
+    "tests/test_secure_deployment.py",
+    "tests/test_simulation.py::test_killed_simulation_resumes_from_the_saved_round",
+    "tests/test_distillation.py",
+)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    def rank(item) -> tuple[int, int]:
+        for i, prefix in enumerate(LONGEST_FIRST):
+            if item.nodeid.startswith(prefix):
+                return (0, i)
+        return (1, 0) if item.get_closest_marker("slow") else (2, 0)
+
+    items.sort(key=rank)  # stable: collection order within each rank
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            slow = item.get_closest_marker("slow") is not None
+            item.add_marker(pytest.mark.xdist_group(
+                item.nodeid if slow else item.nodeid.split("::", 1)[0]))
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _single_torch_thread():
