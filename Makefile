@@ -22,12 +22,12 @@ demo: $(STAMP)
 # made once): about 2.5 minutes on 2 cores
 UNIT := $(BIN)/python -m pytest -q -n 3 --dist loadfile -m "not slow"
 
-# everything in three pytest workers: each unit-test file, and each simulated or deployed
-# federation (real SuperLink and SuperNodes, Ray), is one group; the longest start first
-# (tests/conftest.py). A federation waits much of its time on processes and polls; the other
-# workers fill that time.
+# everything: first what starts no simulation engine, in three pytest workers (each unit-test
+# file, and each deployed federation with its real SuperLink and SuperNodes, is one group; the
+# longest start first: tests/conftest.py); then the simulated federations (Ray) one at a time
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 3 --dist loadgroup --no-loadscope-reorder
+	$(BIN)/python -m pytest -q -n 3 --dist loadgroup --no-loadscope-reorder -m "not ray"
+	$(BIN)/python -m pytest -q -m ray
 
 # the unit tests only (no federation started)
 test-fast: $(STAMP)

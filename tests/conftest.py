@@ -6,15 +6,16 @@ import sys
 import pytest
 import torch
 
-# `make test` runs every test in pytest-xdist workers with `--dist loadgroup`: each unit-test file
-# is one group (its module fixtures are made once, as with `--dist loadfile`) and each slow test
-# one group of its own. The longest start first, so that no worker is left alone with one at the
-# end; a federation test spends much of its time waiting on processes and polls, time the other
-# workers fill.
+# `make test` runs the tests that start no simulation engine in pytest-xdist workers with
+# `--dist loadgroup`: each unit-test file is one group (its module fixtures are made once, as
+# with `--dist loadfile`) and each slow test one group of its own, the longest first, so that no
+# worker is left alone with one at the end; a deployed federation spends much of its time
+# waiting on processes and polls, time the other workers fill. The tests marked `ray` then run
+# one at a time: Ray's raylet gives its agents 15 s to start and exits when they take longer
+# (ray-project/ray#65983), which a busy 2-core machine can cause.
 LONGEST_FIRST = (
     "tests/test_deployment.py",
     "tests/test_secure_deployment.py",
-    "tests/test_simulation.py::test_killed_simulation_resumes_from_the_saved_round",
     "tests/test_distillation.py",
 )
 

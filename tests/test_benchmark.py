@@ -271,6 +271,7 @@ def test_local_and_centralised_arms_start_from_the_federated_round_1_student(tmp
 
 # -- end to end (Ray) -------------------------------------------------------------------------
 @pytest.mark.slow
+@pytest.mark.ray
 def test_quick_benchmark_end_to_end(tmp_path):
     out = tmp_path / "bench"
     script = Path(sys.executable).parent / "moma-bench"

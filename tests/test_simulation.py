@@ -32,7 +32,7 @@ from server.simulate import run_simulated
 from tests.helpers import IMAGE_SIZE, synthetic_sites, tiny_run, tiny_teacher
 from tests.test_protocol import bad_image_site
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 
 def _app(*mods) -> ClientApp:

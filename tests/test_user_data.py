@@ -52,6 +52,7 @@ def test_csv_split_column_gives_the_validation_set(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_simulation_on_a_partitioned_user_dataset(tmp_path):
     from tests.helpers import tiny_teacher
 
@@ -106,6 +107,7 @@ def test_site_data_options_are_checked_and_classes_come_from_the_sites(tmp_path)
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_simulation_with_one_dataset_per_site(tmp_path):
     """Two hospitals' folders; one lacks a class: both train, labels mapped by class name."""
     import shutil
