@@ -6,7 +6,10 @@ Every figure is a ratio measured in one process on this machine. Figures, not te
   ``--p1`` measures it again).
 - P2 simulated federation: wall time of the rounds / the sites' own training time (per round:
   Σ site training time / the sites that can train at once), and the start-up (command start
-  → ServerApp start: Ray and the app) reported apart.
+  → ServerApp start: Ray and the app) reported apart. ``--p2-long``: the same with each site
+  training about 30 s per round, against both Σ/CPUs and the makespan of the same site jobs on
+  the same CPUs (whole jobs, longest first: what running the sites' training without Flower,
+  as many at a time as there are CPUs, would take).
 - P3 teacher bytes sent per site over all rounds / one teacher package.
 - P4 student bytes per round and site (down + up, teacher excluded) / (2 × the student in
   float32), with ``transfer-dtype`` float32 and float16, and float16's accuracy cost (the
@@ -15,7 +18,7 @@ Every figure is a ratio measured in one process on this machine. Figures, not te
 - P8 (``--p8``): 100 simulated sites of a tiny model, 2 rounds: peak resident memory of the
   whole process tree (Ray workers included).
 
-    .venv/bin/python bench/perf.py [--p1] [--p8] [--out runs/bench-perf]
+    .venv/bin/python bench/perf.py [--p1] [--p2-long] [--p8] [--out runs/bench-perf]
 """
 
 from __future__ import annotations
@@ -92,17 +95,27 @@ def simulated_run(out: Path, name: str, extra: list[str]) -> tuple[dict, float]:
     return results, results["started"] - start
 
 
+def makespan(times: list[float], workers: int) -> float:
+    """Wall time of whole jobs on ``workers`` (each job to the least-loaded worker, longest
+    first)."""
+    loads = [0.0] * max(workers, 1)
+    for t in sorted(times, reverse=True):
+        loads[loads.index(min(loads))] += t
+    return max(loads)
+
+
 def federation_figures(results: dict, startup_s: float, teacher_bytes: int,
                        student_fp32: int, cpus: int) -> dict:
     """P2, P3 and P4 of one run (see module docstring)."""
     rounds = results["rounds"]
-    ratios, wall_total, train_total = [], 0.0, 0.0
+    ratios, wall_total, train_total, jobs_total = [], 0.0, 0.0, 0.0
     for r in rounds:
         times = [s["metrics"].get("train-time-s", 0.0) for s in r["sites"].values()
                  if s["status"] == "ok"]
         ideal = sum(times) / max(min(len(times), cpus), 1)
         wall_total += r["wall_s"]
         train_total += ideal
+        jobs_total += makespan(times, cpus)
         ratios.append(r["wall_s"] / ideal if ideal else float("nan"))
     sites = {}
     for r in rounds:
@@ -115,6 +128,10 @@ def federation_figures(results: dict, startup_s: float, teacher_bytes: int,
         "rounds": n_rounds, "sites": len(sites), "startup_s": startup_s,
         "p2_round_wall_over_training": wall_total / train_total if train_total else None,
         "p2_per_round": ratios,
+        "p2_round_wall_over_site_jobs_makespan": wall_total / jobs_total if jobs_total else None,
+        "site_train_s_per_site_round": [
+            round(s["metrics"].get("train-time-s", 0.0), 1)
+            for r in rounds for s in r["sites"].values() if s["status"] == "ok"],
         "site_train_s_per_round": train_total / max(n_rounds, 1),
         "p3_teacher_bytes_per_site_over_one_teacher":
             max(a["teacher"] for a in sites.values()) / teacher_bytes,
@@ -173,10 +190,25 @@ def loader_vs_step(batches: int = 20) -> dict:
             "loader_over_step": loader_rate / step_rate}
 
 
+def long_federation(out: Path, cpus: int) -> dict:
+    """P2 with about 30 s of training per site and round (3 sites, 2000 images each)."""
+    print("P2: 3 sites, about 30 s of training each per round …", flush=True)
+    results, startup = simulated_run(out, "perf-long",
+                                     ["--sites", "3", "--n", "2000", "--rounds", "3"])
+    teacher = Path(results["config"]["teacher-path"])
+    figures = federation_figures(results, startup, teacher.stat().st_size,
+                                 student_fp32_bytes(results), cpus)
+    print("long", json.dumps(figures), flush=True)
+    return figures
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("runs/bench-perf"))
     p.add_argument("--p1", action="store_true", help="measure P1 again (bench/moma_step.py)")
+    p.add_argument("--p2-long", action="store_true",
+                   help="only P2 with about 30 s of training per site and round (about 6 min), "
+                        "added to the figures already in --out")
     p.add_argument("--p8", action="store_true", help="100 simulated sites (slow)")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -188,6 +220,14 @@ def main() -> int:
     figures: dict = {"meta": {"date": time.strftime("%Y-%m-%d"), "cpus": cpus,
                               "out": str(args.out),
                               "machine": platform.machine(), "torch": torch.__version__}}
+    if args.p2_long and (args.out / "summary.json").is_file():
+        figures = json.loads((args.out / "summary.json").read_text())
+        figures["federation_long"] = long_federation(args.out, cpus)
+        figures["meta"]["p2_long_date"] = time.strftime("%Y-%m-%d")
+        (args.out / "summary.json").write_text(json.dumps(figures, indent=2))
+        (args.out / "summary.md").write_text(summary_markdown(figures))
+        print(f"→ {args.out / 'summary.md'}")
+        return 0
     p1_json = args.out / "p1_moma_step.json"
     if args.p1 or not p1_json.is_file():
         import subprocess
@@ -204,6 +244,8 @@ def main() -> int:
         figures[f"federation_{dtype}"] = federation_figures(
             results, startup, teacher.stat().st_size, student_fp32_bytes(results), cpus)
         print(dtype, json.dumps(figures[f"federation_{dtype}"]), flush=True)
+    if args.p2_long:
+        figures["federation_long"] = long_federation(args.out, cpus)
     print("loader vs step …", flush=True)
     figures["loader"] = loader_vs_step()
     if args.p8:
@@ -218,6 +260,10 @@ def main() -> int:
     (args.out / "summary.md").write_text(summary_markdown(figures))
     print(f"→ {args.out / 'summary.md'}")
     return 0
+
+
+def cpus_of(f: dict) -> int:
+    return f["meta"]["cpus"]
 
 
 def summary_markdown(f: dict) -> str:
@@ -243,6 +289,18 @@ def summary_markdown(f: dict) -> str:
                      f"{r['site_train_s_per_round']:.1f} | "
                      f"{r['p3_teacher_bytes_per_site_over_one_teacher']:.3f} | "
                      f"{r['p4_bytes_per_round_per_site_over_2x_fp32']:.3f} | {acc} |")
+    if "federation_long" in f:
+        r = f["federation_long"]
+        lines += ["", "## P2 with about 30 s of training per site and round (`--p2-long`)", "",
+                  f"3 synthetic sites, 2000 images each, demo settings, {r['rounds']} rounds, "
+                  f"{cpus_of(f)} CPUs; site training per round (s): "
+                  f"{', '.join(map(str, r['site_train_s_per_site_round']))}.", "",
+                  f"- round wall / (Σ site training / CPUs): "
+                  f"{r['p2_round_wall_over_training']:.2f} (per round "
+                  f"{', '.join(f'{x:.2f}' for x in r['p2_per_round'])})",
+                  f"- round wall / makespan of the same site jobs on the same CPUs: "
+                  f"{r['p2_round_wall_over_site_jobs_makespan']:.2f}",
+                  f"- start-up (Ray, app), apart: {r['startup_s']:.0f} s"]
     lo = f["loader"]
     lines += ["", "## Loader vs training step", "",
               f"RandAugment loader {lo['loader_images_per_s']:.0f} images/s, MoMA step "
