@@ -45,6 +45,7 @@ from server.baseline import local_only_section
 from server.flwr_app import write_app
 from server.results import RunResults
 
+log = logging.getLogger("moma.simulate")
 
 def parser() -> argparse.ArgumentParser:
     """Options; a run setting left unset takes its default from the settings tree."""
@@ -385,6 +386,7 @@ def run_simulated(run: RunConfig, num_sites: int, client_app=None,
     context = Context(run_id=flwr_run.run_id, node_id=0, node_config={}, state=RecordDict(),
                       run_config=get_fused_config_from_dir(app_dir, overrides))
     backend = backend_config(gpus_per_site)
+    start_engine(backend)
     _run_simulation(num_supernodes=num_sites, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
                     client_app=client_app,
                     client_app_attr=None if client_app else COMPONENTS["clientapp"],
@@ -396,6 +398,45 @@ def run_simulated(run: RunConfig, num_sites: int, client_app=None,
     if not final:
         raise RuntimeError("the simulated federation did not finish; see the log above")
     return final
+
+
+ENGINE_START_ATTEMPTS = 2
+
+
+def start_engine(backend: dict, attempts: int = ENGINE_START_ATTEMPTS) -> None:
+    """Start Ray here, in the calling thread, before Flower's engine would.
+
+    Flower starts Ray in a thread of its own; when that start fails, it only logs "Simulation
+    Runtime crashed" while the ServerApp goes on waiting for sites that never answer (a round
+    timeout per round). Started here, a failed start is an error of this call. Flower then uses
+    this instance: it starts Ray only when none is running, and shuts it down at the end.
+    The arguments are Flower's (``RayBackend.init_ray``): the backend's init args, no
+    dashboard, and this process's import path for the actors.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    args = {"include_dashboard": False, **backend.get("init_args", {})}
+    pythonpath = os.pathsep.join(sys.path)
+    if os.environ.get("PYTHONPATH"):
+        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+    os.environ["PYTHONPATH"] = pythonpath
+    failure: Exception | None = None
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **args)
+            return
+        except Exception as exc:  # Ray raises bare Exceptions for a node that did not start
+            failure = exc
+            ray.shutdown()
+            log.warning("the simulation engine (Ray) did not start (attempt %d of %d): %s",
+                        attempt, attempts, exc)
+    raise RuntimeError(
+        f"the simulation engine (Ray) did not start after {attempts} attempts: {failure} "
+        "Its logs are in /tmp/ray/session_latest/logs (raylet.err). On a busy machine Ray's "
+        "agents can take longer to start than its raylet allows (ray-project/ray#65983): "
+        "try again when the machine is less loaded.")
 
 
 def usable_cpus() -> int:

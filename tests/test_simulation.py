@@ -406,3 +406,29 @@ def test_secure_aggregation_simulation_learns_and_audits_clean(tmp_path, client_
         assert [r["client_dp"]["releases"] for r in rounds] == [1, 2, 3]
     chance = 1 / len(run.class_names)
     assert final["metrics"]["accuracy"] > chance + 0.05, final
+
+
+def test_an_engine_that_does_not_start_fails_the_run_at_once(tmp_path, monkeypatch):
+    """Ray's raylet exits when its dashboard agent takes over 15 s to start (a busy machine;
+    ray-project/ray#65983). Made to happen here: every Python process started from this one
+    imports a ``sitecustomize`` that holds Ray's agent 25 s. Flower, starting Ray in a thread of
+    its own, would only log the crash while the ServerApp waited a round timeout per round;
+    the run must fail at once, with an error that names the engine, before any round."""
+    from server import simulate
+
+    hook = tmp_path / "slow-agent"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import sys, time\n"
+        "if any(a.endswith('dashboard/agent.py') for a in sys.argv):\n"
+        "    time.sleep(25)\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        [str(hook), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    monkeypatch.setattr(simulate, "ENGINE_START_ATTEMPTS", 1)
+    run = tiny_run(run_name="engine", round_timeout=3600.0)
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"simulation engine \(Ray\) did not start"):
+        _simulate(tmp_path, run, 2, _app())
+    # well under one round timeout (the engine's own start-up wait is about 30 s)
+    assert time.monotonic() - started < 1800
+    assert not (tmp_path / "runs" / "engine" / "results.json").exists()
