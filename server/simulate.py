@@ -411,7 +411,8 @@ def start_engine(backend: dict, attempts: int = ENGINE_START_ATTEMPTS) -> None:
     timeout per round). Started here, a failed start is an error of this call. Flower then uses
     this instance: it starts Ray only when none is running, and shuts it down at the end.
     The arguments are Flower's (``RayBackend.init_ray``): the backend's init args, no
-    dashboard, and this process's import path for the actors.
+    dashboard, and this process's import path for the actors (through Ray's runtime
+    environment only: this process's own environment is left as it is).
     """
     import ray
 
@@ -421,7 +422,6 @@ def start_engine(backend: dict, attempts: int = ENGINE_START_ATTEMPTS) -> None:
     pythonpath = os.pathsep.join(sys.path)
     if os.environ.get("PYTHONPATH"):
         pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
-    os.environ["PYTHONPATH"] = pythonpath
     failure: Exception | None = None
     for attempt in range(1, attempts + 1):
         try:
