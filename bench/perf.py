@@ -265,10 +265,6 @@ def main() -> int:
     return 0
 
 
-def cpus_of(f: dict) -> int:
-    return f["meta"]["cpus"]
-
-
 def summary_markdown(f: dict) -> str:
     m = f["meta"]
     lines = ["# Performance figures", "",
@@ -296,7 +292,7 @@ def summary_markdown(f: dict) -> str:
         r = f["federation_long"]
         lines += ["", "## P2 with about 30 s of training per site and round (`--p2-long`)", "",
                   f"3 synthetic sites, 3200 images each, demo settings, {r['rounds']} rounds, "
-                  f"{cpus_of(f)} CPUs; site training per round (s): "
+                  f"{f['meta']['cpus']} CPUs; site training per round (s): "
                   f"{', '.join(map(str, r['site_train_s_per_site_round']))}.", "",
                   f"- round wall / (Σ site training / CPUs): "
                   f"{r['p2_round_wall_over_training']:.2f} (per round "
