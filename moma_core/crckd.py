@@ -231,7 +231,7 @@ class CRCKD(_TeacherObjective):
                  class_weights: torch.Tensor | None = None,
                  second_view: SecondView | None = None) -> None:
         super().__init__(teacher, None, same_task)  # type: ignore[arg-type]  # no cfg: own args
-        _check_same_architecture(self.teacher, student)
+        check_same_architecture(self.teacher, student)
         if n_data < 1 or feat_dim < 1 or nce_p < 1 or nce_k < 1:
             raise ValueError("n_data, feat_dim, nce_p and nce_k must be at least 1")
         if nce_t <= 0 or crp_t <= 0 or consistency_temperature <= 0:
@@ -392,7 +392,8 @@ def _ema_buffers(teacher: nn.Module, student: nn.Module, alpha: float) -> None:
             b.copy_(s)
 
 
-def _check_same_architecture(teacher: nn.Module, student: nn.Module) -> None:
+def check_same_architecture(teacher: nn.Module, student: nn.Module) -> None:
+    """CRCKD's mean teacher follows the student by EMA: refuse a teacher of another backbone."""
     d_t, d_s = feature_dim(teacher), feature_dim(student)
     if type(teacher) is not type(student) or d_t != d_s:
         raise ValueError(

@@ -152,14 +152,7 @@ class MoMA(_TeacherObjective):
         super().__init__(teacher, cfg, same_task)
         d_s, d_t = feature_dim(student), feature_dim(self.teacher)
         momentum = cfg.teacher_update == "momentum"
-        if momentum and (type(student) is not type(self.teacher) or d_s != d_t):
-            raise ValueError(
-                "teacher_update='momentum' needs the teacher and student of the same "
-                f"architecture (got {type(self.teacher).__name__}/{d_t} vs "
-                f"{type(student).__name__}/{d_s}); use teacher_update='frozen'"
-            )
-        if momentum:
-            _check_momentum_pairs(self.teacher, student)
+        check_teacher_fits(cfg, self.teacher, student)
         emb = cfg.feat_dim if cfg.head != "none" else d_s
         self.proj_q = projection_head(d_s, cfg.feat_dim, cfg.head)
         if momentum and cfg.key_head_init == "copy":
@@ -273,6 +266,30 @@ def training_set(objective: Objective, dataset: Dataset) -> Dataset:
 
         return WithIndex(dataset)
     return dataset
+
+
+def check_teacher_fits(cfg: ObjectiveConfig, teacher: nn.Module, student: nn.Module) -> None:
+    """Refuse (ValueError) a teacher the objective cannot pair with ``student``.
+
+    MoMA with ``teacher_update = "momentum"`` moves the teacher towards the student (MoCo's key
+    encoder), and CRCKD's mean teacher is an EMA of the student: both need the student to be
+    the teacher's architecture (same backbone parameters; the classifier may differ). MoMA with a
+    frozen teacher, KD and CE take any teacher. The objectives call this when they are built;
+    the coordinator calls it on untrained models before a run starts.
+    """
+    if cfg.kind == "crckd":
+        from moma_core.crckd import check_same_architecture
+
+        check_same_architecture(teacher, student)
+    elif cfg.kind == "moma" and cfg.teacher_update == "momentum":
+        d_s, d_t = feature_dim(student), feature_dim(teacher)
+        if type(student) is not type(teacher) or d_s != d_t:
+            raise ValueError(
+                "teacher_update='momentum' needs the teacher and student of the same "
+                f"architecture (got {type(teacher).__name__}/{d_t} vs "
+                f"{type(student).__name__}/{d_s}); use teacher_update='frozen'"
+            )
+        _check_momentum_pairs(teacher, student)
 
 
 def _check_momentum_pairs(teacher: nn.Module, student: nn.Module) -> None:

@@ -97,6 +97,10 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-n", type=int, default=None, help="held-out images per site")
     g.add_argument("--teacher-n", type=int, default=None, help="teacher training images")
     g.add_argument("--teacher-epochs", type=int, default=None)
+    g.add_argument("--teacher-model", default=None,
+                   help="timm model of the trained teachers (default: --model's). A larger "
+                        "teacher than the student is the distillation setting; the student "
+                        "then starts from random weights in every arm")
     u = a.add_argument_group("your data")
     u.add_argument("--site-data", nargs="+", default=None, metavar="PATH",
                    help="one dataset per site (ImageFolder folder, CSV or NPZ)")
@@ -127,6 +131,8 @@ def parser() -> argparse.ArgumentParser:
 def check_options(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the preset's values and refuse what cannot work (:class:`ConfigError`)."""
     preset = {**COMMON, **(QUICK if args.quick else FULL)}
+    if args.teacher is not None and args.teacher_model is not None:
+        raise ConfigError("--teacher-model is for teachers the benchmark trains, not --teacher")
     user = args.site_data is not None or args.data is not None
     if user:
         for opt in ("tasks", "label_skew", "n", "eval_n"):
@@ -146,6 +152,7 @@ def check_options(args: argparse.Namespace) -> argparse.Namespace:
 
             t_arch = read_sidecar(args.teacher)["architecture"]
             args.model = args.model or t_arch["model_name"]
+            args.teacher_model = t_arch["model_name"]
             args.image_size = args.image_size or int(t_arch.get("image_size", 64))
     elif args.teacher is not None:
         raise ConfigError("--teacher is for --site-data/--data: the synthetic scenarios train "
@@ -153,6 +160,9 @@ def check_options(args: argparse.Namespace) -> argparse.Namespace:
     for key, value in preset.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+    args.teacher_model = args.teacher_model or args.model
+    for opt in ("model", "teacher_model"):
+        check_model_name(f"--{opt.replace('_', '-')}", getattr(args, opt))
     unknown = [a for a in (args.arms or []) if a not in ARM_NAMES]
     if unknown:
         raise ConfigError(f"unknown arm {unknown[0]!r}; choose from {', '.join(ARM_NAMES)}")
@@ -207,16 +217,25 @@ def scenarios(args: argparse.Namespace) -> list[Scenario]:
         data += ["--classes", args.classes] if args.classes else []
         teacher = args.teacher or teacher_path(args, "different")
         return [Scenario(name, teacher, tuple(map(str, data + train)),
-                         teacher_source="" if args.teacher else TASK_SOURCE["different"])]
+                         teacher_source="" if args.teacher else TASK_SOURCE["different"],
+                         teacher_model=args.teacher_model)]
     return [Scenario(f"{task}-task-{k}sites", teacher_path(args, task),
                      tuple(map(str, ["--sites", k, "--n", args.n, "--label-skew",
                                      args.label_skew, *train])), args.eval_n, task,
-                     TASK_SOURCE[task])
+                     TASK_SOURCE[task], args.teacher_model)
             for task in args.tasks for k in args.sites]
 
 
+def check_model_name(option: str, name: str) -> None:
+    """A timm model name this machine can build (no weights are downloaded)."""
+    import timm
+
+    if not timm.is_model(name):
+        raise ConfigError(f"{option} {name!r}: not a timm model name (see timm.list_models())")
+
+
 def teacher_path(args: argparse.Namespace, task: str) -> Path:
-    return args.out / "teachers" / (f"{task}-task-{args.model}-{args.image_size}px-"
+    return args.out / "teachers" / (f"{task}-task-{args.teacher_model}-{args.image_size}px-"
                                     f"n{args.teacher_n}-e{args.teacher_epochs}.safetensors")
 
 
@@ -250,12 +269,12 @@ def ensure_teacher(args: argparse.Namespace, sc: Scenario) -> None:
 
     source = sc.teacher_source
     targs = teacher_parser().parse_args([])
-    vars(targs).update(model=args.model, out=sc.teacher, n=args.teacher_n,
+    vars(targs).update(model=args.teacher_model, out=sc.teacher, n=args.teacher_n,
                        epochs=args.teacher_epochs, image_size=args.image_size, lr=0.003,
                        optimizer="adamw", augment="flip", batch_size=32, seed=0, device="cpu",
                        source=source, test_n=200)
     start = time.time()
-    say(f"teacher for {sc.name}: training {args.model} on {source} …", end="")
+    say(f"teacher for {sc.name}: training {args.teacher_model} on {source} …", end="")
     with redirected_output(sc.teacher.with_suffix(".log")), one_thread():
         _, history = train_teacher(targs)
     test = history[-1].get("test") or {}
@@ -302,11 +321,11 @@ def accuracy(args: argparse.Namespace, command: str) -> int:
             say(f"{head}: done earlier, kept")
             continue
         spec = arm(a)
-        if spec.needs_same_task and sc.task != "same":
+        why_not = spec.not_applicable(sc, args.model)
+        if why_not:
             write_json(path, {"arm": a, "scenario": sc.name, "seed": seed, "status": "n/a",
-                              "reason": "vanilla KD needs a teacher of the same task",
-                              "fingerprint": fingerprint(args, sc, a, seed)})
-            say(f"{head}: n/a (KD needs a teacher of the same task)")
+                              "reason": why_not, "fingerprint": fingerprint(args, sc, a, seed)})
+            say(f"{head}: n/a ({why_not})")
             continue
         ensure_teacher(args, sc)
         say(f"{head} (at {_clock(time.time() - started)}) …", end="")
@@ -447,7 +466,8 @@ def summarise(args: argparse.Namespace, plan_scenarios: list[Scenario], command:
             for seed, digest in zip(agg["seeds"], agg.get("init_digests", []), strict=True):
                 starts.setdefault(seed, set()).add(digest)
         out["scenarios"][sc.name] = {
-            "task": sc.task, "teacher": str(sc.teacher), "simulate_options": list(sc.sim_args),
+            "task": sc.task, "teacher": str(sc.teacher), "teacher_model": sc.teacher_model,
+            "student_model": args.model, "simulate_options": list(sc.sim_args),
             "same_start": all(len(d) == 1 for d in starts.values()) if starts else None,
             "arms": arms}
     return out
@@ -458,7 +478,12 @@ def write_summary(out: Path, summary: dict) -> None:
     write_json(out / "summary.json", summary)
     lines = ["# moma-bench accuracy", "", f"{summary['date']} · `{summary['command']}`", ""]
     for name, sc in summary["scenarios"].items():
-        lines += [f"## {name}", "", f"Teacher: {sc['task']} task (`{sc['teacher']}`). "
+        models = (f"teacher {sc['teacher_model']}, student {sc['student_model']}"
+                  + (" (MoMA's teacher frozen: another architecture)"
+                     if sc.get("teacher_model") not in (None, "", sc.get("student_model"))
+                     else "") + ". ") if sc.get("student_model") else ""
+        lines += [f"## {name}", "", f"Teacher: {sc['task']} task (`{sc['teacher']}`); "
+                  f"{models}"
                   "Mean ± sample std over seeds; pooled: all sites' held-out images, each "
                   "scored by its own site's model; site-mean: mean over sites.", "",
                   markdown_table(table_rows(sc["arms"]), COLUMNS), ""]

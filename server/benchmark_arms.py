@@ -74,9 +74,14 @@ class Arm:
     #: whole run (:func:`dp_noise_for`)
     target_epsilon: float | None = None
 
-    @property
-    def needs_same_task(self) -> bool:
-        return self.objective == "kd"  # vanilla KD has nothing to distil from another task
+    def not_applicable(self, scenario: Scenario, student_model: str) -> str | None:
+        """Why this arm cannot run in ``scenario`` (None: it can)."""
+        if self.objective == "kd" and scenario.task != "same":
+            return "vanilla KD needs a teacher of the same task"  # nothing to distil otherwise
+        if self.objective == "crckd" and scenario.teacher_model not in ("", student_model):
+            return ("CRCKD's mean teacher is an EMA of the student: it needs a teacher of the "
+                    "student's architecture")
+        return None
 
 
 ARMS: tuple[Arm, ...] = (
@@ -121,6 +126,9 @@ class Scenario:
     eval_n: int | None = None  # synthetic: held-out images per site (None: the val split)
     task: str = ""  # "same" | "different": whether the teacher knows the sites' classes
     teacher_source: str = ""  # what the teacher is trained on when missing ("": given)
+    #: the teacher's timm model ("": the student's). MoMA follows a teacher of another
+    #: architecture frozen (its momentum update needs the student's architecture)
+    teacher_model: str = ""
 
 
 @dataclass
@@ -151,6 +159,9 @@ def setup(scenario: Scenario, arm_: Arm, seed: int, runs_dir: Path) -> Setup:
         # moma-simulate gives --site-data runs the synthetic target task as the coordinator's
         # held-out set, which is not the sites' task; every arm is scored here instead
         run = run.with_values(eval_source="")
+    if arm_.objective == "moma" and scenario.teacher_model not in (
+            "", run.federation.student_model):
+        run = run.with_values(teacher_update="frozen")
     if arm_.settings:
         run = run.with_values(**dict(arm_.settings))
     if arm_.target_epsilon is not None:

@@ -30,7 +30,7 @@ from moma_core.progress import console
 from moma_protocol.settings import ConfigError, RunConfig
 from server.flwr_app import run_config_arg, write_app
 from server.registration import register_sites
-from server.teacher_package import package_teacher
+from server.teacher_package import check_student_fits, package_teacher
 
 
 def parser() -> argparse.ArgumentParser:
@@ -158,6 +158,7 @@ def serve(args: argparse.Namespace) -> int:
     fed = secure_setup(args)
     if teacher is not None:
         pkg = package_teacher(teacher)
+        check_student_fits(RunConfig.from_flat(values), pkg.architecture)
         if fed is not None:
             signed_teacher(teacher, fed)
         console.print(f"teacher {teacher.name}: {pkg.architecture.model_name}, "

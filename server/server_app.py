@@ -36,7 +36,7 @@ from moma_protocol.wire import wire_state
 from server.aggregation import Aggregator
 from server.results import RunResults
 from server.round import Coordinator
-from server.teacher_package import TeacherPackage, package_teacher
+from server.teacher_package import TeacherPackage, check_student_fits, package_teacher
 
 log = logging.getLogger("moma.server")
 app = ServerApp()
@@ -98,6 +98,8 @@ def run_federation(grid: Grid, run: RunConfig) -> dict:
     package = package_teacher(co.teacher_path) if co.teacher_path and (
         distils or fed.init_from_teacher) else None
     teacher = package if distils else None
+    if teacher is not None:
+        check_student_fits(run, teacher.architecture)
     arch = run.student_architecture()
     results = RunResults(Path(co.output_dir) / fed.run_name)
     first = results.start(run.to_flat(), teacher.sha256 if teacher else None, co.resume)

@@ -68,6 +68,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=None)
     p.add_argument("--augment", choices=AUGMENTS, default=None)
     p.add_argument("--queue-size", type=int, default=None)
+    p.add_argument("--teacher-update", choices=("momentum", "frozen"), default=None,
+                   help="MoMA's teacher: moved towards the student by momentum (the teacher's "
+                        "own architecture only) or frozen (any teacher, e.g. a larger one)")
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--transfer-dtype", choices=TRANSFER_DTYPES, default=None,
                    help="student tensors on the wire (float16: half the bytes)")
@@ -117,7 +120,8 @@ DEMO = {"rounds": 5, "local_epochs": 2, "lr": 0.003, "optimizer": "adamw", "augm
 RUN_KEYS = {"rounds": "num-rounds", "objective": "objective", "student_model": "student-model",
             "aggregation": "aggregation", "fedbn": "fedbn", "local_epochs": "local-epochs",
             "batch_size": "batch-size", "lr": "lr", "optimizer": "optimizer",
-            "augment": "augment", "queue_size": "queue-size", "image_size": "image-size",
+            "augment": "augment", "queue_size": "queue-size",
+            "teacher_update": "teacher-update", "image_size": "image-size",
             "seed": "seed", "transfer_dtype": "transfer-dtype", "dp": "dp",
             "dp_noise_multiplier": "dp-noise-multiplier", "dp_max_grad_norm": "dp-max-grad-norm",
             "client_dp": "client-dp", "client_dp_noise_multiplier": "client-dp-noise-multiplier",
@@ -323,16 +327,22 @@ def simulate(args: argparse.Namespace) -> dict:
     if args.demo and not args.resume and out_dir.exists():
         console.print(f"replacing the previous demo run {out_dir}")
         shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     distils = draft.objective.objective != "ce"
     # the CE baseline too starts from the teacher when one is given (it is not shipped)
     teacher = ensure_teacher(args, draft) if distils or args.teacher is not None or \
         args.demo else None
     model = None
-    if args.student_model is None and teacher is not None:
+    if teacher is not None:
         from moma_core.checkpoint import read_sidecar
+        from moma_core.models import Architecture
+        from server.teacher_package import check_student_fits
 
-        model = read_sidecar(teacher)["architecture"]["model_name"]
+        t_arch = read_sidecar(teacher)["architecture"]
+        if args.student_model is None:
+            model = t_arch["model_name"]
+        check_student_fits(run_config(args, out_dir, TARGET_CLASSES, teacher, model),
+                           Architecture.from_dict(t_arch))
+    out_dir.mkdir(parents=True, exist_ok=True)
     sites, classes = site_configs(args, out_dir, draft.federation.seed)
     if args.classes and args.site_data is None:  # the sites refuse a list that is not theirs
         classes = tuple(c.strip() for c in args.classes.split(",") if c.strip())

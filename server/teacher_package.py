@@ -13,6 +13,7 @@ from moma_core.checkpoint import load_model
 from moma_core.models import Architecture
 from moma_core.signature import signature_path
 from moma_protocol import wire as P
+from moma_protocol.settings import ConfigError, RunConfig
 
 
 @dataclass(frozen=True)
@@ -45,3 +46,29 @@ def package_teacher(path: str | Path) -> TeacherPackage:
     sig = signature_path(path)
     signature = json.loads(sig.read_text()) if sig.is_file() else None
     return TeacherPackage(path, sidecar["sha256"], sidecar, path.read_bytes(), signature)
+
+
+def check_student_fits(run: RunConfig, teacher: Architecture) -> None:
+    """Refuse, before a run starts, a student the objective cannot pair with this teacher.
+
+    The sites would otherwise fail every round with the same error. The check is the one the
+    sites' objective runs (:func:`moma_core.objectives.check_teacher_fits`), on untrained models
+    of the two architectures.
+    """
+    from moma_core.models import build_model
+    from moma_core.objectives import check_teacher_fits
+
+    cfg = run.objective_config()
+    if cfg.kind not in ("moma", "crckd"):
+        return  # CE, KD and dp-moma (frozen teacher) take any teacher
+    student = run.student_architecture()
+    try:
+        check_teacher_fits(cfg, build_model(teacher), build_model(student))
+    except ValueError as exc:
+        reason = str(exc).split("; use ")[0]  # the fix is named below in run-config terms
+        fixes = [f'student-model = "{teacher.model_name}"']
+        if cfg.kind == "moma":
+            fixes.insert(0, 'teacher-update = "frozen"')
+        raise ConfigError(
+            f"objective {cfg.kind} cannot distil the teacher {teacher.model_name} into the "
+            f"student {student.model_name}: {reason}; set {' or '.join(fixes)}") from None

@@ -67,6 +67,10 @@ def test_moma_server_needs_a_teacher_to_distil(call, tmp_path):
     (["--sites", "0"], "--sites 0: simulate at least 1 site"),
     (["--rounds", "0"], "run-config num-rounds: 0 must be at least 1"),
     (["--n", "0"], "--n 0: give at least 1 image per site"),
+    (["--student-model", "resnet10t"], 'into the student resnet10t: teacher_update=\'momentum\' '
+     'needs the teacher and student of the same architecture (got EfficientNet/'),
+    (["--student-model", "resnet10t", "--objective", "crckd"],
+     "objective crckd cannot distil the teacher test_efficientnet into the student resnet10t"),
 ])
 def test_moma_simulate_refuses_bad_settings_before_training(call, teacher, tmp_path, extra,
                                                             text):
@@ -111,3 +115,36 @@ def test_simulate_device_options_are_checked_on_a_machine_without_cuda(tmp_path)
             args("--device", "cuda:0")
     else:  # on a GPU machine the default share is 1/sites
         assert args("--device", "cuda", "--sites", "4").gpus_per_site == 0.25
+
+
+def test_the_student_teacher_check_refuses_only_what_the_sites_would_refuse():
+    """The coordinator's up-front check (moma-server, moma-simulate, the ServerApp) against
+    the objectives the sites build: a student of another architecture is refused for MoMA's
+    momentum teacher and CRCKD, and accepted with a frozen teacher, for KD, CE and dp-moma, and
+    for a student of the teacher's own model."""
+    from moma_core.models import Architecture, build_model
+    from moma_core.objectives import build_objective
+    from server.teacher_package import check_student_fits
+    from tests.helpers import IMAGE_SIZE, TARGET_CLASSES, tiny_run
+
+    teacher = Architecture("test_efficientnet", tuple(TARGET_CLASSES), IMAGE_SIZE)
+    cases = [("moma", "momentum", "resnet10t", False), ("crckd", "momentum", "resnet10t", False),
+             ("moma", "frozen", "resnet10t", True), ("kd", "momentum", "resnet10t", True),
+             ("ce", "momentum", "resnet10t", True), ("dp-moma", "momentum", "resnet10t", True),
+             ("moma", "momentum", "test_efficientnet", True),
+             ("crckd", "momentum", "test_efficientnet", True)]
+    for objective, update, student, fits in cases:
+        run = tiny_run(objective=objective, teacher_update=update, student_model=student)
+        if fits:
+            check_student_fits(run, teacher)
+        else:
+            with pytest.raises(ConfigError, match="cannot distil the teacher test_efficientnet"):
+                check_student_fits(run, teacher)
+        if objective in ("moma", "crckd"):  # what a site would do with the same pair
+            args = (run.objective_config(), build_model(run.student_architecture()),
+                    build_model(teacher))
+            if fits:
+                build_objective(*args, same_task=True, n_data=8)
+            else:
+                with pytest.raises(ValueError):
+                    build_objective(*args, same_task=True, n_data=8)

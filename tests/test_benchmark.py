@@ -13,6 +13,7 @@ import json
 import math
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,10 @@ def test_installed_script_refuses_an_unknown_arm_in_one_line(tmp_path):
     (["--quick", "--lr", "-1"], "lr"),
     (["--quick", "--optimizer", "rmsprop"], "optimizer"),
     (["--quick", "--teacher", "t.safetensors"], "--teacher is for --site-data"),
+    (["--quick", "--data", "{tmp}", "--teacher", "t.safetensors", "--teacher-model", "resnet18"],
+     "--teacher-model is for teachers the benchmark trains"),
+    (["--quick", "--teacher-model", "resnet_nope"], "--teacher-model 'resnet_nope': not a timm"),
+    (["--quick", "--model", "effnet"], "--model 'effnet': not a timm model"),
     (["--quick", "--site-data", "{tmp}/a", "{tmp}/b"], "no such file or directory"),
     (["--quick", "--site-data", "{tmp}"], "at least 2"),
     (["--quick", "--site-data", "{tmp}", "{tmp}", "--data", "{tmp}"], "exclude each other"),
@@ -267,6 +272,40 @@ def test_local_and_centralised_arms_start_from_the_federated_round_1_student(tmp
         steps = out["steps_per_site"]
         assert list(steps) == (["centralised"] if name == "centralised-moma"
                                else ["site-0", "site-1", "site-2"])
+
+
+def test_a_larger_teacher_is_trained_as_asked_and_every_arm_starts_from_one_random_student(
+        tmp_path):
+    args = B.check_options(B.parser().parse_args(
+        ["accuracy", *TINY, "--tasks", "same", "--teacher-model", "resnet10t", "--teacher-n",
+         "16", "--teacher-epochs", "1", "--out", str(tmp_path / "out")]))
+    sc = B.scenarios(args)[0]
+    assert "resnet10t" in sc.teacher.name
+    B.ensure_teacher(args, sc)  # trains for real (16 images, one epoch)
+    from moma_core.checkpoint import read_sidecar
+
+    assert read_sidecar(sc.teacher)["architecture"]["model_name"] == "resnet10t"
+    sc = B.check_scenario(sc, args)
+    assert sc.task == "same"
+    fed = setup(sc, arm("fedavg-moma"), 0, tmp_path / "fed")
+    arch = Architecture(fed.run.federation.student_model, fed.run.class_names,
+                        fed.run.federation.image_size)
+    assert arch.model_name == "test_efficientnet"
+    fed_state, how = initial_student(fed.run, arch, package_teacher(sc.teacher))
+    assert how.startswith("random (teacher resnet10t")
+    ce = setup(sc, arm("fedavg-ce"), 0, tmp_path / "ce")
+    ce_state, _ = initial_student(ce.run, arch, package_teacher(ce.run.coordinator.teacher_path))
+    local = setup(sc, arm("local-only"), 0, tmp_path / "local")
+    model, _, digest = start_student(local.run, sc.teacher)
+    assert digest == state_digest(fed_state) == state_digest(ce_state)
+    # MoMA follows a teacher of another architecture frozen; CRCKD's EMA teacher cannot
+    assert fed.run.objective.teacher_update == local.run.objective.teacher_update == "frozen"
+    assert "needs a teacher of the student's architecture" in arm("fedavg-crckd").not_applicable(
+        sc, args.model)
+    same_arch = replace(sc, teacher_model=args.model)
+    assert arm("fedavg-crckd").not_applicable(same_arch, args.model) is None
+    assert setup(same_arch, arm("fedavg-moma"), 0, tmp_path / "fed2"
+                 ).run.objective.teacher_update == "momentum"
 
 
 # -- end to end (Ray) -------------------------------------------------------------------------

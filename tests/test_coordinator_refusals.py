@@ -20,10 +20,12 @@ from tests.helpers import IMAGE_SIZE, TARGET_CLASSES, tiny_teacher
 HOST, PORT = "10.231.0.2", 9092
 
 
-def refused(call, fed: Path, teacher: Path, runs: Path, *needles: str) -> None:
+def refused(call, fed: Path, teacher: Path, runs: Path, *needles: str, run_config: str = ""
+            ) -> None:
     r = call("moma-server", "--federation", fed, "--teacher", teacher, "--name", "x",
              "--runs-dir", runs, "--host", "0.0.0.0", "--port", PORT, "--rounds", 2,
-             "--classes", ",".join(TARGET_CLASSES), "--run-config", f"image-size={IMAGE_SIZE}")
+             "--classes", ",".join(TARGET_CLASSES), "--run-config",
+             f"image-size={IMAGE_SIZE} {run_config}")
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
@@ -81,9 +83,19 @@ def test_a_teacher_signed_by_another_federation(call, tmp_path, fed, teacher):
     refused(call, fed.root, stranger, tmp_path / "runs", "unknown key")
 
 
-def test_the_signed_teacher_passes_these_checks(call, tmp_path, fed, teacher, monkeypatch):
-    """The control: the honest teacher and federation get past every check above (the
-    command is stopped where it would start the SuperLink)."""
+def test_a_student_that_the_momentum_teacher_cannot_follow(call, tmp_path, fed, teacher):
+    refused(call, fed.root, teacher, tmp_path / "runs",
+            "cannot distil the teacher test_efficientnet into the student resnet10t",
+            'set teacher-update = "frozen" or student-model = "test_efficientnet"',
+            run_config='student-model="resnet10t"')
+
+
+@pytest.mark.parametrize("run_config", ["", 'student-model="resnet10t" teacher-update="frozen"'])
+def test_the_signed_teacher_passes_these_checks(call, tmp_path, fed, teacher, monkeypatch,
+                                                run_config):
+    """The control: the honest teacher and federation get past every check above, and so does
+    another student with a frozen teacher (the command is stopped where it would start the
+    SuperLink)."""
     from deploy.runtime import free_port
     from server import cli as server_cli
 
@@ -98,4 +110,4 @@ def test_the_signed_teacher_passes_these_checks(call, tmp_path, fed, teacher, mo
         call("moma-server", "--federation", fed.root, "--teacher", teacher, "--name", "x",
              "--runs-dir", tmp_path / "runs", "--host", "127.0.0.1", "--port", free_port(),
              "--rounds", 2, "--classes", ",".join(TARGET_CLASSES),
-             "--run-config", f"image-size={IMAGE_SIZE}")
+             "--run-config", f"image-size={IMAGE_SIZE} {run_config}")
