@@ -87,8 +87,12 @@ def build_model(arch: Architecture) -> nn.Module:
 
 
 def feature_dim(model: nn.Module) -> int:
-    """Dimension of the pooled (pre-logits) feature."""
-    return int(model.num_features)
+    """Dimension of the pooled (pre-logits) feature that :func:`features_and_logits` returns.
+
+    timm's ``num_features`` is the backbone's output; models with a hidden layer after pooling
+    (MobileNetV3/V4, GhostNet: 576 → 1024) feed the classifier ``head_hidden_size`` features.
+    """
+    return int(getattr(model, "head_hidden_size", None) or model.num_features)
 
 
 def features_and_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -86,6 +86,24 @@ def test_momentum_needs_same_architecture_frozen_does_not():
     assert all(torch.equal(a, b) for a, b in zip(before, obj.teacher.parameters(), strict=True))
 
 
+@pytest.mark.parametrize("teacher", ["mobilenetv3_small_100", "resnet10t"])
+@pytest.mark.parametrize("kind", ["moma", "dp-moma"])
+def test_a_frozen_larger_teacher_with_a_hidden_head_layer_distils(teacher, kind):
+    """MobileNetV3's classifier reads 1024 features, its backbone gives 576: the key head must
+    take what the teacher's pre-logits are (feature_dim), or the first step fails."""
+    from moma_core.models import feature_dim, features_and_logits
+    from moma_core.privacy.dp_moma import public_queue
+
+    t, student = _pair(teacher=teacher)
+    x = torch.randn(4, 3, 32, 32)
+    assert features_and_logits(t.eval(), x)[0].shape[1] == feature_dim(t)
+    cfg = ObjectiveConfig(kind=kind, teacher_update="frozen", **SMALL)
+    keys = public_queue(t, torch.randn(8, 3, 32, 32)) if kind == "dp-moma" else None
+    obj = build_objective(cfg, student, t, same_task=True, public_keys=keys)
+    parts = _step(obj, student, 4)
+    assert parts["nce"] > 0 and parts["kl"] > 0
+
+
 @pytest.mark.parametrize("mode,key_grads", [("reference", False), ("trained", True)])
 def test_attention_keys_option(mode, key_grads):
     teacher, student = _pair()
