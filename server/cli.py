@@ -30,7 +30,7 @@ from moma_core.progress import console
 from moma_protocol.settings import ConfigError, RunConfig
 from server.flwr_app import run_config_arg, write_app
 from server.registration import register_sites
-from server.teacher_package import check_student_fits, package_teacher
+from server.teacher_package import check_student_fits, check_student_model, package_teacher
 
 
 def parser() -> argparse.ArgumentParser:
@@ -77,6 +77,7 @@ def overrides(args: argparse.Namespace, out_root: Path, teacher: Path | None,
         raise ConfigError(f"--run-config {owned[0]}: set by moma-server itself (use its option)")
     values.update(extra)
     run = RunConfig.from_flat(values)
+    check_student_model(run)
     if run.objective.objective != "ce" and teacher is None:
         raise ConfigError(f"objective {run.objective.objective!r} needs --teacher")
     if not run.class_names:

@@ -36,7 +36,12 @@ from moma_protocol.wire import wire_state
 from server.aggregation import Aggregator
 from server.results import RunResults
 from server.round import Coordinator
-from server.teacher_package import TeacherPackage, check_student_fits, package_teacher
+from server.teacher_package import (
+    TeacherPackage,
+    check_student_fits,
+    check_student_model,
+    package_teacher,
+)
 
 log = logging.getLogger("moma.server")
 app = ServerApp()
@@ -98,6 +103,7 @@ def run_federation(grid: Grid, run: RunConfig) -> dict:
     package = package_teacher(co.teacher_path) if co.teacher_path and (
         distils or fed.init_from_teacher) else None
     teacher = package if distils else None
+    check_student_model(run)
     if teacher is not None:
         check_student_fits(run, teacher.architecture)
     arch = run.student_architecture()

@@ -324,6 +324,10 @@ def simulate(args: argparse.Namespace) -> dict:
     out_dir = (args.runs_dir / args.name).resolve()
     # validated before anything is written or trained (classes/teacher are filled in below)
     draft = run_config(args, out_dir, TARGET_CLASSES, None, None)
+    if args.student_model is not None:
+        from server.teacher_package import check_student_model
+
+        check_student_model(draft)
     if args.demo and not args.resume and out_dir.exists():
         console.print(f"replacing the previous demo run {out_dir}")
         shutil.rmtree(out_dir)

@@ -48,6 +48,16 @@ def package_teacher(path: str | Path) -> TeacherPackage:
     return TeacherPackage(path, sidecar["sha256"], sidecar, path.read_bytes(), signature)
 
 
+def check_student_model(run: RunConfig) -> None:
+    """Refuse a ``student-model`` that timm cannot build (the sites would fail every round)."""
+    import timm
+
+    name = run.federation.student_model
+    if not timm.is_model(name):
+        raise ConfigError(f"run-config student-model: {name!r} is not a timm model name "
+                          "(see timm.list_models())")
+
+
 def check_student_fits(run: RunConfig, teacher: Architecture) -> None:
     """Refuse, before a run starts, a student the objective cannot pair with this teacher.
 
@@ -58,6 +68,7 @@ def check_student_fits(run: RunConfig, teacher: Architecture) -> None:
     from moma_core.models import build_model
     from moma_core.objectives import check_teacher_fits
 
+    check_student_model(run)
     cfg = run.objective_config()
     if cfg.kind not in ("moma", "crckd"):
         return  # CE, KD and dp-moma (frozen teacher) take any teacher

@@ -37,6 +37,8 @@ def teacher(tmp_path_factory):
     (["--run-config", "nmu-rounds=3"], "unknown run-config key 'nmu-rounds'"),
     (["--run-config", 'output-dir="/tmp/elsewhere"'], "set by moma-server itself"),
     (["--run-config", "lr=abc"], "write key=value, text in double quotes"),
+    (["--run-config", 'student-model="resnet_9000"'],
+     "run-config student-model: 'resnet_9000' is not a timm model name"),
 ])
 def test_moma_server_refuses_bad_run_settings_before_starting(call, teacher, tmp_path, extra,
                                                               text):
@@ -67,6 +69,8 @@ def test_moma_server_needs_a_teacher_to_distil(call, tmp_path):
     (["--sites", "0"], "--sites 0: simulate at least 1 site"),
     (["--rounds", "0"], "run-config num-rounds: 0 must be at least 1"),
     (["--n", "0"], "--n 0: give at least 1 image per site"),
+    (["--student-model", "resnet_9000", "--objective", "ce"],
+     "run-config student-model: 'resnet_9000' is not a timm model name"),
     (["--student-model", "resnet10t"], 'into the student resnet10t: teacher_update=\'momentum\' '
      'needs the teacher and student of the same architecture (got EfficientNet/'),
     (["--student-model", "resnet10t", "--objective", "crckd"],
