@@ -64,6 +64,18 @@ def create_classifier(model_name: str, num_classes: int, drop_rate: float = 0.2)
         raise ValueError(f"unknown timm model {model_name!r}: {exc}") from exc
 
 
+def check_input_size(model_name: str, image_size: int) -> None:
+    """Refuse (ValueError) a model that cannot classify ``image_size`` px images: an unknown
+    name, a fixed input size (ViTs made for 224 px), or more downsampling than the image has
+    pixels. One forward pass of an untrained model on one black image."""
+    model = create_classifier(model_name, 2).eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, image_size, image_size))
+    except Exception as exc:  # timm and torch raise many kinds here
+        raise ValueError(f"{model_name} cannot take {image_size} px images: {exc}") from None
+
+
 #: ``Architecture.extra["norm"]``: "batch" (the timm model as built) or "group" (every
 #: BatchNorm a GroupNorm: a student trained with DP-SGD, see moma_core.privacy.dp_sgd), with
 #: ``extra["group-size"]`` channels per group (absent: gcd(32, channels) groups, the rule of

@@ -162,7 +162,7 @@ def check_options(args: argparse.Namespace) -> argparse.Namespace:
             setattr(args, key, value)
     args.teacher_model = args.teacher_model or args.model
     for opt in ("model", "teacher_model"):
-        check_model_name(f"--{opt.replace('_', '-')}", getattr(args, opt))
+        check_model_name(f"--{opt.replace('_', '-')}", getattr(args, opt), args.image_size)
     unknown = [a for a in (args.arms or []) if a not in ARM_NAMES]
     if unknown:
         raise ConfigError(f"unknown arm {unknown[0]!r}; choose from {', '.join(ARM_NAMES)}")
@@ -226,12 +226,18 @@ def scenarios(args: argparse.Namespace) -> list[Scenario]:
             for task in args.tasks for k in args.sites]
 
 
-def check_model_name(option: str, name: str) -> None:
-    """A timm model name this machine can build (no weights are downloaded)."""
+def check_model_name(option: str, name: str, image_size: int) -> None:
+    """A timm model this machine can build (no weights are downloaded) for these images."""
     import timm
+
+    from moma_core.models import check_input_size
 
     if not timm.is_model(name):
         raise ConfigError(f"{option} {name!r}: not a timm model name (see timm.list_models())")
+    try:
+        check_input_size(name, image_size)
+    except ValueError as exc:
+        raise ConfigError(f"{option}/--image-size: {exc}") from None
 
 
 def teacher_path(args: argparse.Namespace, task: str) -> Path:

@@ -49,13 +49,20 @@ def package_teacher(path: str | Path) -> TeacherPackage:
 
 
 def check_student_model(run: RunConfig) -> None:
-    """Refuse a ``student-model`` that timm cannot build (the sites would fail every round)."""
+    """Refuse a ``student-model`` that timm cannot build or that cannot take the run's
+    ``image-size`` (the sites would fail every round)."""
     import timm
+
+    from moma_core.models import check_input_size
 
     name = run.federation.student_model
     if not timm.is_model(name):
         raise ConfigError(f"run-config student-model: {name!r} is not a timm model name "
                           "(see timm.list_models())")
+    try:
+        check_input_size(name, run.federation.image_size)
+    except ValueError as exc:
+        raise ConfigError(f"run-config student-model/image-size: {exc}") from None
 
 
 def check_student_fits(run: RunConfig, teacher: Architecture) -> None:

@@ -37,6 +37,8 @@ def teacher(tmp_path_factory):
     (["--run-config", "nmu-rounds=3"], "unknown run-config key 'nmu-rounds'"),
     (["--run-config", 'output-dir="/tmp/elsewhere"'], "set by moma-server itself"),
     (["--run-config", "lr=abc"], "write key=value, text in double quotes"),
+    (["--run-config", 'student-model="vit_tiny_patch16_224" image-size=32'],
+     "vit_tiny_patch16_224 cannot take 32 px images"),
     (["--run-config", 'student-model="resnet_9000"'],
      "run-config student-model: 'resnet_9000' is not a timm model name"),
 ])
@@ -71,6 +73,8 @@ def test_moma_server_needs_a_teacher_to_distil(call, tmp_path):
     (["--n", "0"], "--n 0: give at least 1 image per site"),
     (["--student-model", "resnet_9000", "--objective", "ce"],
      "run-config student-model: 'resnet_9000' is not a timm model name"),
+    (["--student-model", "vit_tiny_patch16_224", "--image-size", "32", "--objective", "ce"],
+     "vit_tiny_patch16_224 cannot take 32 px images"),
     (["--student-model", "resnet10t"], 'into the student resnet10t: teacher_update=\'momentum\' '
      'needs the teacher and student of the same architecture (got EfficientNet/'),
     (["--student-model", "resnet10t", "--objective", "crckd"],

@@ -80,6 +80,8 @@ def test_installed_script_refuses_an_unknown_arm_in_one_line(tmp_path):
      "--teacher-model is for teachers the benchmark trains"),
     (["--quick", "--teacher-model", "resnet_nope"], "--teacher-model 'resnet_nope': not a timm"),
     (["--quick", "--model", "effnet"], "--model 'effnet': not a timm model"),
+    (["--quick", "--teacher-model", "vit_tiny_patch16_224"],
+     "vit_tiny_patch16_224 cannot take 32 px images"),
     (["--quick", "--site-data", "{tmp}/a", "{tmp}/b"], "no such file or directory"),
     (["--quick", "--site-data", "{tmp}"], "at least 2"),
     (["--quick", "--site-data", "{tmp}", "{tmp}", "--data", "{tmp}"], "exclude each other"),
