@@ -484,12 +484,8 @@ def write_summary(out: Path, summary: dict) -> None:
     write_json(out / "summary.json", summary)
     lines = ["# moma-bench accuracy", "", f"{summary['date']} · `{summary['command']}`", ""]
     for name, sc in summary["scenarios"].items():
-        models = (f"teacher {sc['teacher_model']}, student {sc['student_model']}"
-                  + (" (MoMA's teacher frozen: another architecture)"
-                     if sc.get("teacher_model") not in (None, "", sc.get("student_model"))
-                     else "") + ". ") if sc.get("student_model") else ""
         lines += [f"## {name}", "", f"Teacher: {sc['task']} task (`{sc['teacher']}`); "
-                  f"{models}"
+                  f"{_models(sc['teacher_model'], sc['student_model'])}"
                   "Mean ± sample std over seeds; pooled: all sites' held-out images, each "
                   "scored by its own site's model; site-mean: mean over sites.", "",
                   markdown_table(table_rows(sc["arms"]), COLUMNS), ""]
@@ -501,6 +497,13 @@ def write_summary(out: Path, summary: dict) -> None:
             lines.append(f"![{kind}]({path.relative_to(out)})")
         lines.append("")
     (out / "summary.md").write_text("\n".join(lines))
+
+
+def _models(teacher: str, student: str) -> str:
+    """Which models the scenario distils (the teacher's is "" when it is the student's)."""
+    if teacher in ("", student):
+        return f"teacher and student {student}. "
+    return f"teacher {teacher}, student {student} (MoMA's teacher frozen: another architecture). "
 
 
 def plots(out: Path, name: str, arms: dict[str, dict]) -> dict[str, Path]:

@@ -78,7 +78,7 @@ class Arm:
         """Why this arm cannot run in ``scenario`` (None: it can)."""
         if self.objective == "kd" and scenario.task != "same":
             return "vanilla KD needs a teacher of the same task"  # nothing to distil otherwise
-        if self.objective == "crckd" and scenario.teacher_model not in ("", student_model):
+        if self.objective == "crckd" and scenario.teacher_is_other_model(student_model):
             return ("CRCKD's mean teacher is an EMA of the student: it needs a teacher of the "
                     "student's architecture")
         return None
@@ -130,6 +130,10 @@ class Scenario:
     #: architecture frozen (its momentum update needs the student's architecture)
     teacher_model: str = ""
 
+    def teacher_is_other_model(self, student_model: str) -> bool:
+        """The teacher is another architecture than the student (MoMA frozen, no CRCKD)."""
+        return self.teacher_model not in ("", student_model)
+
 
 @dataclass
 class Setup:
@@ -159,8 +163,8 @@ def setup(scenario: Scenario, arm_: Arm, seed: int, runs_dir: Path) -> Setup:
         # moma-simulate gives --site-data runs the synthetic target task as the coordinator's
         # held-out set, which is not the sites' task; every arm is scored here instead
         run = run.with_values(eval_source="")
-    if arm_.objective == "moma" and scenario.teacher_model not in (
-            "", run.federation.student_model):
+    if arm_.objective == "moma" and scenario.teacher_is_other_model(
+            run.federation.student_model):
         run = run.with_values(teacher_update="frozen")
     if arm_.settings:
         run = run.with_values(**dict(arm_.settings))
