@@ -140,6 +140,15 @@ class MoMA(_TeacherObjective):
     K = 256: log 257 ≈ 5.5).
     The run report shows the NCE term per round.
 
+    **Underneath both: the batch attention averages the batch.** The embeddings are
+    L2-normalised (norm 1, as in the reference), and over such inputs an untrained
+    :class:`BatchTokenAttention` has attention logits of about 1e-3: weights 1/B to 0.1 %, so
+    every sample of a batch leaves A_q (and A_k) with the same vector, the batch's mean. The
+    term can then tell batches apart, never the images of one batch, and carries no per-image
+    knowledge of the teacher (``bench/nce_signal.py``, docs/benchmarks.md; with a frozen
+    teacher of another task: reference 0.0, ``keys`` at chance, ``keys`` with a trained A_k
+    0.0 and then NaN, as the keys' norm grows).
+
     g_t starts as a copy of g_s (``key_head_init = "copy"``) or, as in the reference, with its
     own random initialisation (``"independent"``), then follows g_s by momentum. With a frozen
     teacher (``teacher_update = "frozen"``, any architecture) g_t is independent and fixed.

@@ -96,6 +96,32 @@ def test_attention_is_across_the_batch():
     assert not torch.allclose(attn(x2)[0], out[0])
 
 
+def _own_share(v: torch.Tensor) -> float:
+    """The share of the rows' energy that is not the batch mean's."""
+    centred = v - v.mean(dim=0, keepdim=True)
+    return float(centred.pow(2).sum(1).mean() / v.pow(2).sum(1).mean())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_untrained_attention_gives_every_unit_embedding_of_a_batch_the_batch_mean(seed):
+    """Why MoMA's NCE term cannot tell the images of a batch apart (docs/benchmarks.md, "Why
+    the NCE term carries no teacher knowledge here"): MoMA's embeddings are L2-normalised,
+    and over vectors of norm 1 an untrained batch attention (the reference's initialisation:
+    512-d, 4 heads) has attention logits of about 1e-3, weights uniform to 0.3 %, and gives
+    every sample the same output. Control: the same attention keeps the samples apart when
+    the inputs are 30 times longer."""
+    torch.manual_seed(seed)
+    attn = BatchTokenAttention(512, 4)
+    x = projection_head(64, 512, "mlp")(torch.randn(32, 64))
+    with torch.no_grad():
+        weights, out = attn.attention_matrix(x), attn(x)
+        control = attn(30 * x)
+    assert _own_share(x) > 0.3  # the embeddings themselves differ
+    assert float((weights * 32 - 1).abs().max()) < 0.01  # every weight is 1/B to 1 %
+    assert _own_share(out) < 1e-6  # each output row is the batch's mean
+    assert _own_share(control) > 1e-3
+
+
 def test_attention_rejects_bad_head_count():
     with pytest.raises(ValueError):
         BatchTokenAttention(dim=10, num_heads=4)
