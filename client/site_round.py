@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -88,12 +89,16 @@ def train(node_config: dict, run_config: dict, fields: RoundFields,
         store_teacher(settings, fields.teacher_sha, teacher)
     global_state = P.unpack_global(_decode(student))
     incoming = None
+    started = time.time()
     if fields.score_incoming:
         n_val, m = evaluate_round(settings, run, global_state)
         incoming = {**m, P.NUM_EXAMPLES: n_val}
+    eval_s = time.time() - started
     state, n, metrics = train_round(settings, run, fields.server_round, global_state,
                                     fields.teacher_sha)
     metrics[P.NUM_EXAMPLES] = n
+    if fields.score_incoming:  # the site's own work this round, with train-time-s
+        metrics[P.EVAL_TIME] = eval_s
     if run.privacy.client_dp == "site-clipping":  # bounded before it leaves the site
         from moma_protocol.clipping import clip_update
 

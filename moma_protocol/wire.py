@@ -107,9 +107,11 @@ def error_reason(msg: Message) -> str:
 # -- normal replies --------------------------------------------------------------------------
 #: the site's cumulative ε (its privacy ledger, all runs) after a DP-SGD round
 DP_EPSILON = "dp-epsilon"
+#: seconds the site spent scoring the incoming global student before it trained
+EVAL_TIME = "eval-time-s"
 TRAIN_METRICS = frozenset({"train-loss", "train-ce", "train-kl", "train-nce", "train-ccd",
                            "train-crp", "train-steps",
-                           "train-time-s", TEACHER_CACHED, NUM_EXAMPLES, DP_EPSILON})
+                           "train-time-s", EVAL_TIME, TEACHER_CACHED, NUM_EXAMPLES, DP_EPSILON})
 EVALUATE_METRICS = frozenset({"loss", "accuracy", "macro-f1", "kappa", NUM_EXAMPLES})
 STATUS_METRICS = frozenset({HAS_TEACHER})
 METRIC_NAMES: frozenset[str] = TRAIN_METRICS | EVALUATE_METRICS | STATUS_METRICS

@@ -108,7 +108,11 @@ def test_a_round_on_the_worker_equals_the_round_in_process(worker, tmp_path):
     for k in a:
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
     ma, mb = dict(remote.content[P.METRICS]), dict(local.content[P.METRICS])
-    ma.pop("train-time-s"), mb.pop("train-time-s")
+    for m, reply in ((ma, remote), (mb, local)):  # timings differ; each is reported
+        assert m.pop("train-time-s") > 0
+        # the time spent scoring the incoming student, when the site scored it
+        assert (P.EVAL_TIME in m) == (P.EVAL_METRICS in reply.content)
+        assert m.pop(P.EVAL_TIME, 0.0) >= 0
     assert ma == mb
     assert dict(remote.content[P.EVAL_METRICS]) == dict(local.content[P.EVAL_METRICS])
     # the teacher it carried is in the worker's site cache, as it would be in-process
