@@ -75,7 +75,8 @@ class ObjectiveSettings:
     attention_keys: str = opt(_OBJ.attention_keys, "keys of the queue attention",
                               ("reference", "trained"))
     queue_keys: str = opt(_OBJ.queue_keys, "what MoMA enqueues: reference A_enq(raw keys) or "
-                          "keys (the positives' own map; keeps the NCE term alive)",
+                          "keys (the positives' own map; keeps the NCE term from falling "
+                          "to 0, though at chance: docs/benchmarks.md)",
                           ("reference", "keys"))
     kl_teacher: str = opt(_OBJ.kl_teacher, "MoMA's KL logits from the teacher before its "
                           "momentum update (reference) or after it (one teacher forward)",
