@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from moma_core.checkpoint import load_model  # noqa: E402
+from moma_core.errors import CheckpointError  # noqa: E402
 from moma_core.models import Architecture, build_model, features_and_logits  # noqa: E402
 from moma_core.objectives import ObjectiveConfig, build_objective, same_task  # noqa: E402
 from moma_core.seeding import seed_everything  # noqa: E402
@@ -208,7 +209,10 @@ def main() -> int:
     if args.epochs < 1 or args.n < args.batch_size or args.queue_size < 1:
         p.error("--epochs and --queue-size must be at least 1, --n at least --batch-size")
     torch.set_num_threads(1)
-    teacher, t_arch, _ = load_model(args.teacher)
+    try:
+        teacher, t_arch, _ = load_model(args.teacher)
+    except CheckpointError as e:
+        p.error(f"--teacher: {e}")
     teacher.eval()
     result = {"command": "`" + " ".join(["bench/nce_signal.py", *sys.argv[1:]]) + "`",
               "date": time.strftime("%Y-%m-%d"),

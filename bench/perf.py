@@ -223,8 +223,7 @@ def main() -> int:
     p.add_argument("--p1", action="store_true", help="measure P1 again (bench/moma_step.py)")
     p.add_argument("--p2-long", action="store_true",
                    help="only P2 with 30 s or more of training per site and round (about 5 "
-                        "min), "
-                        "added to the figures already in --out")
+                        "min), added to the figures already in --out")
     p.add_argument("--p8", action="store_true", help="100 simulated sites (slow)")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
