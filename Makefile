@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(BIN)/moma-simulate --demo --name demo
 
 # the unit tests in three pytest workers, a test file at a time each (a module's fixtures are
-# made once): about 1 minute on 2 cores (549 tests in all, 529 of them unit tests)
+# made once): about 1 minute on 2 cores (552 tests in all, 532 of them unit tests)
 UNIT := $(BIN)/python -m pytest -q -n 3 --dist loadfile -m "not slow"
 
 # everything: first what starts no simulation engine, in three pytest workers (each unit-test
