@@ -46,10 +46,15 @@ sys.path.insert(0, str(ROOT))
 
 from moma_core.checkpoint import load_model  # noqa: E402
 from moma_core.errors import CheckpointError  # noqa: E402
-from moma_core.models import Architecture, build_model, features_and_logits  # noqa: E402
+from moma_core.models import (  # noqa: E402
+    Architecture,
+    build_model,
+    check_input_size,
+    features_and_logits,
+)
 from moma_core.objectives import ObjectiveConfig, build_objective, same_task  # noqa: E402
 from moma_core.seeding import seed_everything  # noqa: E402
-from moma_core.sources import make_loader, open_site_data  # noqa: E402
+from moma_core.sources import SiteData, make_loader, open_site_data  # noqa: E402
 from moma_core.train import TrainConfig, TrainingDiverged, train_local  # noqa: E402
 
 VARIANTS = {  # name: (ObjectiveConfig overrides, batch attention kept)
@@ -90,7 +95,7 @@ def probe(student: nn.Module, objective, loader) -> dict[str, float]:
             shares[key].append(own_share(v))
     student.train()
     objective.train()
-    return {"top1": hits / n, "acc": correct / n,
+    return {"top1": hits / n, "acc": correct / n, "probe_n": n,
             **{k: sum(v) / len(v) for k, v in shares.items()}}
 
 
@@ -103,17 +108,16 @@ def _features(model: nn.Module, loader) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(feats), torch.cat(labels)
 
 
-def linear_probe(model: nn.Module, args: argparse.Namespace) -> float:
+def linear_probe(model: nn.Module, data: SiteData, seed: int) -> float:
     """Validation accuracy of a linear classifier (full-batch L-BFGS, standardised inputs) on
-    ``model``'s frozen pooled features of the site's target-task images (no augmentation): how
-    much of the target task the features already hold."""
-    data = open_site_data("synthetic:target", args.image_size, "none", 0.0, args.seed, args.n)
+    ``model``'s frozen pooled features of the site's images (``data``, without augmentation):
+    how much of the target task the features already hold."""
     model.eval()
     x_tr, y_tr = _features(model, make_loader(data.train, 64, train=False))
     x_va, y_va = _features(model, make_loader(data.val, 64, train=False))
     mean, std = x_tr.mean(0), x_tr.std(0).clamp_min(1e-6)
     x_tr, x_va = (x_tr - mean) / std, (x_va - mean) / std
-    torch.manual_seed(args.seed)
+    torch.manual_seed(seed)
     clf = nn.Linear(x_tr.shape[1], len(data.classes))
     opt = torch.optim.LBFGS(clf.parameters(), max_iter=200)
 
@@ -129,15 +133,15 @@ def linear_probe(model: nn.Module, args: argparse.Namespace) -> float:
         return float((clf(x_va).argmax(1) == y_va).float().mean())
 
 
-def run_variant(name: str, args: argparse.Namespace, teacher: nn.Module, t_classes) -> dict:
+def run_variant(name: str, args: argparse.Namespace, teacher: nn.Module, data: SiteData
+                ) -> dict:
+    """Train one variant from the run seed (KL off: the teacher is of another task)."""
     overrides, attention = VARIANTS[name]
-    data = open_site_data("synthetic:target", args.image_size, "randaugment", 0.0, args.seed,
-                          args.n)
     seed_everything(args.seed)
     student = build_model(Architecture(args.model, tuple(data.classes), args.image_size))
     cfg = ObjectiveConfig(kind="moma", teacher_update="frozen", queue_size=args.queue_size,
                           **overrides)
-    objective = build_objective(cfg, student, teacher, same_task(t_classes, data.classes))
+    objective = build_objective(cfg, student, teacher, same_task=False)
     if not attention:
         objective.attn_q = objective.attn_k = objective.attn_enqueue = nn.Identity()
     train_loader = make_loader(data.train, args.batch_size, train=True, seed=args.seed)
@@ -211,26 +215,34 @@ def main() -> int:
     torch.set_num_threads(1)
     try:
         teacher, t_arch, _ = load_model(args.teacher)
-    except CheckpointError as e:
-        p.error(f"--teacher: {e}")
+        check_input_size(args.model, args.image_size)
+    except (CheckpointError, ValueError) as e:
+        p.error(str(e))
     teacher.eval()
+    data = open_site_data("synthetic:target", args.image_size, "randaugment", 0.0, args.seed,
+                          args.n)
+    if same_task(t_arch.classes, data.classes):
+        p.error(f"--teacher {args.teacher} was trained on the target classes {data.classes}: "
+                "give a teacher of another task (e.g. moma-teacher --source synthetic:source)")
+    plain = open_site_data("synthetic:target", args.image_size, "none", 0.0, args.seed, args.n)
     result = {"command": "`" + " ".join(["bench/nce_signal.py", *sys.argv[1:]]) + "`",
               "date": time.strftime("%Y-%m-%d"),
               "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread, CPU",
               "teacher_model": t_arch.model_name, "model": args.model, "n": args.n,
               "epochs": args.epochs, "steps_per_epoch": math.ceil(args.n / args.batch_size),
-              "queue_size": args.queue_size, "probe_n": int(args.n * 0.25), "variants": []}
+              "queue_size": args.queue_size, "probe_n": len(data.val), "variants": []}
     seed_everything(args.seed)
-    random_student = build_model(Architecture(args.model, ("a", "b", "c", "d"), args.image_size))
-    result["linear_probe"] = {"teacher": linear_probe(teacher, args),
-                              "random student": linear_probe(random_student, args)}
+    random_student = build_model(Architecture(args.model, tuple(data.classes), args.image_size))
+    result["linear_probe"] = {"teacher": linear_probe(teacher, plain, args.seed),
+                              "random student": linear_probe(random_student, plain, args.seed)}
     print(f"linear probe on the target task: {result['linear_probe']}", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     for name in args.variants:
         print(f"{name}:", flush=True)
-        result["variants"].append(run_variant(name, args, teacher, t_arch.classes))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "nce_signal.json").write_text(json.dumps(result, indent=2))
-    (args.out / "nce_signal.md").write_text(markdown(result))
+        result["variants"].append(run_variant(name, args, teacher, data))
+        # written after each variant: a run stopped part-way keeps what it measured
+        (args.out / "nce_signal.json").write_text(json.dumps(result, indent=2))
+        (args.out / "nce_signal.md").write_text(markdown(result))
     print(markdown(result))
     return 0
 
