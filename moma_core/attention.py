@@ -4,8 +4,8 @@ The samples of the mini-batch are the tokens: an embedding batch (B, D) is atten
 sequence (1, B, D), so each head has a B×B attention matrix. As in the reference: qkv with bias,
 output projection, no residual, no normalisation, no dropout.
 
-Untrained and fed MoMA's L2-normalised embeddings (norm 1), its attention logits are about 1e-3
-and its weights uniform to 0.1 %: every sample of the batch gets the batch's mean (see
+Untrained and fed MoMA's L2-normalised embeddings (norm 1), its attention logits are close to 0
+and its weights 1/B to within 1 %: every sample of the batch gets the batch's mean (see
 ``moma_core.objectives.MoMA``, "the batch attention averages the batch").
 """
 

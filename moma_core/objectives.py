@@ -142,7 +142,7 @@ class MoMA(_TeacherObjective):
 
     **Underneath both: the batch attention averages the batch.** The embeddings are
     L2-normalised (norm 1, as in the reference), and over such inputs an untrained
-    :class:`BatchTokenAttention` has attention logits of about 1e-3: weights 1/B to 0.1 %, so
+    :class:`BatchTokenAttention` has attention logits close to 0: weights 1/B to 1 %, so
     every sample of a batch leaves A_q (and A_k) with the same vector, the batch's mean. The
     term can then tell batches apart, never the images of one batch, and carries no per-image
     knowledge of the teacher (``bench/nce_signal.py``, docs/benchmarks.md; with a frozen

@@ -107,7 +107,7 @@ def test_untrained_attention_gives_every_unit_embedding_of_a_batch_the_batch_mea
     """Why MoMA's NCE term cannot tell the images of a batch apart (docs/benchmarks.md, "Why
     the NCE term carries no teacher knowledge here"): MoMA's embeddings are L2-normalised,
     and over vectors of norm 1 an untrained batch attention (the reference's initialisation:
-    512-d, 4 heads) has attention logits of about 1e-3, weights uniform to 0.3 %, and gives
+    512-d, 4 heads) has attention logits close to 0, weights 1/B to within 1 %, and gives
     every sample the same output. Control: the same attention keeps the samples apart when
     the inputs are 30 times longer."""
     torch.manual_seed(seed)
