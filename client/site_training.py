@@ -120,7 +120,8 @@ def train_round(settings: SiteSettings, run: RunConfig, server_round: int,
         else None
     objective = build_objective(run.objective_config(), student, teacher,
                                 same_task(t_arch.classes, data.classes) if t_arch else None,
-                                n_data=len(data.train), public_keys=public)
+                                n_data=len(data.train), public_keys=public,
+                                batch_size=tr.batch_size)
     if saved is not None:
         objective.load_state_dict(saved)
     cfg = replace(run.train_config(server_round), seed=seed)

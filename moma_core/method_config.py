@@ -11,6 +11,8 @@ import math
 from dataclasses import asdict, dataclass, fields
 
 OBJECTIVES = ("ce", "kd", "moma", "crckd")
+#: MoMA's batch attention variants (``ObjectiveConfig.moma_attention``)
+MOMA_ATTENTIONS = ("reference", "residual")
 # Objectives for sample-level DP-SGD (moma_core.privacy): built by build_objective but not (yet)
 # offered by the federation's settings or the commands, which do not wire their inputs.
 DP_OBJECTIVES = ("dp-moma",)
@@ -43,6 +45,11 @@ class ObjectiveConfig:
     # teacher logits for KL: "before-update" (the reference: a second teacher forward per step
     # when KL is on) or "after-update" (one forward; z_t from the just-updated teacher)
     kl_teacher: str = "before-update"
+    # MoMA's batch attention: "reference" (the authors' code: q = A_q(x), k = A_k(k̂), three
+    # separate maps, no residual) or "residual": q = normalize(x + A_q(x)) with A_q's output
+    # projection zero-initialised, k = normalize(k̂ + A_k(k̂)) with A_k the momentum copy of A_q,
+    # and the queue receives k itself (see moma_core.objectives.MoMA)
+    moma_attention: str = "reference"
     # dp-moma's query attention: "queue" (each sample's query attends over the public keys) or
     # "none"; never across the samples of a batch
     dp_attention: str = "queue"
@@ -61,6 +68,11 @@ class ObjectiveConfig:
             raise ValueError("queue_keys must be 'reference' or 'keys'")
         if self.key_head_init not in ("copy", "independent"):
             raise ValueError("key_head_init must be 'copy' or 'independent'")
+        if self.moma_attention not in MOMA_ATTENTIONS:
+            raise ValueError(f"moma_attention must be one of {MOMA_ATTENTIONS}")
+        if self.moma_attention == "residual" and self.attention_keys == "trained":
+            raise ValueError("attention_keys = 'trained' is for the reference attention: with "
+                             "moma_attention = 'residual' A_k is the momentum copy of A_q")
         if self.dp_attention not in ("queue", "none"):
             raise ValueError("dp_attention must be 'queue' or 'none'")
         if self.queue_size < 1 or self.feat_dim < 1 or self.num_heads < 1:

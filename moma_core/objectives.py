@@ -9,6 +9,7 @@ together with the student.
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Iterator
 
 import torch
@@ -23,6 +24,8 @@ from moma_core.method_config import OBJECTIVES, ObjectiveConfig  # noqa: F401 (r
 from moma_core.models import feature_dim, features_and_logits
 from moma_core.momentum import momentum_update, paired_parameters
 from moma_core.queue import KeyQueue
+
+log = logging.getLogger("moma.objectives")
 
 
 class Objective(nn.Module):
@@ -149,6 +152,25 @@ class MoMA(_TeacherObjective):
     teacher of another task: reference 0.0, ``keys`` at chance, ``keys`` with a trained A_k
     0.0 and then NaN, as the keys' norm grows).
 
+    **The residual attention** (``moma_attention = "residual"``) keeps the published structure
+    and lets the term carry each image's teacher key::
+
+        x = g_s(f_s);  q = normalize(x + A_q(x))             (A_q's output projection starts at 0)
+        k = normalize(k̂ + A_k(k̂))                            (A_k: momentum copy of A_q, no grad)
+        after the optimiser step: A_k ← m·A_k + (1−m)·A_q;  Q ← k  (with each key's image index)
+
+    Training starts from the plain per-image contrast of q and k̂ and the attention adds the
+    batch's context as it learns. Positives and negatives come from one map; a queued key of the
+    query's own image is never its negative (masked by image index), and the queue holds at
+    most ``n_data − batch_size`` keys (:func:`queue_size_for`), so it cannot fill with stale
+    copies of the site's images.
+
+    **Is the term alive?** Every step also reports, without gradient, ``nce-shuffled`` (the
+    same logits with each query's positive replaced by the key of the next image in the
+    batch) and ``retrieval`` (the share of queries whose most similar key in the batch is
+    their own image's): a term at exactly 0 that loses nothing when its positives are shuffled,
+    or retrieval at chance (1/B), carries no per-image knowledge of the teacher.
+
     g_t starts as a copy of g_s (``key_head_init = "copy"``) or, as in the reference, with its
     own random initialisation (``"independent"``), then follows g_s by momentum. With a frozen
     teacher (``teacher_update = "frozen"``, any architecture) g_t is independent and fixed.
@@ -157,10 +179,13 @@ class MoMA(_TeacherObjective):
     name = "moma"
 
     def __init__(self, teacher: nn.Module, student: nn.Module, cfg: ObjectiveConfig,
-                 same_task: bool) -> None:
+                 same_task: bool, n_data: int | None = None, batch_size: int | None = None
+                 ) -> None:
         super().__init__(teacher, cfg, same_task)
         d_s, d_t = feature_dim(student), feature_dim(self.teacher)
         momentum = cfg.teacher_update == "momentum"
+        self.residual = cfg.moma_attention == "residual"
+        self.needs_index = self.residual  # the queue remembers each key's image
         check_teacher_fits(cfg, self.teacher, student)
         emb = cfg.feat_dim if cfg.head != "none" else d_s
         self.proj_q = projection_head(d_s, cfg.feat_dim, cfg.head)
@@ -170,14 +195,23 @@ class MoMA(_TeacherObjective):
             self.proj_k = projection_head(d_t, cfg.feat_dim, cfg.head)
         self.proj_k.requires_grad_(False)
         self.attn_q = BatchTokenAttention(emb, cfg.num_heads)
-        self.attn_k = BatchTokenAttention(emb, cfg.num_heads)
-        self.attn_enqueue = BatchTokenAttention(emb, cfg.num_heads)
-        self.attn_enqueue.requires_grad_(False)
-        if cfg.attention_keys == "reference":
+        queue_size = cfg.queue_size
+        if self.residual:
+            nn.init.zeros_(self.attn_q.proj.weight)  # q = x at the start: the plain contrast
+            nn.init.zeros_(self.attn_q.proj.bias)
+            self.attn_k = copy.deepcopy(self.attn_q)  # A_k follows A_q by momentum
             self.attn_k.requires_grad_(False)
-        self.queue = KeyQueue(emb, cfg.queue_size, cfg.nce_temperature)
+            queue_size = queue_size_for(cfg.queue_size, n_data, batch_size)
+        else:
+            self.attn_k = BatchTokenAttention(emb, cfg.num_heads)
+            self.attn_enqueue = BatchTokenAttention(emb, cfg.num_heads)
+            self.attn_enqueue.requires_grad_(False)
+            if cfg.attention_keys == "reference":
+                self.attn_k.requires_grad_(False)
+        self.queue = KeyQueue(emb, queue_size, cfg.nce_temperature, track_ids=self.residual)
         self._pairs: tuple[int, tuple[list, list]] | None = None
         self._pending_keys: torch.Tensor | None = None
+        self._pending_ids: torch.Tensor | None = None
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         return (p for p in self.parameters() if p.requires_grad)
@@ -190,7 +224,7 @@ class MoMA(_TeacherObjective):
             self._pairs = (id(student), (t_keys + h_keys, s_params + h_params))
         momentum_update(*self._pairs[1], self.cfg.momentum)
 
-    def loss(self, student, x, y):
+    def loss(self, student, x, y, index=None):
         cfg = self.cfg
         f_s, z_s = features_and_logits(student, x)
         with torch.no_grad():
@@ -205,40 +239,103 @@ class MoMA(_TeacherObjective):
             k_raw = self.proj_k(f_t)
         ce = F.cross_entropy(z_s, y)
         kl = self._kl(z_s, z_t)
-        q = self.attn_q(self.proj_q(f_s))
-        if cfg.attention_keys == "trained":
-            k = self.attn_k(k_raw)
-        else:
+        if self.residual:
+            x_q = self.proj_q(f_s)
+            q = F.normalize(x_q + self.attn_q(x_q), dim=1)
             with torch.no_grad():
+                k = F.normalize(k_raw + self.attn_k(k_raw), dim=1)
+            pending = k
+        else:
+            q = self.attn_q(self.proj_q(f_s))
+            if cfg.attention_keys == "trained":
                 k = self.attn_k(k_raw)
-        logits, labels = self.queue.logits(q, k)
+            else:
+                with torch.no_grad():
+                    k = self.attn_k(k_raw)
+            pending = k_raw if cfg.queue_keys == "reference" else k
+        ids = index if self.residual else None
+        logits, labels = self.queue.logits(q, k, ids)
         nce = F.cross_entropy(logits, labels)
         # after_step runs outside autocast (AMP): keys in the queue's own precision
-        pending = k_raw if cfg.queue_keys == "reference" else k
         self._pending_keys = pending.detach().to(self.queue.queue.dtype)
+        self._pending_ids = ids
         total = cfg.ce_weight * ce + cfg.kl_weight * kl + cfg.nce_weight * nce
-        return total, {"ce": ce.detach(), "kl": kl.detach(), "nce": nce.detach()}
+        return total, {"ce": ce.detach(), "kl": kl.detach(), "nce": nce.detach(),
+                       **nce_health(logits.detach(), q.detach(), k.detach(),
+                                    self.queue.temperature)}
 
     def after_step(self, student: nn.Module) -> None:
-        """Enqueue A_enq(k̂) of the step just taken (the queue is read in place by the loss)."""
+        """Enqueue the step's keys (the queue is read in place by the loss): A_enq(k̂) with the
+        reference attention; with the residual one, first A_k ← m·A_k + (1−m)·A_q, then k."""
         if self._pending_keys is not None:
             with torch.no_grad():
                 keys = self._pending_keys
-                self.queue.enqueue(self.attn_enqueue(keys) if self.cfg.queue_keys == "reference"
-                                   else keys)
-            self._pending_keys = None
+                if self.residual:
+                    momentum_update(*paired_parameters(self.attn_k, self.attn_q),
+                                    self.cfg.momentum)
+                    self.queue.enqueue(keys, self._pending_ids)
+                else:
+                    self.queue.enqueue(self.attn_enqueue(keys)
+                                       if self.cfg.queue_keys == "reference" else keys)
+            self._pending_keys = self._pending_ids = None
+
+
+def queue_size_for(queue_size: int, n_data: int | None, batch_size: int | None) -> int:
+    """MoMA's residual queue: at most ``n_data − batch_size`` keys, so that the queue holds
+    fewer keys than the site has images besides the batch's. Without ``n_data`` and
+    ``batch_size`` (a caller that does not know its data) ``queue_size`` as given.
+
+    Raises ValueError when the training set is no larger than a batch (no room for one
+    negative that is not an earlier key of the batch's own images)."""
+    if n_data is None or batch_size is None:
+        return queue_size
+    room = n_data - batch_size
+    if room < 1:
+        raise ValueError(f"MoMA's queue needs more training images than one batch: {n_data} "
+                         f"images, batch size {batch_size}; lower batch-size")
+    if queue_size > room:
+        log.info("MoMA queue: %d keys instead of queue-size %d (%d training images - batch "
+                 "%d), so the queue cannot fill with earlier keys of the site's own images",
+                 room, queue_size, n_data, batch_size)
+        return room
+    return queue_size
+
+
+@torch.no_grad()
+def nce_health(logits: torch.Tensor, q: torch.Tensor, k: torch.Tensor, temperature: float
+               ) -> dict[str, torch.Tensor]:
+    """Whether the NCE term carries per-image knowledge (no gradient, no random numbers).
+
+    ``nce-shuffled``: the NCE of the same logits with each query's positive replaced by the
+    key of the next image in the batch (a derangement: roll by one); the gap ``nce-shuffled −
+    nce`` is what knowing its own image's key is worth to a query, 0 when the term only tells
+    batches apart. ``retrieval``: the share of queries whose most similar key in the batch is
+    their own image's (chance: 1/B). A batch of one has neither.
+    """
+    b = q.shape[0]
+    if b < 2:
+        return {}
+    q, k = q.float(), k.float()
+    shuffled = logits.float().clone()
+    shuffled[:, 0] = (q * k.roll(1, dims=0)).sum(dim=1) / temperature
+    labels = torch.zeros(b, dtype=torch.long, device=q.device)
+    top = (q @ k.t()).argmax(dim=1)
+    return {"nce-shuffled": F.cross_entropy(shuffled, labels),
+            "retrieval": (top == torch.arange(b, device=q.device)).float().mean()}
 
 
 def build_objective(cfg: ObjectiveConfig, student: nn.Module,
                     teacher: nn.Module | None = None, same_task: bool | None = None,
-                    n_data: int | None = None, public_keys: torch.Tensor | None = None
-                    ) -> Objective:
+                    n_data: int | None = None, public_keys: torch.Tensor | None = None,
+                    batch_size: int | None = None) -> Objective:
     """The objective ``cfg.kind`` for ``student``; ``same_task`` decides whether KL is used.
 
     Pass ``same_task`` from the class *names* of teacher and student (:func:`same_task`); when
     omitted it falls back to comparing class counts, which cannot tell two 4-class tasks apart.
     CRCKD keeps one memory-bank row per training sample: give ``n_data`` (the training set's
-    size) and feed it :func:`training_set` batches, which carry each sample's index.
+    size) and feed it :func:`training_set` batches, which carry each sample's index; MoMA's
+    residual attention sizes its queue from ``n_data`` and ``batch_size``
+    (:func:`queue_size_for`) and also takes :func:`training_set` batches.
     ``dp-moma`` (:class:`moma_core.privacy.dp_moma.DPMoMA`) needs ``public_keys``: the frozen
     teacher's keys of non-private images, ``public_queue(teacher, images)`` (no key head).
     """
@@ -264,7 +361,7 @@ def build_objective(cfg: ObjectiveConfig, student: nn.Module,
             raise ValueError("objective 'crckd' needs the training set's size (n_data)")
         return CRCKD(teacher, student, n_data, same_task=same_task, ce_weight=cfg.ce_weight,
                      consistency_weight=cfg.kl_weight)
-    return MoMA(teacher, student, cfg, same_task)
+    return MoMA(teacher, student, cfg, same_task, n_data=n_data, batch_size=batch_size)
 
 
 def training_set(objective: Objective, dataset: Dataset) -> Dataset:

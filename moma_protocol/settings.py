@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from moma_core.method_config import (
     DP_OBJECTIVES,
+    MOMA_ATTENTIONS,
     OBJECTIVES,
     OPTIMIZERS,
     ObjectiveConfig,
@@ -83,13 +84,18 @@ class ObjectiveSettings:
                           ("before-update", "after-update"))
     key_head_init: str = opt(_OBJ.key_head_init, "MoMA's key head g_t: copy of g_s or "
                              "independent (the reference)", ("copy", "independent"))
+    moma_attention: str = opt(_OBJ.moma_attention, "MoMA's batch attention: reference (the "
+                              "authors' three maps) or residual (q = normalize(x + A_q(x)), "
+                              "A_k the momentum copy of A_q, the queue receives k; "
+                              "docs/benchmarks.md)", MOMA_ATTENTIONS)
 
     def config(self) -> ObjectiveConfig:
         return ObjectiveConfig(kind=self.objective, queue_size=self.queue_size,
                                teacher_update=self.teacher_update,
                                attention_keys=self.attention_keys,
                                key_head_init=self.key_head_init,
-                               queue_keys=self.queue_keys, kl_teacher=self.kl_teacher)
+                               queue_keys=self.queue_keys, kl_teacher=self.kl_teacher,
+                               moma_attention=self.moma_attention)
 
 
 @dataclass(frozen=True)

@@ -110,7 +110,7 @@ DP_EPSILON = "dp-epsilon"
 #: seconds the site spent scoring the incoming global student before it trained
 EVAL_TIME = "eval-time-s"
 TRAIN_METRICS = frozenset({"train-loss", "train-ce", "train-kl", "train-nce", "train-ccd",
-                           "train-crp", "train-steps",
+                           "train-crp", "train-steps", "train-nce-shuffled", "train-retrieval",
                            "train-time-s", EVAL_TIME, TEACHER_CACHED, NUM_EXAMPLES, DP_EPSILON})
 EVALUATE_METRICS = frozenset({"loss", "accuracy", "macro-f1", "kappa", NUM_EXAMPLES})
 STATUS_METRICS = frozenset({HAS_TEACHER})

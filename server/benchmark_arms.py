@@ -56,7 +56,7 @@ from server.server_app import initial_student, state_digest
 from server.teacher_package import package_teacher
 
 METRICS = ("accuracy", "macro_f1", "kappa")
-TERMS = ("train-nce", "train-kl", "train-ce")
+TERMS = ("train-nce", "train-kl", "train-ce", "train-nce-shuffled", "train-retrieval")
 
 
 @dataclass(frozen=True)
@@ -308,7 +308,7 @@ def train_alone(run: RunConfig, train: Dataset, name: str, teacher: Path | None
             objective = build_objective(
                 run.objective_config(), student, t_model,
                 same_task(t_arch.classes, run.class_names) if t_arch else None,
-                n_data=len(train))
+                n_data=len(train), batch_size=tr.batch_size)
         cfg = replace(run.train_config(rnd), seed=seed)
         loader = make_loader(training_set(objective, train), tr.batch_size, train=True,
                              seed=seed)

@@ -29,9 +29,16 @@ def _site_failures(entry: dict) -> str:
 
 
 def _loss_terms(train: dict | None) -> dict:
-    """The sites' mean loss terms of a round (CE, KL, NCE: which terms still carry signal)."""
+    """The sites' mean loss terms of a round (CE, KL, NCE: which terms still carry signal) and
+    the NCE term's health: the gap to its value with shuffled positives and the in-batch
+    retrieval of each image's teacher key (both 0 / chance when it carries no per-image
+    knowledge; see moma_core.objectives.nce_health)."""
     train = train or {}
-    return {name: train.get(f"train-{name}", "") for name in ("ce", "kl", "nce")}
+    out = {name: train.get(f"train-{name}", "") for name in ("ce", "kl", "nce")}
+    nce, shuffled = train.get("train-nce"), train.get("train-nce-shuffled")
+    out["nce gap"] = shuffled - nce if nce is not None and shuffled is not None else ""
+    out["retrieval"] = train.get("train-retrieval", "")
+    return out
 
 
 def _eval_keys(m: dict | None) -> dict | None:
@@ -222,7 +229,9 @@ class RunResults:
             "per-site val accuracy": per_site,
             "site loss terms (train)": {
                 name: [(r.get("train") or {}).get(f"train-{name}") for r in rounds]
-                for name in ("ce", "kl", "nce")},
+                for name in ("ce", "kl", "nce", "nce-shuffled")},
+            "NCE in-batch retrieval (train)": {
+                "retrieval": [(r.get("train") or {}).get("train-retrieval") for r in rounds]},
             "bytes on the wire (MB)": {
                 "down": [r["bytes_down"] / 1e6 for r in rounds],
                 "up": [r["bytes_up"] / 1e6 for r in rounds]},

@@ -30,7 +30,7 @@ import numpy as np
 from deploy.app_bundle import COMPONENTS
 from moma_core.cli.common import run_cli
 from moma_core.data.synthetic import TARGET_CLASSES
-from moma_core.method_config import DP_OBJECTIVES, OBJECTIVES
+from moma_core.method_config import DP_OBJECTIVES, MOMA_ATTENTIONS, OBJECTIVES
 from moma_core.partition import PARTITIONERS, partition
 from moma_core.progress import console
 from moma_core.train import OPTIMIZERS
@@ -71,6 +71,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher-update", choices=("momentum", "frozen"), default=None,
                    help="MoMA's teacher: moved towards the student by momentum (the teacher's "
                         "own architecture only) or frozen (any teacher, e.g. a larger one)")
+    p.add_argument("--moma-attention", choices=MOMA_ATTENTIONS, default=None,
+                   help="MoMA's batch attention: reference (the authors' code) or residual "
+                        "(the contrast carries each image's teacher key)")
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--transfer-dtype", choices=TRANSFER_DTYPES, default=None,
                    help="student tensors on the wire (float16: half the bytes)")
@@ -122,6 +125,7 @@ RUN_KEYS = {"rounds": "num-rounds", "objective": "objective", "student_model": "
             "batch_size": "batch-size", "lr": "lr", "optimizer": "optimizer",
             "augment": "augment", "queue_size": "queue-size",
             "teacher_update": "teacher-update", "image_size": "image-size",
+            "moma_attention": "moma-attention",
             "seed": "seed", "transfer_dtype": "transfer-dtype", "dp": "dp",
             "dp_noise_multiplier": "dp-noise-multiplier", "dp_max_grad_norm": "dp-max-grad-norm",
             "client_dp": "client-dp", "client_dp_noise_multiplier": "client-dp-noise-multiplier",

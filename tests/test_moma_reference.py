@@ -98,7 +98,8 @@ class Reference:
         loss.backward()
         grads = _grads(self.student, self.embed_s, self.atts_q)
         self.optimizer.step()
-        return {"ce": loss_cls, "kl": loss_div, "nce": loss_kd, "loss": loss, "grads": grads}
+        return {"ce": loss_cls, "kl": loss_div, "nce": loss_kd, "loss": loss, "grads": grads,
+                "z_t": logit_t}
 
 
 def _grads(*modules: nn.Module) -> list[torch.Tensor]:
@@ -125,6 +126,9 @@ def test_moma_steps_match_the_reference_equations(key_head_init):
     assert len(params) == len(list(ref.optimizer.param_groups[0]["params"]))
     optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-4)
     gen = torch.Generator().manual_seed(1)
+    teacher_logits = []  # z_t as the objective's KL term receives them
+    kl = obj._kl
+    obj._kl = lambda z_s, z_t: (teacher_logits.append(z_t.detach().clone()), kl(z_s, z_t))[1]
     for step in range(STEPS):
         x = torch.randn(B, 3, 32, 32, generator=gen, dtype=torch.float64)
         y = torch.randint(0, C, (B,), generator=gen)
@@ -136,6 +140,10 @@ def test_moma_steps_match_the_reference_equations(key_head_init):
         optimizer.step()
         obj.after_step(student)
 
+        # the teacher's logits themselves, not only the KL they give: the reference takes
+        # them from the teacher before this step's momentum update
+        torch.testing.assert_close(teacher_logits[step], expected["z_t"], atol=1e-12, rtol=0,
+                                   msg=lambda m, s=step: f"step {s} teacher logits: {m}")
         for name in ("ce", "kl", "nce"):
             _close(parts[name], expected[name].detach(), f"step {step} {name}")
         _close(loss.detach(), expected["loss"].detach(), f"step {step} total")

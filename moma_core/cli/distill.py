@@ -14,6 +14,7 @@ from pathlib import Path
 
 from moma_core.checkpoint import load_model, save_checkpoint
 from moma_core.cli.common import add_data_args, add_training_args, run_cli
+from moma_core.method_config import MOMA_ATTENTIONS
 from moma_core.models import Architecture, build_model
 from moma_core.objectives import (
     OBJECTIVES,
@@ -47,6 +48,10 @@ def parser() -> argparse.ArgumentParser:
                    default=ObjectiveConfig.kl_teacher)
     p.add_argument("--key-head-init", choices=["copy", "independent"],
                    default=ObjectiveConfig.key_head_init)
+    p.add_argument("--moma-attention", choices=list(MOMA_ATTENTIONS),
+                   default=ObjectiveConfig.moma_attention,
+                   help="MoMA's batch attention: reference or residual (see "
+                        "docs/configuration.md)")
     p.add_argument("--name", default=None, help="run name (default: distill-<objective>)")
     p.add_argument("--runs-dir", type=Path, default=Path("runs"))
     p.add_argument("--test-n", type=int, default=400,
@@ -80,10 +85,11 @@ def distill(args: argparse.Namespace) -> dict:
     obj_cfg = ObjectiveConfig(kind=args.objective, teacher_update=args.teacher_update,
                               attention_keys=args.attention_keys, queue_size=args.queue_size,
                               queue_keys=args.queue_keys, kl_teacher=args.kl_teacher,
-                              key_head_init=args.key_head_init)
+                              key_head_init=args.key_head_init,
+                              moma_attention=args.moma_attention)
     objective = build_objective(obj_cfg, student, teacher,
                                 same_task(arch.classes, data.classes) if arch else None,
-                                n_data=len(data.train))
+                                n_data=len(data.train), batch_size=args.batch_size)
     cfg = TrainConfig(epochs=args.epochs, lr=args.lr, optimizer=args.optimizer,
                       weight_decay=args.weight_decay, seed=args.seed, amp=args.amp)
     test = test_split_for(args, data.classes)
