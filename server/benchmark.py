@@ -438,20 +438,79 @@ def _steps(per_site: dict[str, float]) -> str:
     return f"{statistics.fmean(per_site.values()):.0f} per site" if per_site else "–"
 
 
+#: two-sided 95 % quantiles of Student's t by degrees of freedom (paired intervals over seeds)
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+        9: 2.262, 10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def paired(a: dict, b: dict, metric: str) -> dict | None:
+    """``a − b`` in ``metric`` (pooled) over the seeds both arms ran: mean, per-seed values and
+    the 95 % t-interval of the mean paired difference (None for one seed)."""
+    if a.get("status") != "ok" or b.get("status") != "ok":
+        return None
+    va = dict(zip(a["seeds"], a["pooled"][metric]["values"], strict=True))
+    vb = dict(zip(b["seeds"], b["pooled"][metric]["values"], strict=True))
+    seeds = sorted(set(va) & set(vb))
+    if not seeds:
+        return None
+    diffs = [va[s] - vb[s] for s in seeds]
+    mean = statistics.fmean(diffs)
+    half = None
+    if len(diffs) > 1:
+        df = len(diffs) - 1
+        t = T975[max(k for k in T975 if k <= df)]
+        half = t * statistics.stdev(diffs) / len(diffs) ** 0.5
+    return {"mean": mean, "values": diffs, "seeds": seeds,
+            "ci95": [mean - half, mean + half] if half is not None else None}
+
+
+def _best(arms: dict[str, dict], names: list[str]) -> str | None:
+    done = [n for n in names if arms.get(n, {}).get("status") == "ok"]
+    return max(done, key=lambda n: arms[n]["pooled"]["accuracy"]["mean"]) if done else None
+
+
+def comparisons(arms: dict[str, dict]) -> list[dict]:
+    """The goals' comparisons, paired over seeds: the best federated MoMA arm against the best
+    local-only arm and FedAvg CE-only (P7), and the best federated arm against centralised
+    training with its objective (P6)."""
+    federated = [n for n in arms if arm(n).kind == "federated"]
+    moma = _best(arms, [n for n in federated if arm(n).objective == "moma"])
+    best = _best(arms, federated)
+    pairs = []
+    if moma:
+        for other in (_best(arms, [n for n in arms if arm(n).kind == "local"]), "fedavg-ce"):
+            if other:
+                pairs.append(("P7", moma, other))
+    if best:
+        a = arm(best)
+        same = [n for n in arms if arm(n).kind == "central" and arm(n).objective == a.objective
+                and arm(n).settings == a.settings]
+        central = _best(arms, same) or _best(arms, [n for n in arms
+                                                    if arm(n).kind == "central"])
+        if central:
+            pairs.append(("P6", best, central))
+    out = []
+    for goal, a, b in pairs:
+        out.append({"goal": goal, "arm": a, "against": b,
+                    **{m: paired(arms[a], arms[b], m) for m in ("accuracy", "macro_f1")}})
+    return [c for c in out if c["accuracy"] is not None]
+
+
+def _diff(d: dict | None) -> str:
+    if d is None:
+        return "–"
+    ci = f" [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]" if d["ci95"] else ""
+    return f"{d['mean']:+.3f}{ci}"
+
+
 def gains(arms: dict[str, dict]) -> list[str]:
-    """FedAvg + MoMA against FedAvg CE-only and the mean local-only site (accuracy)."""
-    moma = arms.get("fedavg-moma", {})
-    if moma.get("status") != "ok":
-        return []
+    """The paired comparisons as Markdown lines (difference of pooled metrics, 95 % interval
+    over seeds)."""
     lines = []
-    for other in ("fedavg-ce", "local-only", "centralised-moma"):
-        agg = arms.get(other, {})
-        if agg.get("status") != "ok":
-            continue
-        d_pool = moma["pooled"]["accuracy"]["mean"] - agg["pooled"]["accuracy"]["mean"]
-        d_site = moma["site_mean"]["accuracy"]["mean"] - agg["site_mean"]["accuracy"]["mean"]
-        lines.append(f"- fedavg-moma − {other}: pooled accuracy {d_pool:+.3f}, site-mean "
-                     f"accuracy {d_site:+.3f}")
+    for c in comparisons(arms):
+        lines.append(f"- {c['goal']}: {c['arm']} − {c['against']}: pooled accuracy "
+                     f"{_diff(c['accuracy'])}, macro-F1 {_diff(c['macro_f1'])} (paired over "
+                     f"seeds {', '.join(map(str, c['accuracy']['seeds']))}; 95 % t-interval)")
     return lines
 
 
@@ -475,7 +534,7 @@ def summarise(args: argparse.Namespace, plan_scenarios: list[Scenario], command:
             "task": sc.task, "teacher": str(sc.teacher), "teacher_model": sc.teacher_model,
             "student_model": args.model, "simulate_options": list(sc.sim_args),
             "same_start": all(len(d) == 1 for d in starts.values()) if starts else None,
-            "arms": arms}
+            "arms": arms, "comparisons": comparisons(arms)}
     return out
 
 

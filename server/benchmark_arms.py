@@ -47,7 +47,7 @@ from moma_core.checkpoint import load_model
 from moma_core.evaluate import evaluate
 from moma_core.metrics import classification_metrics
 from moma_core.models import build_model
-from moma_core.objectives import build_objective, same_task, training_set
+from moma_core.objectives import ObjectiveConfig, build_objective, same_task, training_set
 from moma_core.seeding import derive_seed, seed_everything
 from moma_core.sources import SYNTHETIC, SiteData, make_loader, open_site_data
 from moma_core.train import train_local
@@ -73,6 +73,9 @@ class Arm:
     #: DP-SGD at every site with the noise multiplier that spends this patch-level ε over the
     #: whole run (:func:`dp_noise_for`)
     target_epsilon: float | None = None
+    #: personalised: each site fine-tunes the final global student on its own training split
+    #: for this many epochs (CE, the round-1 learning rate) and keeps the result
+    finetune_epochs: int = 0
 
     def not_applicable(self, scenario: Scenario, student_model: str) -> str | None:
         """Why this arm cannot run in ``scenario`` (None: it can)."""
@@ -84,10 +87,16 @@ class Arm:
         return None
 
 
+RESIDUAL = (("moma_attention", "residual"),)
 ARMS: tuple[Arm, ...] = (
     Arm("local-only", "local", "moma",
         about="each site alone: MoMA on its own training split, never averaged"),
+    Arm("local-only-residual", "local", "moma", settings=RESIDUAL,
+        about="each site alone: MoMA with the residual attention"),
+    Arm("local-only-ce", "local", "ce", about="each site alone: cross-entropy only"),
     Arm("fedavg-ce", "federated", "ce", about="FedAvg, cross-entropy only (no distillation)"),
+    Arm("fedbn-ce", "federated", "ce", fedbn=True,
+        about="FedBN, cross-entropy only: FedBN's gain without MoMA's"),
     Arm("fedavg-kd", "federated", "kd",
         about="FedAvg + Hinton KD (CE + KL; same task only)"),
     Arm("fedavg-crckd", "federated", "crckd", about="FedAvg + CRCKD (Xing et al. 2021)"),
@@ -97,10 +106,21 @@ ARMS: tuple[Arm, ...] = (
     Arm("fedavg-moma-keys", "federated", "moma", settings=(("queue_keys", "keys"),),
         about="FedAvg + MoMA enqueuing the positive keys themselves (queue-keys = keys: the "
               "NCE term keeps its signal)"),
+    Arm("fedavg-moma-residual", "federated", "moma", settings=RESIDUAL,
+        about="FedAvg + MoMA with the residual attention (moma-attention = residual)"),
+    Arm("fedavg-moma-residual-ft", "federated", "moma", settings=RESIDUAL, finetune_epochs=1,
+        about="personalised: FedAvg + MoMA (residual), then each site fine-tunes the final "
+              "global student on its own training split for 1 epoch (CE) and keeps it"),
     Arm("fedbn-moma", "federated", "moma", fedbn=True,
         about="MoMA with FedBN (normalisation layers stay at the sites)"),
+    Arm("fedbn-moma-residual", "federated", "moma", fedbn=True, settings=RESIDUAL,
+        about="MoMA (residual attention) with FedBN"),
     Arm("centralised-moma", "central", "moma",
         about="MoMA on the pooled training data of all sites (no federation)"),
+    Arm("centralised-moma-residual", "central", "moma", settings=RESIDUAL,
+        about="MoMA (residual attention) on the pooled training data of all sites"),
+    Arm("centralised-ce", "central", "ce",
+        about="cross-entropy only on the pooled training data of all sites"),
     Arm("fedavg-dp-moma", "federated", "dp-moma",
         about="FedAvg + dp-moma without DP (the private arms' objective, non-private)"),
     *(Arm(f"dp-moma-eps{eps:g}", "federated", "dp-moma", target_epsilon=eps,
@@ -209,6 +229,9 @@ def run_arm(arm_: Arm, scenario: Scenario, seed: int, folder: Path, log: Path) -
         s.out_dir.mkdir(parents=True, exist_ok=True)
         with redirected_output(log):
             out = run_federated(s)
+        if arm_.finetune_epochs:
+            with one_thread():
+                out["models"] = personalise(out["models"], s, arm_.finetune_epochs)
     else:
         s = setup(scenario, arm_, seed, folder / "scratch")
         s.out_dir.mkdir(parents=True, exist_ok=True)
@@ -255,6 +278,26 @@ def run_federated(s: Setup) -> dict:
             "privacy": results.get("privacy"),
             "dp_noise_multiplier": s.run.privacy.dp_noise_multiplier
             if s.run.privacy.dp == "dp-sgd" else None}
+
+
+def personalise(models: list[nn.Module], s: Setup, epochs: int) -> list[nn.Module]:
+    """Each site's own copy of the final global student, fine-tuned on the site's training
+    split for ``epochs`` epochs with cross-entropy at the round-1 learning rate (the model the
+    site then uses, scored on its own held-out images)."""
+    fed = s.run.federation
+    out = []
+    for i, (model, site) in enumerate(zip(models, s.sites, strict=True)):
+        name = str(site.get("site-name", f"site-{i}"))
+        seed = derive_seed(fed.seed, name, fed.num_rounds + 1)
+        seed_everything(seed)
+        objective = build_objective(ObjectiveConfig(kind="ce"), model)
+        loader = make_loader(open_site(site, s.run).train, s.run.training.batch_size,
+                             train=True, seed=seed)
+        cfg = replace(s.run.train_config(1), epochs=epochs, max_steps=None, proximal_mu=0.0,
+                      seed=seed)
+        train_local(model, objective, loader, cfg)
+        out.append(model.eval())
+    return out
 
 
 def start_student(run: RunConfig, teacher: Path | None) -> tuple[nn.Module, str, str]:

@@ -177,6 +177,14 @@ def test_summary_table_json_and_plots_from_results_on_disk(tmp_path):
     assert "5 per site" in md  # mean local steps of the two sites
     assert "fedavg-moma − fedavg-ce: pooled accuracy +0.100" in md
     assert "fedavg-moma − local-only: pooled accuracy +0.300" in md
+    # paired over seeds: differences 0.2, 0.2, 0.5 → mean 0.3, sample std sqrt(0.03), 95 %
+    # half-width t(2) · std / sqrt(3) = 4.303 · 0.1732 / 1.732 = 0.430
+    assert "pooled accuracy +0.300 [-0.130, +0.730]" in md
+    assert "fedavg-moma − fedavg-ce: pooled accuracy +0.100 [+0.100, +0.100]" in md
+    comp = saved["scenarios"]["same-task-3sites"]["comparisons"]
+    local = next(c for c in comp if c["against"] == "local-only")
+    assert local["goal"] == "P7" and local["accuracy"]["values"] == pytest.approx([0.2, 0.2, 0.5])
+    assert B.paired(arms["fedavg-moma"], arms["fedavg-kd"], "accuracy") is None  # n/a arm
     for png in ("same-task-3sites-metrics.png", "same-task-3sites-terms.png"):
         assert (tmp_path / "plots" / png).stat().st_size > 1000
 
