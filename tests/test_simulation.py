@@ -131,6 +131,10 @@ def test_three_site_simulation_and_message_audit(tmp_path):
         assert 0.0 <= r["server_eval"]["accuracy"] <= 1.0
         assert r["federated_eval"]["num_examples"] > 0
         assert sorted(r["examples"].values()) == [48, 48, 48]  # one local epoch of 48 images
+        # MoMA's terms and the NCE term's health figures reach the results and the report
+        assert {"train-nce", "train-nce-shuffled", "train-retrieval"} <= set(r["train"])
+    report = (tmp_path / "runs" / "sim3" / "report.md").read_text()
+    assert "| nce | nce gap | retrieval |" in report
     # private MoMA state persisted at every site, and nothing of it was sent
     for site in sites:
         state_dir = Path(site["cache-dir"]) / "runs" / "sim3"

@@ -95,3 +95,29 @@ def test_site_labels_follow_the_runs_class_names_not_the_folder_order(tmp_path):
     order = tuple(reversed(tiny_run().class_names))
     with pytest.raises(DataError, match="are not the run's"):
         site_data(synthetic, 32, "none", order)
+
+
+def test_a_residual_moma_site_keeps_its_queue_of_image_keys_between_rounds(site):
+    """``moma-attention = "residual"`` at a site: the queue holds at most the site's images less
+    a batch (48 − 16 = 32 here), each key with its image index (kept in the private state
+    between rounds, never sent), and the round reports the NCE term's health figures."""
+    from safetensors.torch import load_file
+
+    settings, data, sidecar = site
+    TeacherCache(settings.cache_dir).store(data, sidecar, sidecar["sha256"])
+    run = tiny_run(moma_attention="residual", queue_size=4096)
+    state, _, metrics = train_round(settings, run, 1, _global(run), sidecar["sha256"])
+    assert {"train-nce", "train-nce-shuffled", "train-retrieval"} <= set(metrics)
+    assert 0.0 <= metrics["train-retrieval"] <= 1.0 and metrics["train-nce"] > 0
+    private = settings.cache_dir / "runs" / run.federation.run_name / "objective.safetensors"
+    saved = load_file(str(private))
+    assert saved["queue.queue"].shape[0] == 32
+    ids = saved["queue.queue_ids"]
+    # one epoch writes 48 keys into 32 rows: the last 32 images seen, each once, none of the
+    # random start left
+    assert len(set(ids.tolist())) == 32 and set(ids.tolist()) <= set(range(48))
+    assert not any(k.startswith("queue") for k in state)  # nothing of it is sent
+    _, _, metrics2 = train_round(settings, run, 2, state, sidecar["sha256"])
+    after = load_file(str(private))["queue.queue_ids"]
+    assert (after >= 0).all() and not torch.equal(after, ids)  # round 2 went on from round 1
+    assert metrics2["train-nce"] > 0
