@@ -89,7 +89,7 @@ def train_local(student: nn.Module, objective: Objective, loader: DataLoader,
     step, seen, history = 0, 0, []
     while step < total_steps:
         sums: dict[str, float] = {}
-        count = 0
+        count, noise_only = 0, 0
         student.train()
         for batch in loader:
             if step >= total_steps:
@@ -100,6 +100,7 @@ def train_local(student: nn.Module, objective: Objective, loader: DataLoader,
                 private.noise_step()
                 scheduler.step()
                 step += 1
+                noise_only += 1
                 continue
             with torch.autocast(device.type, enabled=use_amp):
                 loss, parts = objective.loss(student, x, y, **extra)
@@ -121,9 +122,10 @@ def train_local(student: nn.Module, objective: Objective, loader: DataLoader,
                 sums[k] = sums.get(k, 0.0) + float(v)
             if progress is not None:
                 progress(step, total_steps, {k: v / count for k, v in sums.items()})
-        if count == 0:
+        if count == 0 and noise_only == 0:
             raise ValueError("the training loader is empty")
-        history.append({k: v / count for k, v in sums.items()})
+        # an epoch whose Poisson batches all came out empty took its (noise) steps: no losses
+        history.append({k: v / count for k, v in sums.items()} if count else {})
         if on_epoch_end is not None:
             on_epoch_end(len(history) - 1, history[-1])
     metrics = dict(history[-1])

@@ -337,6 +337,9 @@ def train_alone(run: RunConfig, train: Dataset, name: str, teacher: Path | None
     Returns the model, how it started, the start's SHA-256, per-round loss terms and steps.
     """
     fed, tr = run.federation, run.training
+    from server.simulate import check_baseline_privacy
+
+    check_baseline_privacy(run)  # trained without DP: never the baseline of a private run
     student, how, digest = start_student(run, teacher)
     t_model, t_arch = (None, None)
     if run.objective.objective != "ce":

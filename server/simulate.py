@@ -332,6 +332,8 @@ def simulate(args: argparse.Namespace) -> dict:
         from server.teacher_package import check_student_model
 
         check_student_model(draft)
+    if wants_local_baseline(args):
+        check_baseline_privacy(draft)
     if args.demo and not args.resume and out_dir.exists():
         console.print(f"replacing the previous demo run {out_dir}")
         shutil.rmtree(out_dir)
@@ -361,8 +363,7 @@ def simulate(args: argparse.Namespace) -> dict:
                   f"{run.objective.objective} ({fed.student_model}, {fed.aggregation}) → "
                   f"{out_dir}")
     final = run_simulated(run, args.sites, gpus_per_site=args.gpus_per_site)
-    if args.demo and not args.no_local_baseline and args.data is None and \
-            args.site_data is None:
+    if wants_local_baseline(args):
         console.print("local-only baseline: each site alone, same objective and budget …")
         section = local_only_section(run, sites, teacher, out_dir)
         results = RunResults(out_dir)
@@ -371,6 +372,22 @@ def simulate(args: argparse.Namespace) -> dict:
     console.print(f"done in {time.perf_counter() - started:.0f} s: "
                   f"{out_dir}/results.json, report.md, curves.png")
     return final
+
+
+def wants_local_baseline(args: argparse.Namespace) -> bool:
+    """The demo's local-only baseline runs (synthetic sites, not turned off)."""
+    return bool(args.demo and not args.no_local_baseline and args.data is None
+                and args.site_data is None)
+
+
+def check_baseline_privacy(run: RunConfig) -> None:
+    """Refuse (ConfigError) a local-only baseline for a private run: it would train without
+    the run's DP, and a private federation compared with a non-private baseline says nothing."""
+    p = run.privacy
+    if p.dp != "off" or p.client_dp != "off" or run.objective.objective == "dp-moma":
+        raise ConfigError("the local-only baseline trains without DP, unlike this run (dp = "
+                          f"{p.dp}, client-dp = {p.client_dp}, objective "
+                          f"{run.objective.objective}): add --no-local-baseline")
 
 
 def run_simulated(run: RunConfig, num_sites: int, client_app=None,

@@ -156,3 +156,25 @@ def test_the_student_teacher_check_refuses_only_what_the_sites_would_refuse():
             else:
                 with pytest.raises(ValueError):
                     build_objective(*args, same_task=True, n_data=8)
+
+
+@pytest.mark.parametrize("extra", [["--dp", "dp-sgd", "--objective", "kd"],
+                                   ["--objective", "dp-moma"],
+                                   ["--client-dp", "server-clipping"]])
+def test_the_demos_local_only_baseline_is_never_that_of_a_private_run(call, teacher, tmp_path,
+                                                                       extra):
+    """The baseline trains without DP: refused up front for a private run (the user is told to
+    leave it out), never trained without the run's privacy or crashed after the federation."""
+    r = call("moma-simulate", "--demo", "--teacher", teacher, "--runs-dir", tmp_path / "runs",
+             *extra)
+    _one_line_error(r, "the local-only baseline trains without DP")
+    assert "--no-local-baseline" in r.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_local_only_arm_refuses_a_private_run():
+    from server.benchmark_arms import train_alone
+    from tests.helpers import tiny_run
+
+    with pytest.raises(ConfigError, match="trains without DP"):
+        train_alone(tiny_run(dp="dp-sgd", objective="kd"), [], "site-0", None)

@@ -344,3 +344,44 @@ def test_the_depthwise_sampler_equals_opacus_conv_sampler(stride, padding, dilat
     b = torch.randn_like(dense(x))
     got = _with_depthwise(compute_conv_grad_sample)(dense, [x], b)
     assert torch.equal(got[dense.weight], compute_conv_grad_sample(dense, [x], b)[dense.weight])
+
+
+def test_opacus_runs_as_many_steps_an_epoch_as_the_sites_ledger_counts(teacher, public_keys):
+    """1488 patches at batch 16: 93 batches, the steps a site's ledger records per epoch
+    (``round_steps``); Opacus' own count, int(1 / (1 / 93)), is 92."""
+    from moma_core.privacy.accounting import round_steps
+
+    student, obj = _dp_moma(teacher, public_keys)
+    params = list(student.parameters()) + list(obj.trainable_parameters())
+    data = TensorDataset(torch.zeros(1488, 3, 4, 4), torch.zeros(1488, dtype=torch.long))
+    loader = DataLoader(data, batch_size=16)
+    private = make_private_training(student, obj, torch.optim.SGD(params, lr=0.1), loader,
+                                    DPConfig(noise_multiplier=1.0), TrainConfig())
+    try:
+        assert len(loader) == round_steps(1, len(loader)) == 93
+        assert len(private.loader) == 93
+        assert sum(1 for _ in private.loader.batch_sampler) == 93
+    finally:
+        private.close()
+
+
+def test_an_epoch_of_only_empty_poisson_batches_takes_its_noise_steps(teacher, public_keys,
+                                                                      private_data,
+                                                                      monkeypatch):
+    """Poisson sampling can draw no example in every batch of an epoch: those are noise
+    steps the ledger already counted, not a crash after the budget was recorded."""
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+    def nothing(self):
+        for _ in range(self.steps):
+            yield []
+
+    monkeypatch.setattr(UniformWithReplacementSampler, "__iter__", nothing)
+    student, obj = _dp_moma(teacher, public_keys)
+    before = [q.detach().clone() for q in student.parameters()]
+    loader = DataLoader(private_data, batch_size=6)
+    result = train_local(student, obj, loader, TrainConfig(epochs=2, lr=0.1, seed=0),
+                         privacy=DPConfig(noise_multiplier=1.0))
+    assert result.metrics["steps"] == 2 * len(loader) == result.privacy.steps
+    assert result.num_examples == 0 and result.privacy.epsilon > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters(), strict=True))

@@ -380,6 +380,12 @@ def make_private_training(student: nn.Module, objective: nn.Module,
             module=parts, optimizer=optimizer, data_loader=loader, noise_multiplier=noise,
             max_grad_norm=privacy.max_grad_norm, poisson_sampling=privacy.poisson_sampling,
             noise_generator=noise_generator)
+        sampler = getattr(dp_loader, "batch_sampler", None)
+        if privacy.poisson_sampling and hasattr(sampler, "steps"):
+            # Opacus runs int(1 / sample_rate) batches an epoch, which floating point makes
+            # one less than the batches for some sizes (1488 patches at batch 16: 92, not 93);
+            # the site's ledger counts len(loader) steps a round: run exactly those
+            sampler.steps = len(loader)
     else:
         # a patch's gradient clipped to C/k and noise σ·k·(C/k) = σ·C: a patient's k patches
         # move the sum by at most C, the noise is that of multiplier σ for the patient
