@@ -19,13 +19,22 @@ mean it is added to).
 
 With ``client-dp-clipping = adaptive`` the clipping norm follows a quantile of the sites'
 update norms (Andrew et al., "Differentially private learning with adaptive clipping", 2021):
-each round the coordinator counts the updates that were within the norm ``C_t`` (server-
-clipping: measured before it clips; site-clipping: an update the site did not have to shrink
-arrives with a norm below ``C_t``), adds Gaussian noise of std ``σ_b`` to that count, and moves
-the norm geometrically, ``C_{t+1} = C_t·exp(−η·(b̃ − γ))``. The noise budget is split so that
-the round is still one Gaussian mechanism of multiplier ``z``: the update is noised with
-``z_Δ = (z⁻² − (2σ_b)⁻²)^{-1/2}`` (Flower's ``compute_adaptive_noise_params``) at the norm
-``C_t`` the updates were clipped to. Flower's own adaptive wrappers are not used: they move the
+each round the coordinator marks each update ``b_i = 1`` when it was within the norm ``C_t``
+(server-clipping: measured before it clips; site-clipping: an update the site did not have to
+shrink arrives with a norm below ``C_t``), releases the *centred* count ``Σ_i (b_i − ½)`` with
+Gaussian noise of std ``σ_b``, turns it into a fraction over a fixed denominator, the run's
+expected number of sites ``M`` (``min-train-nodes``), ``b̃ = (Σ_i (b_i − ½) + N(0, σ_b²)) / M
++ ½``, and moves the norm geometrically, ``C_{t+1} = C_t·exp(−η·(b̃ − γ))``.
+
+The sensitivity, derived (add or remove one site): the clipped sum of updates moves by at most
+``C_t`` in L2; the centred count moves by ``b − ½ = ±½`` (a 0/1 count would move by 1, and a
+fraction over the *actual* number of sites moves by up to ``1/m`` of a changed denominator as
+well). In units of their noise the pair moves by at most ``sqrt((C_t / (z_Δ·C_t))² + (½ /
+σ_b)²)``, which is ``1/z`` when the update is noised with ``z_Δ = (z⁻² − (2σ_b)⁻²)^{-1/2}``
+(Flower's ``compute_adaptive_noise_params``, whose factor 2 is this ½): the round is one
+Gaussian mechanism of multiplier ``z``, as accounted. The update noise is drawn at the norm
+``C_t`` the updates were clipped to. With more sites than ``M`` the fraction overshoots (the
+norm moves faster), never the guarantee. Flower's own adaptive wrappers are not used: they move the
 norm *before* drawing the update's noise and scale it by ``C_{t+1}``, which under-noises the
 round whenever the norm shrinks. Under site-clipping each train message carries ``C_t``.
 
@@ -61,6 +70,12 @@ from moma_protocol.wire import ARRAYS
 UNCLIPPED_BELOW = 1e-5
 
 
+def centred_count(within: int, sites: int) -> float:
+    """Σ_i (b_i − ½) over ``sites`` updates of which ``within`` needed no clipping: adding or
+    removing one site moves it by exactly ½ (the sensitivity the noise split assumes)."""
+    return within - sites / 2
+
+
 @dataclass(frozen=True)
 class Release:
     """One noised aggregate: its noise multiplier (the round's, count noise included), how
@@ -85,6 +100,7 @@ class ClientDP:
         self.adaptive = privacy.client_dp_clipping == "adaptive"
         self.update_noise_multiplier = self.noise_multiplier
         self.count_stddev = 0.0
+        self.expected_sites = max(int(expected_sites), 1)  # M: the count's fixed denominator
         if self.adaptive:
             self.target_quantile = privacy.client_dp_target_quantile
             self.clip_lr = privacy.client_dp_clip_lr
@@ -165,8 +181,10 @@ class ClientDP:
         return dict(zip(keys, arrays, strict=True))
 
     def adapt(self, within: int, sites: int) -> None:
-        """Andrew et al.'s geometric step from the noised fraction of unclipped updates."""
-        fraction = float(np.random.normal(within, self.count_stddev)) / sites
+        """Andrew et al.'s geometric step from the noised fraction of unclipped updates:
+        :func:`centred_count` plus N(0, σ_b²), over the fixed ``M``, plus ½."""
+        noised = centred_count(within, sites) + float(np.random.normal(0.0, self.count_stddev))
+        fraction = noised / self.expected_sites + 0.5
         self.clipping_norm *= math.exp(-self.clip_lr * (fraction - self.target_quantile))
 
     # -- the account -----------------------------------------------------------------------

@@ -12,7 +12,7 @@ import torch
 from moma_protocol.clipping import clip_update, update_norm
 from moma_protocol.settings import ConfigError, FederationSettings, PrivacySettings, RunConfig
 from server.aggregation import Aggregator
-from server.client_dp import ClientDP, Release
+from server.client_dp import ClientDP, Release, centred_count
 from server.results import privacy_lines, privacy_summary
 
 
@@ -279,7 +279,8 @@ def test_adaptive_clipping_moves_the_norm_toward_the_target_quantile(mode):
     small = [_plus(ref, _state(i, 1e-4)) for i in range(1, 4)]
     big = [clip_update(_plus(ref, _state(i, 5.0)), ref, 2.0) if mode == "site-clipping"
            else _plus(ref, _state(i, 5.0)) for i in range(1, 4)]
-    agg = Aggregator(FederationSettings(), _adaptive(mode, z=1e-9, c=2.0, sigma_b=1e-6))
+    agg = Aggregator(FederationSettings(min_train_nodes=3),
+                     _adaptive(mode, z=1e-9, c=2.0, sigma_b=1e-6))
     dp = agg.client_dp
     agg(1, small, [1.0] * 3, ref)
     assert dp.releases[-1].clipping_norm == 2.0
@@ -298,7 +299,8 @@ def test_adaptive_noise_is_scaled_by_the_norm_the_updates_were_clipped_to():
     adaptive wrappers scale it by the moved norm, which under-noises a shrinking norm)."""
     ref = {"w": torch.zeros(400, 500)}
     z, c, m, sigma_b = 1.3, 2.0, 40, 1.0  # 40 sites: the count's noise moves b̃ by ~0.025
-    agg = Aggregator(FederationSettings(), _adaptive("server-clipping", z, c, sigma_b, lr=2.0))
+    agg = Aggregator(FederationSettings(min_train_nodes=m),
+                     _adaptive("server-clipping", z, c, sigma_b, lr=2.0))
     new = agg(1, [{"w": torch.zeros(400, 500)} for _ in range(m)], [1.0] * m, ref)
     z_update = (z ** -2 - (2 * sigma_b) ** -2) ** -0.5
     assert agg.client_dp.update_noise_multiplier == pytest.approx(z_update)
@@ -387,3 +389,37 @@ def test_the_report_names_adaptive_clipping():
     text = "\n".join(privacy_lines({"client-level": dp.spent()}))
     assert "adaptive clipping (last norm 1, next 0.8" in text
     assert "count noise std 1" in text
+
+
+def test_the_adaptive_round_is_one_gaussian_mechanism_of_z_on_neighbouring_federations(
+        monkeypatch):
+    """Neighbouring federations (one site added or removed, its update within the norm or
+    not): the count statistic the norm is moved by changes by at most ½ in the units the noise
+    split assumes (σ_b for ½, Flower's (2σ_b)⁻²), so the round's multiplier is z. A 0/1 count
+    over the actual number of sites moves by up to 1 (or 1/m of a changed denominator) and
+    under-states ε."""
+    z, sigma_b, lr, M = 1.0, 1.0, 0.5, 4
+    dp = ClientDP(_adaptive("server-clipping", z, 1.0, sigma_b, lr=lr),
+                  Aggregator(FederationSettings()).strategy, M)
+    # the pair (update sum, count) moved by (C, ½) is, in units of its noise, 1/z away
+    assert ((1 / dp.update_noise_multiplier) ** 2 + (0.5 / dp.count_stddev) ** 2) ** -0.5 == \
+        pytest.approx(z)
+    monkeypatch.setattr(np.random, "normal", lambda mean, std: mean)  # the statistic itself
+
+    def step(within: int, sites: int) -> float:
+        dp.clipping_norm = 1.0
+        dp.adapt(within, sites)
+        return math.log(dp.clipping_norm) / -lr + dp.target_quantile  # the fraction used
+
+    worst = 0.0
+    for sites in range(1, 7):
+        for within in range(sites + 1):
+            here = step(within, sites)
+            neighbours = [(within, sites + 1), (within + 1, sites + 1)]
+            neighbours += [(w, sites - 1) for w in (within - 1, within)
+                           if sites > 1 and 0 <= w <= sites - 1]
+            for w, m in neighbours:
+                worst = max(worst, abs(step(w, m) - here))
+                assert abs(centred_count(w, m) - centred_count(within, sites)) == 0.5
+    # the fraction moves by the count's ½ over the fixed denominator M, never more
+    assert worst == pytest.approx(0.5 / M)
