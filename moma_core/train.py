@@ -68,16 +68,24 @@ def train_local(student: nn.Module, objective: Objective, loader: DataLoader,
     student.to(device).train()
     objective.to(device).train()
     params = list(student.parameters()) + list(objective.trainable_parameters())
-    optimizer = _make_optimizer(params, cfg)
     private = None
     if privacy is not None:
-        from moma_core.privacy.dp_sgd import make_private_training
+        from moma_core.privacy.dp_sgd import freeze_for_dp, make_private_training
 
+        frozen = freeze_for_dp(student, privacy.trainable, objective)
+        params = [p for p in params if p.requires_grad]
+        optimizer = _make_optimizer(params, cfg)
         private = make_private_training(student, objective, optimizer, loader, privacy, cfg,
-                                        device)
+                                        device, frozen)
         optimizer, loader = private.optimizer, private.loader
-    steps_per_epoch = len(loader) if cfg.max_steps is None else min(len(loader), cfg.max_steps)
-    total_steps = cfg.epochs * len(loader)
+    else:
+        optimizer = _make_optimizer(params, cfg)
+    logical_batches = len(loader)
+    if private is not None:
+        loader = private.physical_loader()  # logical batches split to privacy.physical_batch
+    steps_per_epoch = logical_batches if cfg.max_steps is None else min(logical_batches,
+                                                                        cfg.max_steps)
+    total_steps = cfg.epochs * logical_batches
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
     scheduler = _make_scheduler(optimizer, cfg, total_steps, max(steps_per_epoch, 1))
@@ -112,14 +120,16 @@ def train_local(student: nn.Module, objective: Objective, loader: DataLoader,
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            scheduler.step()
-            objective.after_step(student)
-            step += 1
             seen += len(y)
             count += 1
             sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
+            if private is not None and private.step_skipped():
+                continue  # a physical batch of a logical one: clipped and summed, no step yet
+            scheduler.step()
+            objective.after_step(student)
+            step += 1
             if progress is not None:
                 progress(step, total_steps, {k: v / count for k, v in sums.items()})
         if count == 0 and noise_only == 0:

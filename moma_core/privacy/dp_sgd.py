@@ -33,6 +33,9 @@ if TYPE_CHECKING:
     from opacus import PrivacyEngine
     from opacus.optimizers import DPOptimizer
 
+#: which part of the student DP-SGD trains (:func:`freeze_for_dp`): the classifier (a linear
+#: probe on the frozen backbone), the last stage and the classifier, or everything (GroupNorm)
+DP_TRAINABLE = ("all", "last-stage", "head")
 ACCOUNTANTS = ("rdp", "prv")  # those the privacy ledger composes (moma_core.privacy.accounting)
 #: the privacy unit: one patch, or all of one patient's patches (moma_core.privacy.patient_sampling)
 UNITS = ("patch", "patient")
@@ -69,6 +72,12 @@ class DPConfig:
     accountant: str = "rdp"
     unit: str = "patch"
     patches_per_patient: int = 8
+    #: the part of the student trained (``DP_TRAINABLE``); the rest is frozen, its BatchNorm
+    #: layers in eval mode (:func:`freeze_for_dp`)
+    trainable: str = "all"
+    #: the largest batch run at once (0: the logical batch); a logical batch is split into
+    #: physical ones whose clipped gradients are summed before the one noisy step
+    physical_batch: int = 0
 
     def __post_init__(self) -> None:
         if (self.noise_multiplier is None) == (self.target_epsilon is None):
@@ -93,6 +102,10 @@ class DPConfig:
         if not (isinstance(self.patches_per_patient, int) and self.patches_per_patient >= 1):
             raise ValueError(f"patches per patient {self.patches_per_patient!r}: give an "
                              "integer >= 1")
+        if self.trainable not in DP_TRAINABLE:
+            raise ValueError(f"trainable {self.trainable!r}: choose one of {DP_TRAINABLE}")
+        if not (isinstance(self.physical_batch, int) and self.physical_batch >= 0):
+            raise ValueError(f"physical batch {self.physical_batch!r}: give an integer >= 0")
         if self.unit == "patient" and not self.poisson_sampling:
             raise ValueError("unit patient samples patients by Poisson sampling: keep "
                              "poisson_sampling on")
@@ -198,7 +211,9 @@ def private_compatibility_problems(module: nn.Module) -> list[str]:
         where = name or "<root>"
         own = list(m.parameters(recurse=False))
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            problems.append(f"{where}: {type(m).__name__} (batch statistics mix the samples)")
+            if not getattr(m, FROZEN_BN, False):  # a frozen one runs on its own statistics
+                problems.append(f"{where}: {type(m).__name__} (batch statistics mix the "
+                                "samples)")
         elif any(p.requires_grad for p in own) and any(True for _ in m.buffers()):
             problems.append(f"{where}: {type(m).__name__} is trainable and holds buffers")
         if getattr(m, "inplace", False) is True:
@@ -223,6 +238,89 @@ def check_private_compatible(module: nn.Module) -> None:
         raise PrivacyIncompatibleError(
             "the model cannot be trained with DP-SGD (convert it with "
             "moma_core.privacy.dp_sgd.make_private_compatible):\n  " + "\n  ".join(problems))
+
+
+# ----------------------------------------------------------------------------- the trained part
+#: set on a BatchNorm layer :func:`freeze_for_dp` froze: it always normalises with its own
+#: running statistics, a fixed per-channel affine map that mixes no samples
+FROZEN_BN = "_moma_dp_frozen"
+
+
+def trainable_names(student: nn.Module, trainable: str) -> set[str]:
+    """The names of the student's parameters DP-SGD trains (see :data:`DP_TRAINABLE`).
+
+    ``head``: the classifier (timm's ``get_classifier``). ``last-stage``: also the last group
+    of timm's coarse parameter groups (``group_matcher(coarse=True)``: stem, stages, head) that
+    holds more than the classifier; BatchNorm parameters stay frozen there too. ``all``: every
+    parameter (the student must then be free of BatchNorm: GroupNorm).
+    """
+    names = {n for n, _ in student.named_parameters()}
+    if trainable == "all":
+        return names
+    head = {id(p) for p in student.get_classifier().parameters()}
+    chosen = {n for n, p in student.named_parameters() if id(p) in head}
+    if trainable == "last-stage":
+        from timm.models._manipulate import group_parameters
+
+        groups = group_parameters(student, student.group_matcher(coarse=True))
+        last = next((set(groups[g]) for g in sorted(groups, reverse=True)
+                     if set(groups[g]) - chosen), set())
+        norms = {f"{m_name}.{p_name}" if m_name else p_name
+                 for m_name, m in student.named_modules()
+                 if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                 for p_name, _ in m.named_parameters(recurse=False)}
+        chosen |= last - norms
+    return chosen & names
+
+
+class FrozenPart:
+    """What :func:`freeze_for_dp` changed, to undo it (:meth:`restore`)."""
+
+    def __init__(self, student: nn.Module, trainable: str,
+                 objective: nn.Module | None = None) -> None:
+        self.student = student
+        keep = trainable_names(student, trainable)
+        self.frozen = [p for n, p in student.named_parameters()
+                       if n not in keep and p.requires_grad]
+        if trainable != "all" and objective is not None:  # the objective's heads too
+            self.frozen += [p for p in objective.trainable_parameters() if p.requires_grad]
+        for p in self.frozen:
+            p.requires_grad_(False)
+        self.hooks = []
+        if trainable != "all":
+            for m in student.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    setattr(m, FROZEN_BN, True)
+                    self.hooks.append(m.register_forward_pre_hook(_running_statistics))
+                if getattr(m, "inplace", False) is True:  # Opacus' backward hooks refuse them
+                    m.inplace = False
+
+    def restore(self) -> None:
+        for p in self.frozen:
+            p.requires_grad_(True)
+        for h in self.hooks:
+            h.remove()
+        for m in self.student.modules():
+            if getattr(m, FROZEN_BN, False):
+                delattr(m, FROZEN_BN)
+        self.frozen, self.hooks = [], []
+
+
+def _running_statistics(module: nn.Module, args: tuple) -> None:
+    module.training = False  # whatever train() said: a fixed affine map of each sample
+
+
+def freeze_for_dp(student: nn.Module, trainable: str, objective: nn.Module | None = None
+                  ) -> FrozenPart:
+    """Freeze every parameter of ``student`` outside :func:`trainable_names`; unless
+    ``trainable = "all"``, also the ``objective``'s own heads (the privacy budget goes to the
+    student's trained part only), and every BatchNorm layer then normalises with its running
+    statistics in train mode too (a fixed per-channel affine map: each sample's output
+    depends on that sample alone, so per-sample gradients and clipping stay exact while the
+    student keeps the teacher's statistics). Returns the :class:`FrozenPart` that undoes it."""
+    if trainable not in DP_TRAINABLE:
+        raise ValueError(f"trainable {trainable!r}: choose one of {DP_TRAINABLE}")
+    return FrozenPart(student, trainable, objective)
 
 
 # ----------------------------------------------------------------------------- the wrapping
@@ -259,8 +357,10 @@ class PrivateTraining:
 
     def __init__(self, engine: PrivacyEngine, grad_sample_module: nn.Module,
                  optimizer: DPOptimizer, loader: DataLoader, config: DPConfig,
-                 noise_multiplier: float, sample_rate: float) -> None:
+                 noise_multiplier: float, sample_rate: float,
+                 frozen: FrozenPart | None = None) -> None:
         self.engine = engine
+        self.frozen = frozen
         self.module = grad_sample_module
         self.optimizer = optimizer
         self.loader = loader
@@ -276,6 +376,22 @@ class PrivateTraining:
         for p in self.optimizer.params:
             p.grad_sample = p.new_zeros((0, *p.shape))
         self.optimizer.step()
+
+    def physical_loader(self) -> DataLoader:
+        """The loader the loop iterates: the Poisson-sampled logical batches, each split into
+        physical ones of at most ``physical_batch`` examples (Opacus' BatchSplittingSampler:
+        the optimiser clips and sums them and takes one noisy step per logical batch)."""
+        size = self.config.physical_batch
+        if not size:
+            return self.loader
+        from opacus.utils.batch_memory_manager import wrap_data_loader
+
+        return wrap_data_loader(data_loader=self.loader, max_batch_size=size,
+                                optimizer=self.optimizer)
+
+    def step_skipped(self) -> bool:
+        """Whether the optimiser's last ``step`` only accumulated a physical batch."""
+        return bool(getattr(self.optimizer, "_is_last_step_skipped", False))
 
     @property
     def steps(self) -> int:
@@ -311,13 +427,16 @@ class PrivateTraining:
             self._report = self.report()
             self.module.cleanup()
             _clear_opacus_state(self.module._module)
+            if self.frozen is not None:
+                self.frozen.restore()
         return self._report
 
 
 def make_private_training(student: nn.Module, objective: nn.Module,
                           optimizer: torch.optim.Optimizer, loader: DataLoader,
                           privacy: DPConfig, cfg: TrainConfig,
-                          device: torch.device | str = "cpu") -> PrivateTraining:
+                          device: torch.device | str = "cpu",
+                          frozen: FrozenPart | None = None) -> PrivateTraining:
     """Wrap the trainable parts of ``student`` and ``objective`` for DP-SGD (see module doc).
 
     ``optimizer`` must hold exactly the student's and the objective's trainable parameters;
@@ -397,7 +516,8 @@ def make_private_training(student: nn.Module, objective: nn.Module,
         dp_optimizer.expected_batch_size = max(patients.batch_sampler.expected_batch_size(),
                                                1.0)
     use_contiguous_grad_samplers(module)
-    return PrivateTraining(engine, module, dp_optimizer, dp_loader, privacy, noise, sample_rate)
+    return PrivateTraining(engine, module, dp_optimizer, dp_loader, privacy, noise, sample_rate,
+                           frozen)
 
 
 def patient_loader(loader: DataLoader, patches_per_patient: int) -> DataLoader:
