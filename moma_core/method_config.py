@@ -11,6 +11,9 @@ import math
 from dataclasses import asdict, dataclass, fields
 
 OBJECTIVES = ("ce", "kd", "moma", "crckd")
+#: the part of the student DP-SGD trains (moma_core.privacy.dp_sgd.freeze_for_dp): the
+#: classifier (a linear probe on the frozen backbone), the last stage and the classifier, or all
+DP_TRAINABLE = ("all", "last-stage", "head")
 #: MoMA's batch attention variants (``ObjectiveConfig.moma_attention``)
 MOMA_ATTENTIONS = ("reference", "residual")
 # Objectives for sample-level DP-SGD (moma_core.privacy): built by build_objective but not (yet)

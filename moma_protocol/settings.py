@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from moma_core.method_config import (
     DP_OBJECTIVES,
+    DP_TRAINABLE,
     MOMA_ATTENTIONS,
     OBJECTIVES,
     OPTIMIZERS,
@@ -34,7 +35,7 @@ from moma_core.method_config import (
 if TYPE_CHECKING:  # the settings load no torch (a ClientApp process forwarding to its worker)
     from moma_core.models import Architecture
 
-AGGREGATIONS = ("fedavg", "fedprox", "median", "trimmed-mean", "fedadam")
+AGGREGATIONS = ("fedavg", "fedprox", "median", "trimmed-mean", "fedadam", "fedavgm")
 TRANSFER_DTYPES = ("float32", "float16")  # see moma_protocol.wire.pack_global
 AUGMENTS = ("randaugment", "flip", "none")
 #: client-level DP (:mod:`server.client_dp`): who clips each site's update before the
@@ -123,6 +124,10 @@ class FederationSettings:
                                lo=0, hi=0.5, hi_open=True)
     server_lr: float = opt(0.01, "server learning rate eta (aggregation = fedadam)", lo=0,
                            lo_open=True)
+    server_momentum: float = opt(0.9, "server momentum beta of FedAvgM (aggregation = "
+                                 "fedavgm; server learning rate 1: steps of the mean update "
+                                 "plus beta times the previous step)", lo=0, hi=1,
+                                 hi_open=True)
     fedbn: bool = opt(False, "keep normalisation layers at the sites (FedBN)")
     transfer_dtype: str = opt("float32", "student tensors on the wire: float32, or float16 "
                               "(half the bytes; updates as changes, aggregated in float32)",
@@ -163,6 +168,16 @@ class PrivacySettings:
     dp_patches_per_patient: int = opt(8, "dp-unit patient: most patches a sampled patient "
                                       "brings to a step (each clipped to dp-max-grad-norm / "
                                       "this)", lo=1, hi=4096)
+    dp_trainable: str = opt("all", "the part of the student DP-SGD trains: head (a linear "
+                            "probe on the frozen backbone), last-stage (last stage + head) — "
+                            "both keep the teacher's BatchNorm statistics, frozen — or all "
+                            "(a GroupNorm student; docs/privacy.md)", DP_TRAINABLE)
+    dp_physical_batch: int = opt(0, "DP-SGD: the largest batch run at once; a larger logical "
+                                 "batch (batch-size) is split and its clipped gradients summed "
+                                 "into one noisy step (0: no split)", lo=0, hi=4096)
+    dp_target_epsilon: float = opt(0.0, "DP-SGD: the epsilon each site spends over the run's "
+                                   "planned rounds; its noise multiplier is derived (0: use "
+                                   "dp-noise-multiplier)", lo=0, hi=1000)
     client_dp: str = opt("off", "client-level DP of the aggregate (DP-FedAvg with Flower's "
                          "arithmetic): off, server-clipping (the coordinator clips each update) "
                          "or site-clipping (each site clips its own; the coordinator checks)",
@@ -258,6 +273,11 @@ class RunConfig:
             raise ConfigError("min-available-nodes must be at least min-train-nodes")
         if self.training.max_steps:
             self.train_config(1)  # the local settings are valid together
+        if fed.aggregation == "fedavgm" and not fed.fedbn and not (
+                self.privacy.dp == "dp-sgd" and self.privacy.dp_trainable == "all"):
+            raise ConfigError("aggregation fedavgm needs fedbn = true: server momentum on "
+                              "BatchNorm statistics can step a variance below zero (a "
+                              "GroupNorm DP-SGD student has none)")
         if self.privacy.dp == "dp-sgd":
             if self.objective.objective not in DP_SGD_OBJECTIVES:
                 raise ConfigError(
@@ -340,12 +360,14 @@ class RunConfig:
         return self.objective.config()
 
     def student_architecture(self, classes: tuple[str, ...] | None = None) -> Architecture:
-        """The student both sides build (GroupNorm under DP-SGD); ``classes``: the site's."""
+        """The student both sides build (GroupNorm under DP-SGD of the whole student; with
+        ``dp-trainable`` head or last-stage it keeps BatchNorm, frozen); ``classes``: the
+        site's."""
         from moma_core.models import Architecture
 
         fed = self.federation
-        extra = {"norm": "group", "group-size": DP_GROUP_SIZE} if self.privacy.dp == "dp-sgd" \
-            else {}
+        private = self.privacy.dp == "dp-sgd" and self.privacy.dp_trainable == "all"
+        extra = {"norm": "group", "group-size": DP_GROUP_SIZE} if private else {}
         return Architecture(fed.student_model, tuple(classes or self.class_names),
                             fed.image_size, extra=extra)
 

@@ -10,8 +10,8 @@ to a ``flwr.serverapp.strategy`` object whose ``aggregate_train`` combines the a
 (weighted by examples). Adding a method is one entry here and its name in
 :data:`moma_protocol.settings.AGGREGATIONS`. Keys no update carries (FedBN's local layers) keep
 the global value. Stateful methods keep their state in the :class:`Aggregator`
-(:meth:`Aggregator.state_dict`: FedAdam's first and second moments), which the coordinator
-saves with every round's checkpoint, so a resumed run continues them.
+(:meth:`Aggregator.state_dict`: FedAdam's first and second moments, FedAvgM's momentum), which
+the coordinator saves with every round's checkpoint, so a resumed run continues them.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from typing import cast
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg
 
 from moma_protocol.settings import (
     AGGREGATIONS,
@@ -42,6 +42,9 @@ METHODS: dict[str, Callable[[FederationSettings], FedAvg]] = {
     "trimmed-mean": lambda f: FedTrimmedAvg(beta=f.trim_fraction,
                                             weighted_by_key=NUM_EXAMPLES),
     "fedadam": lambda f: FedAdam(eta=f.server_lr, weighted_by_key=NUM_EXAMPLES),
+    # server momentum (Hsu et al. 2019): each step is the mean update plus beta times the last
+    "fedavgm": lambda f: FedAvgM(server_learning_rate=1.0, server_momentum=f.server_momentum,
+                                 weighted_by_key=NUM_EXAMPLES),
 }
 assert set(METHODS) == set(AGGREGATIONS), "every configurable aggregation has a method"
 
@@ -94,6 +97,7 @@ class Aggregator:
             raise ValueError(f"unknown aggregation {federation.aggregation!r}")
         self.method = federation.aggregation
         self.strategy = METHODS[self.method](federation)
+        self._momentum: dict[str, np.ndarray] = {}  # FedAvgM's, by tensor name
         self.client_dp: ClientDP | None = None
         if privacy is not None and privacy.client_dp != "off":
             if self.method not in CLIENT_DP_AGGREGATIONS:
@@ -108,22 +112,26 @@ class Aggregator:
         return self.client_dp.check(update, reference) if self.client_dp else None
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The method's own state between rounds (FedAdam: ``m/<name>``, ``v/<name>``)."""
+        """The method's own state between rounds (FedAdam: ``m/<name>``, ``v/<name>``;
+        FedAvgM: ``mom/<name>``)."""
         out = {}
         for prefix, attr in (("m/", "m_t"), ("v/", "v_t")):
             for k, v in (getattr(self.strategy, attr, None) or {}).items():
                 out[prefix + k] = torch.from_numpy(np.array(v, copy=True))
+        for k, v in self._momentum.items():
+            out["mom/" + k] = torch.from_numpy(np.array(v, copy=True))
         return out
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore :meth:`state_dict` (a resumed run); ValueError if it is not this method's."""
-        moments: dict[str, dict] = {"m_t": {}, "v_t": {}}
+        moments: dict[str, dict] = {"m_t": {}, "v_t": {}, "momentum_vector": {}}
         for key, v in state.items():
             prefix, _, name = key.partition("/")
-            attr = {"m": "m_t", "v": "v_t"}.get(prefix)
+            attr = {"m": "m_t", "v": "v_t", "mom": "momentum_vector"}.get(prefix)
             if attr is None or not name or not hasattr(self.strategy, attr):
                 raise ValueError(f"aggregator state {key!r} does not belong to {self.method}")
             moments[attr][name] = v.numpy().copy()
+        self._momentum = moments.pop("momentum_vector")
         for attr, values in moments.items():
             if values:
                 setattr(self.strategy, attr, values)
@@ -160,7 +168,13 @@ class Aggregator:
         sent = list(updates[0])
         if any(list(u) != sent and set(u) != set(sent) for u in updates):
             raise ValueError("updates carry different tensors")
-        if hasattr(self.strategy, "current_arrays"):  # server optimisers step from the global
+        momentum = isinstance(self.strategy, FedAvgM)
+        if momentum:  # steps from the global, its momentum in the order of the sent tensors
+            self.strategy.current_arrays = ArrayRecord(
+                {k: Array(reference[k].detach().cpu().numpy()) for k in sent})
+            self.strategy.momentum_vector = [self._momentum[k] for k in sent] \
+                if self._momentum and set(self._momentum) == set(sent) else None
+        elif hasattr(self.strategy, "current_arrays"):  # server optimisers step from the global
             self.strategy.current_arrays = {k: reference[k].numpy() for k in sent}
         if self.client_dp is not None:
             weights = [1.0] * len(updates)  # DP-FedAvg: every site counts the same
@@ -176,6 +190,9 @@ class Aggregator:
                                                       cast(list[Message], replies))
         if arrays is None:
             raise ValueError("the aggregation produced nothing")
+        if momentum and self.strategy.momentum_vector is not None:
+            self._momentum = {k: np.array(v, copy=True)
+                              for k, v in zip(sent, self.strategy.momentum_vector, strict=True)}
         new = arrays.to_torch_state_dict()
         out = {}
         for k, ref in reference.items():

@@ -115,6 +115,10 @@ ARMS: tuple[Arm, ...] = (
         about="MoMA with FedBN (normalisation layers stay at the sites)"),
     Arm("fedbn-moma-residual", "federated", "moma", fedbn=True, settings=RESIDUAL,
         about="MoMA (residual attention) with FedBN"),
+    Arm("fedbnm-moma-residual", "federated", "moma", aggregation="fedavgm", fedbn=True,
+        settings=RESIDUAL,
+        about="MoMA (residual attention) with FedBN and server momentum (FedAvgM, beta = "
+              "server-momentum, 0.9)"),
     Arm("centralised-moma", "central", "moma",
         about="MoMA on the pooled training data of all sites (no federation)"),
     Arm("centralised-moma-residual", "central", "moma", settings=RESIDUAL,

@@ -146,3 +146,30 @@ def test_a_lying_site_cannot_slip_a_bad_float16_change_past_the_update_check():
     assert check_update(unpack_update(wrong_shape, reference), reference) is not None
     overflow = {**good, "b": torch.full((4,), float("inf"), dtype=torch.float16)}
     assert check_update(unpack_update(overflow, reference), reference) is not None
+
+
+def test_fedavgm_steps_by_the_mean_update_plus_momentum_and_resumes_exactly(tmp_path):
+    """Server momentum (Flower's FedAvgM, server learning rate 1): round 1 moves to the mean
+    like FedAvg; round 2 by the new mean change plus beta times the first; a resumed run (its
+    momentum from the saved state) takes the same step, a fresh one does not."""
+    settings = FederationSettings(aggregation="fedavgm", server_momentum=0.5)
+    straight = Aggregator(settings)
+    r1 = straight(1, [_u(3), _u(5)], [1.0, 1.0], REF)
+    assert torch.allclose(r1["w"], torch.full((2, 2), 4.0))
+    r2 = straight(2, [_u(5), _u(5)], [1.0, 1.0], r1)  # mean change +1, plus 0.5 × 4
+    assert torch.allclose(r2["w"], torch.full((2, 2), 4.0 + 1.0 + 2.0))
+    saved = Aggregator(settings)
+    saved(1, [_u(3), _u(5)], [1.0, 1.0], REF)
+    resumed = Aggregator(settings)
+    resumed.load_state_dict(saved.state_dict())
+    assert torch.equal(resumed(2, [_u(5), _u(5)], [1.0, 1.0], r1)["w"], r2["w"])
+    fresh = Aggregator(settings)(2, [_u(5), _u(5)], [1.0, 1.0], r1)
+    assert torch.allclose(fresh["w"], torch.full((2, 2), 5.0))
+
+
+def test_fedavgm_needs_fedbn():
+    from moma_protocol.settings import ConfigError, RunConfig
+
+    with pytest.raises(ConfigError, match="fedavgm needs fedbn"):
+        RunConfig().with_values(aggregation="fedavgm")
+    assert RunConfig().with_values(aggregation="fedavgm", fedbn=True).federation.fedbn

@@ -27,15 +27,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from moma_core.method_config import TrainConfig
+from moma_core.method_config import DP_TRAINABLE, TrainConfig
 
 if TYPE_CHECKING:
     from opacus import PrivacyEngine
     from opacus.optimizers import DPOptimizer
 
-#: which part of the student DP-SGD trains (:func:`freeze_for_dp`): the classifier (a linear
-#: probe on the frozen backbone), the last stage and the classifier, or everything (GroupNorm)
-DP_TRAINABLE = ("all", "last-stage", "head")
 ACCOUNTANTS = ("rdp", "prv")  # those the privacy ledger composes (moma_core.privacy.accounting)
 #: the privacy unit: one patch, or all of one patient's patches (moma_core.privacy.patient_sampling)
 UNITS = ("patch", "patient")
