@@ -15,8 +15,12 @@ every round (``--no-worker``: one fresh process per message, as Flower runs it).
 process outlives this command; a second ``moma-client`` on the same cache folder or port is
 refused.
 
-``moma-client privacy --cache-dir DIR`` prints the site's privacy ledger (what DP training it
-did and the ε it spent; :mod:`moma_core.privacy.ledger`).
+The site's privacy ledger (every DP round, its ε budget over all runs) is kept outside the cache
+folder (``--ledger``; default :func:`client.site_config.default_ledger_path`), so that wiping
+the cache does not reset the budget; an old ledger in ``<cache-dir>/privacy/`` is migrated into
+it on first use. ``moma-client privacy --cache-dir DIR`` (and ``--ledger``) prints the ledger:
+what DP training the site did and the ε it spent, recomputed from the recorded steps
+(:mod:`moma_core.privacy.ledger`).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import tomllib
 from pathlib import Path
 
 from client.app_guard import LOG_ENV, write_launcher
+from client.site_config import default_ledger_path
 from deploy.lifecycle import BusyError, InstanceLock, check_port_free, kill_tagged, spawn
 from deploy.runtime import executable, exit_on_sigterm, flower_env, stop
 from moma_core.cli.common import run_cli
@@ -78,8 +83,10 @@ def parser() -> argparse.ArgumentParser:
                    help="train only in runs with client-level DP of the aggregate "
                         "(client-dp); others are refused with 'privacy-refused'")
     g.add_argument("--max-epsilon", type=float, default=0.0,
-                   help="this site's ε budget over all runs (patch level, its privacy ledger); "
-                        "a round that would exceed it is refused with 'privacy-budget' "
+                   help="this site's DP-SGD ε budget over all runs (its privacy ledger), for "
+                        "every unit it protects: the patch-level ε (all DP-SGD rounds, "
+                        "patient-level ones included) and the patient-level ε both stay within "
+                        "it; a round that would exceed it is refused with 'privacy-budget' "
                         "(default 0: no cap)")
     g.add_argument("--max-client-epsilon", type=float, default=0.0,
                    help="this site's site-level ε budget under client-level DP (client-dp), "
@@ -90,6 +97,12 @@ def parser() -> argparse.ArgumentParser:
                         "run's δ, and a larger δ makes ε look smaller; a run above it is "
                         "refused with 'privacy-refused' (default 0: 1/(10 × training "
                         "examples))")
+    g.add_argument("--ledger", type=Path, default=None,
+                   help="this site's privacy ledger file, kept outside the cache folder so "
+                        "that wiping the cache does not reset the budget (default: the kit's "
+                        "site.toml 'ledger', else $XDG_STATE_HOME/moma-fl/privacy-ledger.json, "
+                        "~/.local/state/... without XDG_STATE_HOME); an old ledger in "
+                        "<cache-dir>/privacy/ is migrated into it")
     p.add_argument("--no-worker", action="store_true",
                    help="no warm site worker: every message is handled in a fresh process "
                         "(imports and data decoding repeated each round; less memory held "
@@ -111,6 +124,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
             args.data = str(site_toml["data"])
         if args.cache_dir is None and site_toml.get("cache-dir"):
             args.cache_dir = Path(str(site_toml["cache-dir"]))
+        if args.ledger is None and site_toml.get("ledger"):
+            args.ledger = Path(str(site_toml["ledger"]))
         if args.site_name and args.site_name != kit.site_name:
             raise ValueError(f"--site-name {args.site_name!r}: this kit belongs to "
                              f"{kit.site_name!r} (a site's name is its registered key's)")
@@ -133,6 +148,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
                          "(0: 1/(10 × training examples))")
     if args.cache_dir is None:
         raise ValueError("no cache folder: give --cache-dir (or 'cache-dir' in site.toml)")
+    args.ledger = (args.ledger or default_ledger_path()).expanduser()
     if not args.check_only and not args.server:
         raise ValueError("no coordinator address: give --server host:port")
     return args
@@ -148,7 +164,8 @@ def node_config(args: argparse.Namespace) -> str:
               "require-dp": "true" if args.require_dp else "false",
               "require-client-dp": "true" if args.require_client_dp else "false",
               "max-epsilon": float(args.max_epsilon), "max-delta": float(args.max_delta),
-              "max-client-epsilon": float(args.max_client_epsilon)}
+              "max-client-epsilon": float(args.max_client_epsilon),
+              "ledger": str(args.ledger.resolve())}
     if args.kit_info is not None:
         values["teacher-signer"] = str(args.kit_info.teacher_signer.resolve())
     if args.site_index is not None:
@@ -259,6 +276,11 @@ def start(args: argparse.Namespace) -> int:
             cmd += ["--max-retries", str(args.max_retries)]
         if args.max_wait_time is not None:
             cmd += ["--max-wait-time", str(args.max_wait_time)]
+        ledger = args.ledger.resolve()
+        console.print(f"privacy ledger: {ledger}", markup=False)
+        if ledger.is_relative_to(cache):
+            console.print("[yellow]warning: the privacy ledger is inside the cache folder: "
+                          "wiping the cache would reset this site's privacy budget")
         console.print(f"connecting to {args.server} as {args.site_name or cache.name}")
         delay = 5.0
         while True:
@@ -293,25 +315,36 @@ def start(args: argparse.Namespace) -> int:
 def privacy_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="moma-client privacy",
-        description="Print this site's privacy ledger: every DP training it recorded, with the "
-                    "ε spent (kept on this site's disk only).")
-    p.add_argument("--kit", type=Path, help="this site's kit (its site.toml names the cache)")
-    p.add_argument("--cache-dir", type=Path, help="the site's cache folder")
+        description="Print this site's privacy ledger: every DP training it recorded, and the "
+                    "ε spent, recomputed from the recorded steps (kept on this site's disk "
+                    "only).")
+    p.add_argument("--kit", type=Path,
+                   help="this site's kit (its site.toml names the cache, maybe the ledger)")
+    p.add_argument("--cache-dir", type=Path,
+                   help="the site's cache folder (an old ledger there is migrated)")
+    p.add_argument("--ledger", type=Path,
+                   help="the site's privacy ledger file (default: as moma-client's)")
     return p
 
 
 def privacy(argv: list[str]) -> int:
-    """``moma-client privacy``: the site's ledger as a table (exit 2 if it is unreadable)."""
+    """``moma-client privacy``: the site's ledger as a table and the ε of each budget (exit 2,
+    one line, if it cannot be trusted)."""
     args = privacy_parser().parse_args(argv)
-    cache = args.cache_dir
-    if cache is None and args.kit is not None:
+    cache, ledger = args.cache_dir, args.ledger
+    if args.kit is not None:
         site_toml = tomllib.loads((args.kit / "site.toml").read_text())
-        cache = Path(str(site_toml["cache-dir"])) if site_toml.get("cache-dir") else None
-    if cache is None:
-        raise ValueError("give --cache-dir (or --kit whose site.toml names 'cache-dir')")
-    from moma_core.privacy.ledger import print_ledger
+        if cache is None and site_toml.get("cache-dir"):
+            cache = Path(str(site_toml["cache-dir"]))
+        if ledger is None and site_toml.get("ledger"):
+            ledger = Path(str(site_toml["ledger"]))
+    if cache is None and ledger is None:
+        raise ValueError("give --cache-dir or --ledger (or --kit whose site.toml names "
+                         "'cache-dir')")
+    from moma_core.privacy.ledger import PrivacyLedger, print_ledger
 
-    return print_ledger(cache)
+    ledger = (ledger or default_ledger_path()).expanduser()
+    return print_ledger(PrivacyLedger(cache and cache.expanduser(), path=ledger))
 
 
 @run_cli

@@ -12,7 +12,10 @@ only in runs with DP-SGD), ``require-client-dp`` (true: train only in runs with 
 DP of the aggregate), ``max-epsilon`` (the site's ε budget over all runs, patch level;
 0: none), ``max-delta`` (the largest DP-SGD δ the site accepts; 0: 1/(10 × its training
 examples)) and ``max-client-epsilon`` (the site's site-level ε budget under client-level DP,
-over all runs; 0: none).
+over all runs; 0: none); ``ledger`` (the site's privacy ledger file, where every DP round is
+recorded: ``moma-client`` always sets it, by default :func:`default_ledger_path`, outside the
+cache folder so that wiping the cache does not reset the budget; without it, as in a simulated
+federation, the ledger is ``<cache-dir>/privacy/ledger.json``).
 In a simulated federation Flower sets ``partition-id``/``num-partitions`` instead: the site is
 then entry ``partition-id`` of the run-scoped spec file named by the run config's
 ``simulation-sites`` (written by ``moma-simulate``), else synthetic site ``partition-id``. A
@@ -23,6 +26,7 @@ config, which the coordinator chooses, can never point a real site at other data
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +54,17 @@ class SiteSettings:
     max_epsilon: float = 0.0
     max_delta: float = 0.0
     max_client_epsilon: float = 0.0
+    ledger: Path | None = None  # the privacy ledger file; None: <cache-dir>/privacy/ledger.json
+
+
+def default_ledger_path() -> Path:
+    """Where ``moma-client`` keeps a site's privacy ledger unless told otherwise: outside any
+    cache folder, ``$XDG_STATE_HOME/moma-fl/privacy-ledger.json`` (``~/.local/state/…`` when
+    ``XDG_STATE_HOME`` is unset or not absolute). One per user account: sites run by the same
+    account share it unless each is given its own ``--ledger``."""
+    state = os.environ.get("XDG_STATE_HOME", "")
+    base = Path(state) if os.path.isabs(state) else Path.home() / ".local" / "state"
+    return base / "moma-fl" / "privacy-ledger.json"
 
 
 def site_settings(node_config: dict, simulation_sites: str = "") -> SiteSettings:
@@ -86,6 +101,7 @@ def site_settings(node_config: dict, simulation_sites: str = "") -> SiteSettings
         max_delta=_max_delta(cfg.get("max-delta", 0.0)),
         max_client_epsilon=_max_epsilon(cfg.get("max-client-epsilon", 0.0),
                                         "max-client-epsilon"),
+        ledger=Path(str(cfg["ledger"])).expanduser() if cfg.get("ledger") else None,
     )
 
 

@@ -184,7 +184,7 @@ def dp_round(settings: SiteSettings, run: RunConfig, server_round: int, cfg: Tra
         return None
     from moma_core.privacy.accounting import DPStep, default_delta, round_steps
     from moma_core.privacy.dp_sgd import DPConfig
-    from moma_core.privacy.ledger import PrivacyLedger
+    from moma_core.privacy.ledger import BudgetRefused, PrivacyLedger
 
     p = run.privacy
     units, what = len(train_set), "examples"
@@ -209,12 +209,13 @@ def dp_round(settings: SiteSettings, run: RunConfig, server_round: int, cfg: Tra
                              f"{ceiling:g} (max-delta; default 1/(10 x {units} {what}))")
     steps = round_steps(cfg.epochs, batches, cfg.max_steps)
     step = DPStep(p.dp_noise_multiplier, 1.0 / max(batches, 1), steps)
-    ledger = PrivacyLedger(settings.cache_dir)
-    check = ledger.plan(settings.max_epsilon or None, step, p.dp_unit, delta, p.dp_accountant)
-    if not check.allowed:
-        raise PrivacyBudgetExceeded(check.status)
-    entry = ledger.record(run.federation.run_name, server_round, step, p.dp_unit, delta,
-                          p.dp_accountant)
+    ledger = PrivacyLedger(settings.cache_dir, path=settings.ledger)
+    try:  # checked and recorded in one step under the ledger's lock; the cap holds for every
+        # budget the round spends (a patient-level round spends the patch level's too)
+        entry = ledger.spend(run.federation.run_name, server_round, step, p.dp_unit, delta,
+                             p.dp_accountant, eps_max=settings.max_epsilon or None)
+    except BudgetRefused as exc:
+        raise PrivacyBudgetExceeded(exc.check.status) from None
     log.info("DP-SGD round %d (unit %s): noise %.3g, sample rate %.4g, %d steps; site ε now "
              "%.3f (δ %.2g, %s)", server_round, p.dp_unit, step.noise_multiplier,
              step.sample_rate, steps, entry.epsilon, delta, p.dp_accountant)
@@ -233,17 +234,17 @@ def client_dp_round(settings: SiteSettings, run: RunConfig, server_round: int) -
     if run.privacy.client_dp == "off":
         return
     from moma_core.privacy.accounting import DPStep
-    from moma_core.privacy.ledger import PrivacyLedger
+    from moma_core.privacy.ledger import BudgetRefused, PrivacyLedger
 
     p = run.privacy
     step = DPStep(p.client_dp_noise_multiplier, 1.0, 1)
-    ledger = PrivacyLedger(settings.cache_dir)
-    check = ledger.plan(settings.max_client_epsilon or None, step, "site", p.client_dp_delta,
-                        "rdp", mechanism="client-dp")
-    if not check.allowed:
-        raise PrivacyBudgetExceeded(check.status)
-    entry = ledger.record(run.federation.run_name, server_round, step, "site",
-                          p.client_dp_delta, "rdp", mechanism="client-dp")
+    ledger = PrivacyLedger(settings.cache_dir, path=settings.ledger)
+    try:  # checked and recorded in one step under the ledger's lock
+        entry = ledger.spend(run.federation.run_name, server_round, step, "site",
+                             p.client_dp_delta, "rdp", mechanism="client-dp",
+                             eps_max=settings.max_client_epsilon or None)
+    except BudgetRefused as exc:
+        raise PrivacyBudgetExceeded(exc.check.status) from None
     log.info("client-level DP round %d (%s, noise %.3g): site-level ε now %.3f (δ %.2g)",
              server_round, p.client_dp, p.client_dp_noise_multiplier, entry.epsilon,
              p.client_dp_delta)

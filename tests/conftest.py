@@ -1,10 +1,16 @@
 """Shared test settings: one torch thread (two busy-waiting threads on 2 cores are slower), and
 ``call``: a command's ``main`` run in-process."""
 
+import os
 import sys
+import tempfile
 
 import pytest
 import torch
+
+# a site's privacy ledger defaults to $XDG_STATE_HOME (client.site_config.default_ledger_path):
+# every process the tests start, SuperNodes included, keeps it in a folder of this test session
+os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="moma-tests-state-")
 
 # `make test` runs the tests that start no simulation engine in pytest-xdist workers with
 # `--dist loadgroup`: each unit-test file is one group (its module fixtures are made once, as

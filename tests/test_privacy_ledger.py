@@ -102,8 +102,11 @@ def test_ledger_round_trip_and_composition_across_runs(tmp_path):
 
     path = tmp_path / "privacy" / "ledger.json"
     stored = json.loads(path.read_text())
-    assert stored["version"] == 1 and len(stored["entries"]) == 4
-    assert sorted(p.name for p in path.parent.iterdir()) == [".ledger.lock", "ledger.json"]
+    assert stored["version"] == 2 and len(stored["entries"]) == 4
+    assert sorted(p.name for p in path.parent.iterdir()) == [
+        ".ledger.json.lock", "ledger.json", "ledger.json.head"]
+    head = json.loads(ledger.head_path.read_text())
+    assert head == {"version": 2, "entries": 4, "last": stored["entries"][-1]["hash"]}
 
     reloaded = PrivacyLedger(tmp_path).entries()
     assert reloaded == [e1, e2, e3, other]
@@ -111,14 +114,17 @@ def test_ledger_round_trip_and_composition_across_runs(tmp_path):
     assert (e3.run, e3.round, e3.unit, e3.mechanism, e3.accountant) == (
         "run-b", 1, "patch", "dp-sgd", "rdp")
 
-    # The budget composes over rounds and runs; units are kept apart.
+    # The budget composes over rounds and runs; a patient-level round spends the patch
+    # level's budget too (it bounds each patch), patch-level rounds not the patient level's.
     assert e1.epsilon < e2.epsilon < e3.epsilon
     assert e1.epsilon == pytest.approx(epsilon([s1], DELTA), abs=1e-12)
     assert e3.epsilon == pytest.approx(epsilon([s1, s2, s3], DELTA), abs=1e-12)
     assert e3.epsilon == pytest.approx(_stepped_epsilon([s1, s2, s3], DELTA, "rdp"), abs=1e-6)
-    assert PrivacyLedger(tmp_path).history("patch") == [s1, s2, s3]
+    assert PrivacyLedger(tmp_path).history("patch") == [s1, s2, s3, other.step]
+    assert ledger.history("patient") == [other.step]
     assert ledger.history("patch", mechanism="client-dp") == []
-    assert ledger.spent("patch", DELTA, "rdp") == pytest.approx(e3.epsilon, abs=1e-12)
+    assert ledger.spent("patch", DELTA, "rdp") == pytest.approx(
+        epsilon([s1, s2, s3, other.step], DELTA), abs=1e-12)
     assert other.epsilon == pytest.approx(epsilon([DPStep(2.0, 0.1, 10)], 1e-3), abs=1e-12)
     assert ledger.spent("patient", 1e-3, "rdp") == pytest.approx(other.epsilon, abs=1e-12)
 
@@ -157,17 +163,23 @@ def _ledger_text(*entries, version=1):
 
 
 def test_well_formed_ledger_file_loads(tmp_path):
+    """A version-1 ledger (before the hash chain) loads, upgraded in place once."""
     path = tmp_path / "privacy" / "ledger.json"
     path.parent.mkdir()
     path.write_text(_ledger_text(_entry_dict(), _entry_dict(round=2)))
+    assert [e.round for e in PrivacyLedger(tmp_path).entries()] == [1, 2]
+    assert json.loads(path.read_text())["version"] == 2
     assert [e.round for e in PrivacyLedger(tmp_path).entries()] == [1, 2]
 
 
 @pytest.mark.parametrize("text", [
     "", "{not json", "[]", "null", '"ledger"',
     json.dumps({"entries": []}),
-    _ledger_text(version=2),
+    _ledger_text(version=3),
     _ledger_text(version="1"),
+    _ledger_text(_entry_dict(), version=2),  # no hash chain
+    _ledger_text({**_entry_dict(), "prev": "0" * 64, "hash": "x"}, version=2),
+    json.dumps({"version": 2, "moved-to": "/elsewhere/ledger.json"}),
     json.dumps({"version": 1, "entries": {}}),
     json.dumps({"version": 1, "entries": [], "extra": 0}),
     '{"version": 1, "version": 1, "entries": []}',
@@ -241,9 +253,10 @@ def test_plan_against_the_cap(tmp_path):
     assert check((now + after) / 2) == "would-exceed"
     assert check(now) == "budget-exhausted"
     assert check(now / 2) == "budget-exhausted"
-    # Another unit's or mechanism's spending does not count against this one.
+    # A patient-level round spends the patch level's budget too: refused at this cap (the
+    # audit's case); client-level DP is a budget of its own.
     assert epsilon([step], DELTA) < now
-    assert ledger.plan(now, step, "patient", DELTA, "rdp").status == "ok"
+    assert ledger.plan(now, step, "patient", DELTA, "rdp").status == "budget-exhausted"
     assert ledger.plan(now, step, "patch", DELTA, "rdp", mechanism="client-dp").status == "ok"
     with pytest.raises(ValueError):
         ledger.plan(-1.0, step, "patch", DELTA, "rdp")
@@ -258,7 +271,8 @@ def test_print_ledger(tmp_path, capsys):
     assert print_ledger(tmp_path) == 0
     out = capsys.readouterr().out
     assert "site-run-0042" in out and "patient" in out and "dp-sgd" in out
-    assert f"{ledger.entries()[0].epsilon:.3f}" in out
+    assert f"{ledger.entries()[0].epsilon:.3f}" in out  # as recomputed from the steps
+    assert "recomputed" in out
 
     ledger.path.write_text("{corrupt")
     assert print_ledger(tmp_path) == 2
@@ -266,17 +280,22 @@ def test_print_ledger(tmp_path, capsys):
     assert "site-run-0042" not in captured.out and "error" in captured.err
 
 
-def test_moma_client_privacy_prints_the_ledger(tmp_path, call):
+def test_moma_client_privacy_prints_the_ledger(tmp_path, call, monkeypatch):
     from moma_core.privacy.accounting import DPStep
     from moma_core.privacy.ledger import PrivacyLedger
 
-    empty = call("moma-client", "privacy", "--cache-dir", tmp_path)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg-state"))  # never the real home
+    cache, ledger = tmp_path / "cache", tmp_path / "state" / "ledger.json"
+    empty = call("moma-client", "privacy", "--cache-dir", cache, "--ledger", ledger)
     assert empty.returncode == 0 and "no DP training" in empty.stdout
-    PrivacyLedger(tmp_path).record("kather-run-7", 3, DPStep(1.1, 0.01, 50), "patch", 1e-5)
-    shown = call("moma-client", "privacy", "--cache-dir", tmp_path)
+    PrivacyLedger(cache, path=ledger).record("kather-run-7", 3, DPStep(1.1, 0.01, 50), "patch",
+                                             1e-5)
+    shown = call("moma-client", "privacy", "--ledger", ledger)
     assert shown.returncode == 0 and "kather-run-7" in shown.stdout
-    (tmp_path / "privacy" / "ledger.json").write_text("[]")
-    broken = call("moma-client", "privacy", "--cache-dir", tmp_path)
+    default = call("moma-client", "privacy", "--cache-dir", cache)  # the default ledger: none
+    assert default.returncode == 0 and "no DP training" in default.stdout
+    ledger.write_text("[]")
+    broken = call("moma-client", "privacy", "--cache-dir", cache, "--ledger", ledger)
     assert broken.returncode == 2 and "error" in broken.stderr
     none = call("moma-client", "privacy")
     assert none.returncode == 2 and "--cache-dir" in none.stderr

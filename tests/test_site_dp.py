@@ -90,7 +90,10 @@ def test_the_site_policy_wins(site, tmp_path):
     with_client_dp = tiny_run(client_dp="server-clipping")
     train_round(wants_client_dp, with_client_dp, 1, _global(with_client_dp), sha)
     assert [e.mechanism for e in PrivacyLedger(settings.cache_dir).entries()] == ["client-dp"]
-    (settings.cache_dir / "privacy" / "ledger.json").unlink()
+    # (a fresh ledger on purpose: the ledger and its head file both gone; either alone is
+    # refused, tests/test_ledger_chain.py)
+    for name in ("ledger.json", "ledger.json.head"):
+        (settings.cache_dir / "privacy" / name).unlink()
     # a budget the round would exceed: refused, nothing trained, nothing recorded
     run = _dp_run()
     capped = replace(settings, max_epsilon=0.01)
@@ -156,11 +159,13 @@ def test_the_site_policy_flags_reach_the_node_config(tmp_path):
     args = resolve(parser().parse_args([
         "--insecure", "--server", "127.0.0.1:1", "--data", "synthetic:target",
         "--cache-dir", str(tmp_path), "--require-dp", "--require-client-dp",
-        "--max-epsilon", "4", "--max-client-epsilon", "9", "--max-delta", "1e-4"]))
+        "--max-epsilon", "4", "--max-client-epsilon", "9", "--max-delta", "1e-4",
+        "--ledger", str(tmp_path / "state" / "ledger.json")]))
     args.kit_info = None
     s = site_settings(parse_config_args([node_config(args)]))  # as flower-supernode reads it
     assert (s.require_dp, s.require_client_dp) == (True, True)
     assert (s.max_epsilon, s.max_client_epsilon, s.max_delta) == (4.0, 9.0, 1e-4)
+    assert s.ledger == tmp_path / "state" / "ledger.json"
     plain = resolve(parser().parse_args([
         "--insecure", "--server", "127.0.0.1:1", "--data", "synthetic:target",
         "--cache-dir", str(tmp_path)]))
