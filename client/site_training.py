@@ -208,7 +208,11 @@ def dp_round(settings: SiteSettings, run: RunConfig, server_round: int, cfg: Tra
         raise PrivacyRefused(f"the run's dp-delta {delta:g} is above this site's ceiling "
                              f"{ceiling:g} (max-delta; default 1/(10 x {units} {what}))")
     steps = round_steps(cfg.epochs, batches, cfg.max_steps)
-    step = DPStep(p.dp_noise_multiplier, 1.0 / max(batches, 1), steps)
+    noise = p.dp_noise_multiplier
+    if p.dp_target_epsilon > 0:  # the σ with which the planned rounds spend exactly that ε
+        noise = noise_for_run(p.dp_target_epsilon, delta, 1.0 / max(batches, 1),
+                              run.federation.num_rounds * steps, p.dp_accountant)
+    step = DPStep(noise, 1.0 / max(batches, 1), steps)
     ledger = PrivacyLedger(settings.cache_dir, path=settings.ledger)
     try:  # checked and recorded in one step under the ledger's lock; the cap holds for every
         # budget the round spends (a patient-level round spends the patch level's too)
@@ -219,10 +223,25 @@ def dp_round(settings: SiteSettings, run: RunConfig, server_round: int, cfg: Tra
     log.info("DP-SGD round %d (unit %s): noise %.3g, sample rate %.4g, %d steps; site ε now "
              "%.3f (δ %.2g, %s)", server_round, p.dp_unit, step.noise_multiplier,
              step.sample_rate, steps, entry.epsilon, delta, p.dp_accountant)
-    config = DPConfig(max_grad_norm=p.dp_max_grad_norm, noise_multiplier=p.dp_noise_multiplier,
+    config = DPConfig(max_grad_norm=p.dp_max_grad_norm, noise_multiplier=noise,
                       delta=delta, accountant=p.dp_accountant, unit=p.dp_unit,
-                      patches_per_patient=p.dp_patches_per_patient)
+                      patches_per_patient=p.dp_patches_per_patient, trainable=p.dp_trainable,
+                      physical_batch=p.dp_physical_batch)
     return PrivateRound(config, entry.epsilon)
+
+
+@functools.lru_cache(maxsize=16)
+def noise_for_run(target_epsilon: float, delta: float, sample_rate: float, steps: int,
+                  accountant: str) -> float:
+    """``dp-target-epsilon``: the noise multiplier with which ``steps`` steps (the run's
+    planned rounds at this site) spend ``target_epsilon`` at ``delta`` (the same every round;
+    a site's earlier runs are its ledger's business: its ``max-epsilon`` still caps them)."""
+    from moma_core.privacy.accounting import noise_for_target_epsilon
+
+    try:
+        return noise_for_target_epsilon(target_epsilon, delta, sample_rate, steps, accountant)
+    except ValueError as exc:
+        raise PrivacyRefused(f"dp-target-epsilon {target_epsilon:g}: {exc}") from None
 
 
 def client_dp_round(settings: SiteSettings, run: RunConfig, server_round: int) -> None:

@@ -187,3 +187,27 @@ def test_a_dp_student_keeps_at_least_16_channels_per_group():
     assert norms and all(m.num_channels // m.num_groups >= 16 for m in norms)
     olds = [m for m in old.modules() if isinstance(m, torch.nn.GroupNorm)]
     assert [m.num_groups for m in olds] == [math.gcd(32, m.num_channels) for m in olds]
+
+
+def test_a_site_trains_the_head_privately_and_spends_the_runs_target_epsilon(site):
+    """``dp-trainable = head``: the student keeps BatchNorm (the teacher's statistics, frozen)
+    and only its classifier moves; ``dp-target-epsilon``: the noise multiplier is derived so
+    that the run's planned rounds spend that ε, and the ledger records exactly it."""
+    settings, sha = site
+    run = _dp_run(objective="ce", dp_trainable="head", dp_target_epsilon=4.0, num_rounds=2,
+                  dp_physical_batch=4)
+    arch = run.student_architecture()
+    assert arch.extra == {}  # BatchNorm kept
+    start = _global(run)
+    assert any("running_mean" in k for k in start)
+    state, _, m1 = train_round(settings, run, 1, start, sha)
+    changed = {k for k in start if not torch.equal(start[k], state[k])}
+    assert changed == {"classifier.weight", "classifier.bias"}
+    _, _, m2 = train_round(settings, run, 2, state, sha)
+    entries = PrivacyLedger(settings.cache_dir).entries()
+    assert len({e.noise_multiplier for e in entries}) == 1 and entries[0].noise_multiplier < 1.1
+    assert m1[DP_EPSILON] < m2[DP_EPSILON] <= 4.0 and m2[DP_EPSILON] == pytest.approx(4.0,
+                                                                                       abs=0.05)
+    with pytest.raises(PrivacyRefused, match="dp-target-epsilon"):
+        train_round(settings, _dp_run(objective="ce", dp_target_epsilon=1e-4, run_name="tiny"),
+                    1, start, sha)
