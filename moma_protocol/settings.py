@@ -74,11 +74,12 @@ class ObjectiveSettings:
                           lo=1)
     teacher_update: str = opt(_OBJ.teacher_update, "momentum (MoMA) or frozen teacher",
                               ("momentum", "frozen"))
-    attention_keys: str = opt(_OBJ.attention_keys, "keys of the queue attention",
-                              ("reference", "trained"))
-    queue_keys: str = opt(_OBJ.queue_keys, "what MoMA enqueues: reference A_enq(raw keys) or "
-                          "keys (the positives' own map; keeps the NCE term from falling "
-                          "to 0, though at chance: docs/benchmarks.md)",
+    attention_keys: str = opt(_OBJ.attention_keys, "keys of the queue attention "
+                              "(moma-attention = reference only)", ("reference", "trained"))
+    queue_keys: str = opt(_OBJ.queue_keys, "what MoMA enqueues with moma-attention = "
+                          "reference: reference A_enq(raw keys) or keys (the positives' own "
+                          "map; keeps the NCE term from falling to 0, though at chance: "
+                          "docs/benchmarks.md); the residual attention always enqueues k",
                           ("reference", "keys"))
     kl_teacher: str = opt(_OBJ.kl_teacher, "MoMA's KL logits from the teacher before its "
                           "momentum update (reference) or after it (one teacher forward)",
