@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from moma_core.data.datasets import (
+    ArrayImageDataset,
     DataError,
     csv_manifest,
     decode_image,
@@ -185,13 +186,27 @@ def test_declared_classes_that_look_like_integers_are_names(tmp_path):
     ([0, 999999, 1], {}, "label 999999 is not a class index (at most 1000"),
     ([0, 2, 1], {"classes": np.array(["a", "b"])}, "label 2 is not a class index 0..1"),
 ])
-def test_npz_labels_outside_the_classes_name_the_file(tmp_path, labels, extra, message):
+def test_npz_labels_outside_the_classes_name_the_file(tmp_path, monkeypatch, labels, extra,
+                                                     message):
+    """The NPZ reader's own checks refuse these labels, naming the file: the range check of
+    every labelled data set (the backstop, below) is switched off here."""
+    from moma_core.data import datasets
+
+    monkeypatch.setattr(datasets, "_check_label_range", lambda labels, n_classes: None)
     path = tmp_path / "d.npz"
     np.savez(path, train_images=np.zeros((3, 8, 8, 3), dtype=np.uint8),
              train_labels=np.array(labels), **extra)
     with pytest.raises(DataError) as err:
         load_dataset(path)
     assert message in str(err.value) and str(path) in str(err.value)
+
+
+@pytest.mark.parametrize("labels", [[0, -1, 1], [0, 2, 1]])
+def test_the_label_range_backstop_refuses_labels_outside_the_classes(labels):
+    with pytest.raises(DataError, match=r"label (-1|2) out of range for 2 classes"):
+        ArrayImageDataset(np.zeros((3, 8, 8, 3), dtype=np.uint8), labels, ["a", "b"])
+    assert ArrayImageDataset(np.zeros((3, 8, 8, 3), dtype=np.uint8), [0, 1, 1],
+                             ["a", "b"]).targets == [0, 1, 1]
 
 
 @pytest.mark.parametrize("sidecar", [["not", "an", "object"], {"meta": {"epochs": 1}}])

@@ -5,7 +5,14 @@ import json
 import pytest
 import torch
 
-from moma_core.checkpoint import CheckpointError, load_model, save_checkpoint, sidecar_path
+from moma_core.checkpoint import (
+    CheckpointError,
+    load_model,
+    refuse_pickle,
+    save_checkpoint,
+    sha256_file,
+    sidecar_path,
+)
 from moma_core.models import Architecture, build_model
 
 ARCH = Architecture("test_efficientnet", ("a", "b", "c", "d"), image_size=32)
@@ -28,13 +35,29 @@ def test_round_trip_is_exact(tmp_path):
 
 
 def test_refuses_torch_pickle(tmp_path):
-    model = build_model(ARCH)
-    for name in ("teacher.pt", "teacher.safetensors"):
+    """The pickle check itself refuses anything but a safetensors file, and it is what refuses
+    these in load_model: their sidecars are in order, with the files' true hashes (so that the
+    hash check, a later backstop, passes them)."""
+    model, safe, _ = _saved(tmp_path / "safe")
+    pickled = tmp_path / "pickle.bin"
+    torch.save(model.state_dict(), pickled)
+    zipped, legacy = pickled.read_bytes(), pickled.with_suffix(".legacy")
+    torch.save(model.state_dict(), legacy, _use_new_zipfile_serialization=False)
+    cases = {"teacher.pt": zipped,  # a pickle by name and content
+             "teacher.safetensors": zipped,  # torch's zip pickle, whatever the name says
+             "old.safetensors": legacy.read_bytes(),  # a bare pickle (protocol header)
+             "renamed.pt": safe.read_bytes(),  # safetensors content, a pickle's name
+             "weights.npz": safe.read_bytes()}  # nor anything but .safetensors
+    side = json.loads(sidecar_path(safe).read_text())
+    for name, content in cases.items():
         path = tmp_path / name
-        torch.save(model.state_dict(), path)  # a pickle, whatever the name says
-        sidecar_path(path).write_text(json.dumps({"architecture": ARCH.to_dict()}))
+        path.write_bytes(content)
+        sidecar_path(path).write_text(json.dumps({**side, "sha256": sha256_file(path)}))
+        with pytest.raises(CheckpointError, match="refusing to load a pickle"):
+            refuse_pickle(path)
         with pytest.raises(CheckpointError, match="refusing to load a pickle"):
             load_model(path)
+    refuse_pickle(safe)  # the control: a safetensors file passes
 
 
 def test_mismatched_teacher_names_the_tensor(tmp_path):

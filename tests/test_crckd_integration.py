@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from client.site_config import site_settings
@@ -11,12 +12,22 @@ from client.site_state import SiteState, TeacherCache
 from client.site_training import train_round
 from moma_core.checkpoint import sidecar_path
 from moma_core.cli.distill import distill, parser
+from moma_core.crckd import CRCKD
 from moma_core.models import Architecture, build_model
 from moma_protocol.wire import TRAIN_METRICS, wire_state
 from tests.helpers import IMAGE_SIZE, TARGET_CLASSES, synthetic_sites, tiny_run, tiny_teacher
 
 
-def test_moma_distill_trains_crckd_with_its_per_sample_banks(tmp_path):
+def test_moma_distill_trains_crckd_with_its_per_sample_banks(tmp_path, monkeypatch):
+    ccd: list[float] = []  # each step's CCD, as the objective computed it
+    loss = CRCKD.loss
+
+    def recording(self, *args, **kwargs):
+        total, parts = loss(self, *args, **kwargs)
+        ccd.append(float(parts["ccd"]))
+        return total, parts
+
+    monkeypatch.setattr(CRCKD, "loss", recording)
     teacher = tiny_teacher(tmp_path / "teacher.safetensors")
     args = parser().parse_args([
         "--teacher", str(teacher), "--objective", "crckd", "--name", "c",
@@ -25,8 +36,14 @@ def test_moma_distill_trains_crckd_with_its_per_sample_banks(tmp_path):
     results = distill(args)
     first, last = results["history"][0], results["history"][-1]
     assert {"train_ccd", "train_crp", "train_ce"} <= set(last)
-    assert first["train_ccd"] == 0.0 or last["train_ccd"] > 0  # banks written after epoch 1
-    assert last["train_ccd"] > 0 and last["train_crp"] >= 0
+    steps = len(ccd) // 2
+    assert steps >= 2 and len(ccd) == 2 * steps, ccd  # two epochs of the same steps
+    # the first step has no written row to contrast with; every step writes its batch's rows
+    # into the banks, so from the second step on (in epoch 1 already) CCD contrasts them
+    assert ccd[0] == 0.0 and all(c > 0 for c in ccd[1:]), ccd
+    assert first["train_ccd"] == pytest.approx(sum(ccd[:steps]) / steps)  # epoch means
+    assert last["train_ccd"] == pytest.approx(sum(ccd[steps:]) / steps)
+    assert last["train_crp"] >= 0
     assert json.loads((tmp_path / "c" / "results.json").read_text())["objective"]["kind"] == \
         "crckd"
 

@@ -214,6 +214,36 @@ def test_a_site_whose_masked_reply_breaks_the_protocol_is_left_out(
         assert np.allclose((new[k] - start[k]).numpy(), expected, atol=2e-5), k
 
 
+def test_a_masked_vector_of_other_shapes_is_refused_even_with_as_many_arrays(task_identity):
+    """The coordinator's check of the masked vector compares each array's shape with the sent
+    tensor's: as many arrays of other shapes (even of the same sizes) would spoil the sum of
+    every site. The check itself, on one reply at the masked-vector stage."""
+    from flwr.app import MetricRecord
+    from flwr.common import ndarray_to_bytes
+
+    from server.secagg import SecureResult, _CountingGrid
+
+    sent = [(1,), (3, 4), (5,)]  # the weight factor, then the tensors
+    grid = _CountingGrid(None, 1.0, sent, SecureResult(None))  # type: ignore[arg-type]
+
+    def problem(shapes) -> str | None:
+        content = RecordDict({
+            S.CONFIGS: ConfigRecord({Key.MASKED_PARAMETERS: [
+                ndarray_to_bytes(np.zeros(s, dtype=np.int64)) for s in shapes]}),
+            "fitres.metrics": ConfigRecord({"train-loss": 1.0}),
+            "fitres.num_examples": MetricRecord({"num_examples": 3}),
+            "fitres.status": ConfigRecord({"code": 0, "message": ""})})
+        reply = Message(content, dst_node_id=10, message_type=P.TRAIN)
+        return grid._problem(reply, Stage.COLLECT_MASKED_VECTORS)
+
+    assert problem(sent) is None
+    for other in ([(1,), (4, 3), (5,)],  # as many arrays, as many values, transposed
+                  [(1,), (12,), (5,)],  # flattened
+                  [(1,), (3, 4), (6,)],  # one value more
+                  [(1,), (3, 4)]):  # one array fewer
+        assert problem(other) == "masked vector of the wrong shapes", other
+
+
 def test_too_many_dropouts_fail_the_round_and_keep_the_student(tmp_path, task_identity):
     run, grid, coordinator, start = _federation(tmp_path, 3)
     grid.silent = {11: Stage.SHARE_KEYS, 12: Stage.SHARE_KEYS}
