@@ -39,13 +39,16 @@ from client.app_guard import LOG_ENV, write_launcher
 from client.site_config import default_ledger_path
 from deploy.lifecycle import BusyError, InstanceLock, check_port_free, kill_tagged, spawn
 from deploy.runtime import executable, exit_on_sigterm, flower_env, stop
-from moma_core.cli.common import run_cli
+from moma_core.cli.common import DefaultsHelpFormatter, run_cli
 from moma_core.progress import console
 from moma_core.sources import open_site_data
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="moma-client", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="moma-client", description=__doc__.splitlines()[0],
+                                epilog="moma-client privacy: this site's privacy ledger "
+                                       "(moma-client privacy --help)",
+                                formatter_class=DefaultsHelpFormatter)
     p.add_argument("--kit", type=Path,
                    help="this site's kit from the coordinator (moma-deploy): TLS + site auth")
     p.add_argument("--server", help="coordinator address host:port (default: the kit's)")
@@ -56,19 +59,23 @@ def parser() -> argparse.ArgumentParser:
                         "kit's site.toml 'cache-dir')")
     p.add_argument("--site-name", default=None,
                    help="--insecure only: with a kit the name is the registered one")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 …")
     p.add_argument("--insecure", action="store_true",
                    help="plaintext, no site authentication, unsigned teachers (local trials)")
     p.add_argument("--clientappio-port", type=int, default=9094,
-                   help="local port (127.0.0.1) of this SuperNode's app runtime")
+                   help="local port (127.0.0.1) of this SuperNode's app runtime; give each "
+                        "moma-client on one host its own")
     p.add_argument("--max-retries", type=int, default=None,
                    help="give up (exit 2) after this many reconnection attempts (default: "
                         "keep trying, also when the coordinator refuses this site)")
-    p.add_argument("--max-wait-time", type=float, default=None)
+    p.add_argument("--max-wait-time", type=float, default=None,
+                   help="give up (exit 2) after this many seconds of reconnection attempts "
+                        "(default: no limit)")
     g = p.add_argument_group("synthetic data")
-    g.add_argument("--site-index", type=int, default=None)
-    g.add_argument("--num-sites", type=int, default=3)
-    g.add_argument("--n", type=int, default=800)
+    g.add_argument("--site-index", type=int, default=None,
+                   help="simulated hospital style (default: none)")
+    g.add_argument("--num-sites", type=int, default=3, help="number of simulated styles")
+    g.add_argument("--n", type=int, default=800, help="training images")
     p.add_argument("--skip-bad-images", action="store_true",
                    help="skip images that cannot be decoded (counted) instead of failing")
     p.add_argument("--allow-outside-paths", action="store_true",
@@ -148,6 +155,10 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
                          "(0: 1/(10 × training examples))")
     if args.cache_dir is None:
         raise ValueError("no cache folder: give --cache-dir (or 'cache-dir' in site.toml)")
+    if str(args.device).startswith("cuda"):  # refused here, not by every round of the run
+        from moma_core.standalone import resolve_device
+
+        resolve_device(args.device)
     args.ledger = (args.ledger or default_ledger_path()).expanduser()
     if not args.check_only and not args.server:
         raise ValueError("no coordinator address: give --server host:port")
@@ -314,7 +325,7 @@ def start(args: argparse.Namespace) -> int:
 
 def privacy_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="moma-client privacy",
+        prog="moma-client privacy", formatter_class=DefaultsHelpFormatter,
         description="Print this site's privacy ledger: every DP training it recorded, and the "
                     "ε spent, recomputed from the recorded steps (kept on this site's disk "
                     "only).")

@@ -46,6 +46,7 @@ def error_category(exc: BaseException) -> str:
     from client.site_training import StudentMismatch
     from moma_core.checkpoint import CheckpointError
     from moma_core.data.datasets import DataError
+    from moma_core.errors import DeviceUnavailable
     from moma_core.train import TrainingDiverged
     from moma_protocol.settings import ConfigError as RunConfigError
 
@@ -58,7 +59,7 @@ def error_category(exc: BaseException) -> str:
         (CheckpointError, "teacher-rejected"),
         (DataError, "data-error"),
         (TrainingDiverged, "training-diverged"),
-        ((ConfigError, SiteConfigError, RunConfigError), "config-error"),
+        ((ConfigError, SiteConfigError, RunConfigError, DeviceUnavailable), "config-error"),
     )
     ledger = sys.modules.get("moma_core.privacy.ledger")  # loaded only if DP was in play
     if ledger is not None and isinstance(exc, ledger.LedgerError):

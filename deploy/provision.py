@@ -17,12 +17,15 @@ from pathlib import Path
 
 from deploy import pki
 from deploy.federation import Federation
+from moma_core.cli.common import DefaultsHelpFormatter
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="moma-deploy", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="moma-deploy", description=__doc__.splitlines()[0],
+                                formatter_class=DefaultsHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    init = sub.add_parser("init", help="create a federation folder, its CA, keys and kits")
+    fmt = {"formatter_class": DefaultsHelpFormatter}
+    init = sub.add_parser("init", **fmt, help="create a federation folder, its CA, keys and kits")
     init.add_argument("folder", type=Path)
     init.add_argument("--server-host", action="append", default=[],
                       help="name or IP address the sites use to reach the coordinator "
@@ -31,17 +34,17 @@ def parser() -> argparse.ArgumentParser:
     init.add_argument("--site", action="append", default=[], help="a site's name (repeat)")
     init.add_argument("--days", type=int, default=825, help="server certificate lifetime")
     init.add_argument("--force", action="store_true", help="replace existing keys")
-    add = sub.add_parser("add-site", help="a new site kit")
+    add = sub.add_parser("add-site", **fmt, help="a new site kit")
     add.add_argument("folder", type=Path)
     add.add_argument("name")
     add.add_argument("--force", action="store_true", help="give an existing site a new key")
-    rev = sub.add_parser("revoke-site", help="refuse a site's key from now on")
+    rev = sub.add_parser("revoke-site", **fmt, help="refuse a site's key from now on")
     rev.add_argument("folder", type=Path)
     rev.add_argument("name")
-    ren = sub.add_parser("renew-server", help="re-issue the SuperLink certificate")
+    ren = sub.add_parser("renew-server", **fmt, help="re-issue the SuperLink certificate")
     ren.add_argument("folder", type=Path)
     ren.add_argument("--days", type=int, default=825)
-    ls = sub.add_parser("list", help="sites and certificate expiry")
+    ls = sub.add_parser("list", **fmt, help="sites and certificate expiry")
     ls.add_argument("folder", type=Path)
     return p
 

@@ -14,3 +14,7 @@ class DataError(ValueError):
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
+
+
+class DeviceUnavailable(ValueError):
+    """The device asked for (``cuda``) does not exist on this machine."""

@@ -63,6 +63,17 @@ def _load_public(pem: bytes) -> Ed25519PublicKey:
     return key
 
 
+def load_signing_key(private_key: str | Path) -> Ed25519PrivateKey:
+    """The coordinator's Ed25519 teacher-signing key, or one :class:`SignatureError`."""
+    try:
+        key = serialization.load_pem_private_key(Path(private_key).read_bytes(), None)
+    except (OSError, ValueError, TypeError) as exc:
+        raise SignatureError(f"{private_key}: not a readable private key ({exc})") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise SignatureError(f"{private_key}: not an Ed25519 key")
+    return key
+
+
 def sign_teacher(weights: Path, private_key: Path) -> Path:
     """Sign ``weights`` (its hash must match its sidecar) and write ``<stem>.sig.json``."""
     weights = Path(weights)
@@ -71,12 +82,7 @@ def sign_teacher(weights: Path, private_key: Path) -> Path:
     if not _SHA.match(str(sidecar.get("sha256", ""))) or sidecar["sha256"] != sha:
         raise SignatureError(f"{weights}: its sidecar does not name its SHA-256; refusing to "
                              "sign (re-save the teacher)")
-    try:
-        key = serialization.load_pem_private_key(Path(private_key).read_bytes(), None)
-    except (OSError, ValueError, TypeError) as exc:
-        raise SignatureError(f"{private_key}: not a readable private key ({exc})") from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise SignatureError(f"{private_key}: not an Ed25519 key")
+    key = load_signing_key(private_key)
     side = sidecar_digest(sidecar)
     doc = {"format": FORMAT, "sha256": sha, "sidecar_sha256": side,
            "signer": fingerprint(key.public_key()),

@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 
 from moma_core.data.datasets import DataError, load_dataset
 from moma_core.data.transforms import build_transform
+from moma_core.errors import DeviceUnavailable
 from moma_core.evaluate import evaluate, metrics_line
 from moma_core.objectives import Objective, training_set
 from moma_core.progress import console, progress_bar
@@ -38,7 +39,7 @@ def resolve_device(device: str = "auto") -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
+        raise DeviceUnavailable(f"device {device!r} requested but CUDA is not available")
     return device
 
 

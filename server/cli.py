@@ -4,10 +4,16 @@ Secure by default: ``--federation`` is the folder made by ``moma-deploy init``. 
 then serves TLS with the federation's server certificate (expiry checked first), admits only
 the sites registered there and not revoked (their public keys are registered with the
 SuperLink before the run; a site's name in the results is the one its key was registered
-under), and the teacher must carry the coordinator's signature (made here from the
-federation's signing key when it is missing). The run-submission and runtime APIs are reachable
+under), and the teacher must carry the coordinator's signature. ``moma-server`` never signs:
+signing is an explicit act, ``moma-teacher sign TEACHER --key KEY``, by whoever checked the
+teacher; an unsigned teacher is refused. The run-submission and runtime APIs are reachable
 from this host's loopback only (:mod:`deploy.superlink`). Plaintext without site
 authentication only with ``--insecure`` (local trials).
+
+The run's ``image-size`` is the teacher's (its sidecar's ``architecture.image_size``) unless
+``--run-config`` sets it; a distilling run set to another size than the teacher's is refused
+(the teacher would see images of another scale than it was trained on). Only ``ce``, which
+ships no teacher and at most starts from its weights, may train at another size.
 
 Writes ``runs/<name>/`` (results.json, checkpoints, curves, report) and stops everything it
 started when the run ends or it is killed; a busy port or a run folder in use by another
@@ -25,7 +31,8 @@ from pathlib import Path
 
 from deploy.lifecycle import BusyError, InstanceLock, check_port_free, kill_tagged, spawn
 from deploy.runtime import executable, exit_on_sigterm, flower_env, stop, wait_for_port
-from moma_core.cli.common import run_cli
+from moma_core.cli.common import DefaultsHelpFormatter, run_cli
+from moma_core.models import Architecture
 from moma_core.progress import console
 from moma_protocol.settings import ConfigError, RunConfig
 from server.flwr_app import run_config_arg, write_app
@@ -34,14 +41,18 @@ from server.teacher_package import check_student_fits, check_student_model, pack
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="moma-server", description=__doc__.splitlines()[0])
-    p.add_argument("--teacher", type=Path, help="teacher .safetensors (not needed for ce)")
+    p = argparse.ArgumentParser(prog="moma-server", description=__doc__.splitlines()[0],
+                                formatter_class=DefaultsHelpFormatter)
+    p.add_argument("--teacher", type=Path,
+                   help="teacher .safetensors (not needed for ce); with --federation it must "
+                        "be signed first: moma-teacher sign TEACHER --key KEY")
     p.add_argument("--name", default="federation", help="run name: results in runs/<name>/")
-    p.add_argument("--runs-dir", type=Path, default=Path("runs"))
+    p.add_argument("--runs-dir", type=Path, default=Path("runs"),
+                   help="folder of the run folders")
     p.add_argument("--federation", type=Path,
                    help="federation folder from moma-deploy init: TLS + site authentication")
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept remote sites")
-    p.add_argument("--port", type=int, default=9092)
+    p.add_argument("--port", type=int, default=9092, help="the SuperLink's one port")
     p.add_argument("--insecure", action="store_true",
                    help="plaintext, no site authentication (local trials only)")
     p.add_argument("--rounds", type=int, help="number of rounds")
@@ -55,14 +66,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--run-config", default="",
                    help="more run settings, 'key=value key2=\"text\"' (pyproject keys)")
     p.add_argument("--resume", action="store_true", help="continue runs/<name>/")
-    p.add_argument("--startup-timeout", type=float, default=120.0)
+    p.add_argument("--startup-timeout", type=float, default=120.0,
+                   help="seconds to wait for the SuperLink to listen")
     return p
 
 
 def overrides(args: argparse.Namespace, out_root: Path, teacher: Path | None,
               registry: Path | None) -> dict:
-    """The run config this command submits: its options, then ``--run-config``; validated
-    (unknown key, wrong type, out of range: one line) before anything starts."""
+    """The run config this command submits: its options, then ``--run-config``, and the
+    teacher's ``image-size`` unless that sets one; validated (unknown key, wrong type, out of
+    range, an image size not the teacher's: one line) before anything starts."""
     values: dict = {"run-name": args.name, "output-dir": str(out_root),
                     "teacher-path": str(teacher or ""), "eval-source": args.eval_source,
                     "eval-sites": args.eval_sites, "resume": args.resume,
@@ -76,15 +89,40 @@ def overrides(args: argparse.Namespace, out_root: Path, teacher: Path | None,
     if owned:
         raise ConfigError(f"--run-config {owned[0]}: set by moma-server itself (use its option)")
     values.update(extra)
+    arch = teacher_architecture(teacher) if teacher is not None else None
+    if arch is not None and "image-size" not in extra:
+        values["image-size"] = arch.image_size
     run = RunConfig.from_flat(values)
     check_student_model(run)
     if run.objective.objective != "ce" and teacher is None:
         raise ConfigError(f"objective {run.objective.objective!r} needs --teacher")
+    if arch is not None:
+        check_image_size(run, arch)
     if not run.class_names:
         raise ConfigError("give --classes: the target task's class names in label order, "
                           "e.g. --classes benign,grade_1,grade_2 (moma-client --check-only "
                           "prints a site's)")
     return values
+
+
+def teacher_architecture(teacher: Path) -> Architecture:
+    """The teacher's architecture as its sidecar states it (one line if it is unusable)."""
+    from moma_core.checkpoint import read_sidecar, refuse_pickle, sidecar_architecture
+
+    refuse_pickle(teacher)  # absent, a pickle: the usual one line, before its sidecar is read
+    return sidecar_architecture(read_sidecar(teacher), teacher)
+
+
+def check_image_size(run: RunConfig, teacher: Architecture) -> None:
+    """Refuse a distilling run whose ``image-size`` is not the teacher's: the sites would feed
+    the teacher images of another scale than it was trained on. ``ce`` ships no teacher (it at
+    most starts from its weights), so it may train at another size."""
+    size = run.federation.image_size
+    if size == teacher.image_size or run.objective.objective == "ce":
+        return
+    raise ConfigError(f"run-config image-size={size}, but the teacher was trained on "
+                      f"{teacher.image_size} px images: leave image-size out (the teacher's "
+                      f"{teacher.image_size} is used) or set image-size={teacher.image_size}")
 
 
 def secure_setup(args: argparse.Namespace):
@@ -111,16 +149,16 @@ def secure_setup(args: argparse.Namespace):
     return fed
 
 
-def signed_teacher(teacher: Path, fed) -> None:
-    """Check the teacher's signature by the federation key; sign it if it has none."""
-    from moma_core.signature import sign_teacher, signature_path, verify_teacher_files
+def check_signed_teacher(teacher: Path, fed) -> None:
+    """Refuse a teacher without a valid signature by the federation's key. Never signs:
+    signing is an explicit act (``moma-teacher sign``) by whoever checked the teacher, so a
+    teacher whose signature file was deleted is refused, not signed."""
+    from moma_core.signature import SignatureError, signature_path, verify_teacher_files
 
-    if not signature_path(teacher).exists():
-        if not fed.signing_key.is_file():
-            raise ValueError(f"{teacher} is not signed and {fed.signing_key} is absent: sign "
-                             "it with moma-teacher sign where the key is kept")
-        sign_teacher(teacher, fed.signing_key)
-        console.print(f"signed {teacher.name} with the federation's teacher-signing key")
+    sig = signature_path(teacher)
+    if not sig.is_file():
+        raise SignatureError(f"{teacher} is not signed (no {sig.name}); check it, then sign it: "
+                             f"moma-teacher sign {teacher} --key {fed.signing_key}")
     verify_teacher_files(teacher, fed.signing_public_key)
 
 
@@ -158,10 +196,10 @@ def serve(args: argparse.Namespace) -> int:
     values = overrides(args, out_root, teacher, registry)
     fed = secure_setup(args)
     if teacher is not None:
-        pkg = package_teacher(teacher)
+        pkg = package_teacher(teacher)  # safetensors only, hash and shapes checked
         check_student_fits(RunConfig.from_flat(values), pkg.architecture)
         if fed is not None:
-            signed_teacher(teacher, fed)
+            check_signed_teacher(teacher, fed)
         console.print(f"teacher {teacher.name}: {pkg.architecture.model_name}, "
                       f"sha256 {pkg.sha256[:16]}…")
     if (out_dir / "results.json").exists() and not args.resume:

@@ -178,3 +178,64 @@ def test_a_local_only_arm_refuses_a_private_run():
 
     with pytest.raises(ConfigError, match="trains without DP"):
         train_alone(tiny_run(dp="dp-sgd", objective="kd"), [], "site-0", None)
+
+
+# -- the run's image size is the teacher's (moma-server) -----------------------------------------
+@pytest.fixture(scope="module")
+def teacher_48px(tmp_path_factory):
+    """A teacher trained (here: saved) on 48 px images; the run-config default is 64."""
+    from moma_core.checkpoint import save_checkpoint
+    from moma_core.data.synthetic import SOURCE_CLASSES
+    from moma_core.models import Architecture, build_model
+
+    path = tmp_path_factory.mktemp("t48") / "teacher.safetensors"
+    arch = Architecture("test_efficientnet", tuple(SOURCE_CLASSES), 48)
+    save_checkpoint(path, build_model(arch).state_dict(), arch, {"purpose": "tests"})
+    return path
+
+
+def _server_run_config(teacher: Path, out: Path, run_config: str) -> dict:
+    """The run config moma-server would submit (``flwr run --run-config``), nothing started."""
+    from server.cli import overrides, parser
+    from tests.helpers import TARGET_CLASSES
+
+    args = parser().parse_args(["--teacher", str(teacher), "--insecure", "--classes",
+                                ",".join(TARGET_CLASSES), "--run-config", run_config])
+    return overrides(args, out, teacher, None)
+
+
+def test_moma_server_takes_the_image_size_from_the_teacher(teacher_48px, tmp_path):
+    from moma_protocol.settings import RunConfig
+    from server.flwr_app import run_config_arg
+
+    assert RunConfig().federation.image_size == 64  # what was taken silently before
+    values = _server_run_config(teacher_48px, tmp_path, 'student-model="test_efficientnet"')
+    assert values["image-size"] == 48
+    assert "image-size=48" in run_config_arg(values).split()
+    assert RunConfig.from_flat(values).federation.image_size == 48
+    # the same size, given: accepted as is
+    same = _server_run_config(teacher_48px, tmp_path,
+                              'student-model="test_efficientnet" image-size=48')
+    assert same["image-size"] == 48
+
+
+def test_moma_server_refuses_an_image_size_that_is_not_the_teachers(call, teacher_48px,
+                                                                    tmp_path, monkeypatch):
+    from server import cli as server_cli
+
+    def spawn(*args, **kwargs):
+        raise AssertionError("moma-server started a process for a refused image size")
+
+    monkeypatch.setattr(server_cli, "spawn", spawn)
+    r = call("moma-server", "--teacher", teacher_48px, "--insecure", "--runs-dir",
+             tmp_path / "runs", "--name", "bad", "--port", "1", "--classes", "a,b",
+             "--run-config", 'image-size=64 student-model="test_efficientnet"')
+    _one_line_error(r, "image-size=64, but the teacher was trained on 48 px images")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_ce_run_may_train_at_another_size_than_its_teachers(teacher_48px, tmp_path):
+    """CE ships no teacher (it at most starts from its weights): any image size is its own."""
+    values = _server_run_config(teacher_48px, tmp_path,
+                                'objective="ce" student-model="test_efficientnet" image-size=64')
+    assert values["image-size"] == 64

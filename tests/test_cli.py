@@ -58,3 +58,40 @@ def test_bad_input_fails_with_one_clear_line(call, teacher, tmp_path):
     pickle.write_bytes(b"\x80\x04junk")
     r = call("moma-distill", "--teacher", pickle, "--runs-dir", tmp_path, *TINY)
     assert r.returncode == 2 and "refusing to load a pickle" in r.stderr
+
+
+def _help(monkeypatch, capsys, main, argv: list[str]) -> str:
+    """``--help`` of a command's ``main`` in-process, whitespace collapsed (argparse wraps)."""
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as done:
+        main()
+    assert done.value.code == 0
+    return " ".join(capsys.readouterr().out.split())
+
+
+def _main(command: str):
+    import importlib
+
+    module = {"moma-server": "server.cli", "moma-client": "client.cli",
+              "moma-teacher": "moma_core.cli.teacher", "moma-distill": "moma_core.cli.distill",
+              "moma-eval": "moma_core.cli.evaluate", "moma-deploy": "deploy.provision"}[command]
+    return importlib.import_module(module).main
+
+
+@pytest.mark.parametrize("argv,default", [
+    (["moma-server", "--help"], "--port PORT the SuperLink's one port (default: 9092)"),
+    (["moma-client", "--help"], "(default: 9094)"),  # --clientappio-port
+    (["moma-client", "privacy", "--help"], None),
+    (["moma-teacher", "--help"], "--model MODEL timm model name (default: efficientnet_b0)"),
+    (["moma-teacher", "sign", "--help"], None),
+    (["moma-distill", "--help"], "--objective {ce,kd,moma,crckd} (default: moma)"),
+    (["moma-eval", "--help"], "--batch-size BATCH_SIZE (default: 128)"),
+    (["moma-deploy", "init", "--help"], "--port PORT (default: 9092)"),
+])
+def test_help_names_the_defaults(monkeypatch, capsys, argv, default):
+    """``--help`` shows each option's default, options without a help text included; the
+    unset, off and empty ones say nothing rather than '(default: None)'."""
+    shown = _help(monkeypatch, capsys, _main(argv[0]), argv)
+    if default is not None:
+        assert default in shown, shown
+    assert "(default: None)" not in shown and "(default: False)" not in shown

@@ -77,6 +77,11 @@ def test_secure_federation_across_hosts(tmp_path):
         fed.revoke_site("intruder")
         other = Federation.init(tmp_path / "other", [cip], PORT, ["site-a"])
         teacher = tiny_teacher(tmp_path / "teachers" / "teacher.safetensors")
+        # signing is the coordinator's explicit act (moma-server refuses an unsigned teacher)
+        signed = subprocess.run([str(BIN / "moma-teacher"), "sign", str(teacher), "--key",
+                                 str(fed.signing_key)], env=ENV, capture_output=True, text=True,
+                                timeout=CEILING)
+        assert signed.returncode == 0, signed.stderr[-2000:]
 
         # (what the coordinator refuses before anything starts, an expired certificate or
         # a teacher not the one its signature is for: tests/test_coordinator_refusals.py)

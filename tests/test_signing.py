@@ -145,3 +145,81 @@ def test_sign_command(call, tmp_path):
     teacher.with_suffix(".json").write_text(json.dumps({**read_sidecar(teacher), "sha256": ""}))
     empty = call("moma-teacher", "sign", teacher, "--key", priv)
     assert empty.returncode == 2 and "SHA-256" in empty.stderr
+
+
+# -- signing is an explicit act: moma-teacher sign shows what it signs, moma-server never signs --
+def _federation(tmp_path: Path):
+    from deploy.federation import Federation
+
+    return Federation.init(tmp_path / "fed", ["127.0.0.1"], 9092, ["site-a"])
+
+
+def _serve(call, fed, teacher: Path, tmp_path: Path):
+    """``moma-server --federation`` on ``teacher`` (a student the teacher fits)."""
+    from deploy.runtime import free_port
+    from tests.helpers import TARGET_CLASSES
+
+    return call("moma-server", "--federation", fed.root, "--teacher", teacher, "--name", "x",
+                "--runs-dir", tmp_path / "runs", "--host", "127.0.0.1", "--port", free_port(),
+                "--rounds", 2, "--classes", ",".join(TARGET_CLASSES),
+                "--run-config", 'student-model="test_efficientnet"')
+
+
+class Started(Exception):
+    """moma-server got past its checks: it would start the SuperLink now."""
+
+
+@pytest.fixture
+def no_superlink(monkeypatch):
+    from server import cli as server_cli
+
+    def spawn(*args, **kwargs):
+        raise Started
+
+    monkeypatch.setattr(server_cli, "spawn", spawn)
+
+
+def test_moma_server_refuses_an_unsigned_teacher_and_never_signs_it(call, tmp_path,
+                                                                    no_superlink):
+    """The issue: a tampered teacher whose signature file was deleted was signed by
+    ``moma-server --federation`` with the federation's key, and the sites trained on it."""
+    fed = _federation(tmp_path)
+    teacher = tiny_teacher(tmp_path / "teachers" / "teacher.safetensors")
+    sign_teacher(teacher, fed.signing_key)  # the teacher someone approved
+    data = bytearray(teacher.read_bytes())
+    data[-1] ^= 1
+    teacher.write_bytes(bytes(data))  # tampered, its hash fixed up, its signature deleted
+    side = teacher.with_suffix(".json")
+    side.write_text(json.dumps({**json.loads(side.read_text()), "sha256": sha256_file(teacher)}))
+    signature_path(teacher).unlink()
+
+    r = _serve(call, fed, teacher, tmp_path)  # a Started here fails the test
+    assert r.returncode == 2, r.stderr[-2000:]
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "is not signed" in errors[0]
+    assert f"moma-teacher sign {teacher.resolve()} --key {fed.signing_key}" in errors[0]
+    assert not signature_path(teacher).exists()  # nothing was signed
+    assert "teacher-signing key" not in r.stdout + r.stderr
+
+
+def test_a_teacher_signed_with_moma_teacher_sign_is_accepted(call, tmp_path, no_superlink):
+    fed = _federation(tmp_path)
+    teacher = tiny_teacher(tmp_path / "teachers" / "teacher.safetensors")
+    assert call("moma-teacher", "sign", teacher, "--key", fed.signing_key).returncode == 0
+    with pytest.raises(Started):
+        _serve(call, fed, teacher, tmp_path)
+
+
+def test_sign_command_shows_the_hash_architecture_and_classes_it_signs(call, tmp_path):
+    teacher = tiny_teacher(tmp_path / "teacher.safetensors")
+    priv, _ = keypair(tmp_path, "k")
+    r = call("moma-teacher", "sign", teacher, "--key", priv)
+    assert r.returncode == 0, r.stderr
+    shown = " ".join((r.stdout + r.stderr).split())
+    sidecar = read_sidecar(teacher)
+    arch = sidecar["architecture"]
+    assert sidecar["sha256"] in shown  # the whole hash, to compare with the approved one
+    assert arch["model_name"] in shown and f"{arch['image_size']} px" in shown
+    assert ",".join(arch["classes"]) in shown
+    assert shown.index(sidecar["sha256"]) < shown.index("teacher.sig.json")  # shown first

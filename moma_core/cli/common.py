@@ -3,13 +3,40 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from collections.abc import Callable
 
 from moma_core.errors import CheckpointError, DataError, TrainingDiverged
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """``--help`` that names each option's default, ``(default: 64)``, options without a help
+    text included; not where there is none to name (unset, off, empty) or where the help text
+    already speaks of its default."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if action.help is None and _shown_default(action):
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if _shown_default(action) and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def _shown_default(action: argparse.Action) -> bool:
+    default = action.default
+    if not action.option_strings or default is None or default is False:
+        return False
+    return default is not argparse.SUPPRESS and default not in ("", [])
+
+
 def add_training_args(p: argparse.ArgumentParser, epochs: int, lr: float) -> None:
+    p.formatter_class = DefaultsHelpFormatter  # every command with these options shows defaults
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=epochs)
     g.add_argument("--batch-size", type=int, default=64)
@@ -22,6 +49,7 @@ def add_training_args(p: argparse.ArgumentParser, epochs: int, lr: float) -> Non
 
 
 def add_data_args(p: argparse.ArgumentParser, source: str, n: int) -> None:
+    p.formatter_class = DefaultsHelpFormatter  # every command with these options shows defaults
     g = p.add_argument_group("data")
     g.add_argument("--source", default=source,
                    help="synthetic:source | synthetic:target | ImageFolder dir | .csv | .npz")

@@ -5,7 +5,10 @@ normalisation, SHA-256, training metrics: ``val_*`` on the validation split and,
 a ``test`` split (synthetic data always), ``test_*`` on it).
 
 ``moma-teacher sign TEACHER.safetensors --key teacher-signing.key`` signs a teacher with the
-coordinator's Ed25519 key (``moma-deploy``) and writes ``<stem>.sig.json`` beside it.
+coordinator's Ed25519 key (``moma-deploy``) and writes ``<stem>.sig.json`` beside it. It first
+shows what is signed (the weights' SHA-256, the sidecar's architecture, input size and classes):
+signing is the one explicit act that lets a federation's sites train with a teacher
+(``moma-server`` never signs).
 """
 
 from __future__ import annotations
@@ -14,8 +17,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from moma_core.checkpoint import save_checkpoint
-from moma_core.cli.common import add_data_args, add_training_args, run_cli
+from moma_core.checkpoint import load_model, save_checkpoint
+from moma_core.cli.common import DefaultsHelpFormatter, add_data_args, add_training_args, run_cli
 from moma_core.models import Architecture, build_model
 from moma_core.objectives import ObjectiveConfig, build_objective
 from moma_core.progress import console
@@ -29,9 +32,13 @@ TEACHER_LR = 0.05
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="moma-teacher", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="moma-teacher", description=__doc__.splitlines()[0],
+                                epilog="moma-teacher sign TEACHER --key KEY: sign a teacher "
+                                       "(moma-teacher sign --help)",
+                                formatter_class=DefaultsHelpFormatter)
     p.add_argument("--model", default="efficientnet_b0", help="timm model name")
-    p.add_argument("--out", type=Path, default=Path("teachers/teacher.safetensors"))
+    p.add_argument("--out", type=Path, default=Path("teachers/teacher.safetensors"),
+                   help="weights to write (the sidecar .json beside it)")
     p.add_argument("--test-n", type=int, default=400,
                    help="synthetic: held-out test images (0: no test split)")
     add_data_args(p, source="synthetic:source", n=2000)
@@ -75,21 +82,41 @@ def teacher_meta(args: argparse.Namespace, last: dict) -> dict:
 
 def sign_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moma-teacher sign",
-                                description="sign a teacher with the coordinator's key")
+                                description="sign a teacher with the coordinator's key, after "
+                                            "showing its SHA-256, architecture and classes",
+                                formatter_class=DefaultsHelpFormatter)
     p.add_argument("teacher", type=Path, help="teacher .safetensors (sidecar beside it)")
     p.add_argument("--key", type=Path, required=True,
                    help="Ed25519 private key (federation/coordinator/teacher-signing.key)")
     return p
 
 
+def describe_teacher(path: Path, arch: Architecture, sidecar: dict) -> str:
+    """What a signature vouches for: the weights' hash and the sidecar's architecture."""
+    meta = sidecar.get("meta") if isinstance(sidecar.get("meta"), dict) else {}
+    trained = ", ".join(f"{k} {meta[k]}" for k in ("source", "epochs", "val_accuracy",
+                                                    "test_accuracy") if k in meta)
+    return "\n".join([f"teacher {path}",
+                      f"  sha256        {sidecar['sha256']}",
+                      f"  architecture  {arch.model_name}, {arch.image_size} px input",
+                      f"  classes       {','.join(arch.classes)} (label order)",
+                      f"  trained       {trained or 'not stated in its sidecar'}"])
+
+
 def sign(argv: list[str]) -> int:
-    from moma_core.checkpoint import load_model
-    from moma_core.signature import sign_teacher
+    from moma_core.signature import fingerprint, load_signing_key, sign_teacher
 
     args = sign_parser().parse_args(argv)
-    load_model(args.teacher)  # safetensors only, hash and shapes checked before signing
+    # safetensors only, its hash and its tensors' shapes checked, and the key usable, before
+    # anything is shown
+    _, arch, sidecar = load_model(args.teacher)
+    key = load_signing_key(args.key)
+    console.print(describe_teacher(args.teacher, arch, sidecar), **PLAIN)
+    console.print(f"  signing key   {args.key} (fingerprint "
+                  f"{fingerprint(key.public_key())[:16]}…)", **PLAIN)
     out = sign_teacher(args.teacher, args.key)
-    console.print(f"wrote {out}")
+    console.print(f"signed: wrote {out} (sites that trust this key accept this teacher)",
+                  **PLAIN)
     return 0
 
 
