@@ -39,6 +39,14 @@ bench: $(STAMP)
 	$(BIN)/python bench/perf.py --p1
 	$(BIN)/python bench/dp_step.py
 
+# on a machine with an NVIDIA GPU and no package index: install from the wheels that
+# `bash bench/gpu_check.sh prepare` downloaded into .gpu-wheels/ (where PyPI is reachable), run
+# the GPU tests (pytest -m gpu) and print the GPU figures; about 6-7 min on one H100
+# (docs/benchmarks.md, "GPU check"). No .venv here: the GPU machine's own python3 is used.
+.PHONY: gpu-check
+gpu-check:
+	bash bench/gpu_check.sh
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
