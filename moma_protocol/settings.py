@@ -155,8 +155,8 @@ class PrivacySettings:
                   "student then uses GroupNorm", ("off", "dp-sgd"))
     dp_noise_multiplier: float = opt(1.0, "DP-SGD noise multiplier sigma", lo=0, lo_open=True,
                                      hi=1000)
-    dp_max_grad_norm: float = opt(1.0, "DP-SGD per-sample clipping norm C", lo=0,
-                                  lo_open=True)
+    dp_max_grad_norm: float = opt(0.1, "DP-SGD per-sample clipping norm C (the default: "
+                                  "docs/benchmarks.md, the DP sweep)", lo=0, lo_open=True)
     dp_delta: float = opt(0.0, "DP delta; 0: 1/(10 x the site's training examples)", lo=0,
                           hi=1e-3)
     dp_accountant: str = opt("rdp", "privacy accountant (Opacus)", ("rdp", "prv"))
@@ -169,13 +169,18 @@ class PrivacySettings:
     dp_patches_per_patient: int = opt(8, "dp-unit patient: most patches a sampled patient "
                                       "brings to a step (each clipped to dp-max-grad-norm / "
                                       "this)", lo=1, hi=4096)
-    dp_trainable: str = opt("all", "the part of the student DP-SGD trains: head (a linear "
+    dp_trainable: str = opt("head", "the part of the student DP-SGD trains: head (a linear "
                             "probe on the frozen backbone), last-stage (last stage + head) — "
                             "both keep the teacher's BatchNorm statistics, frozen — or all "
                             "(a GroupNorm student; docs/privacy.md)", DP_TRAINABLE)
     dp_physical_batch: int = opt(0, "DP-SGD: the largest batch run at once; a larger logical "
                                  "batch (batch-size) is split and its clipped gradients summed "
                                  "into one noisy step (0: no split)", lo=0, hi=4096)
+    dp_optimizer: str = opt("sgd", "local optimiser under DP-SGD (replaces optimizer)",
+                            OPTIMIZERS)
+    dp_lr: float = opt(8.0, "local learning rate under DP-SGD, round 1 (replaces lr; cosine "
+                       "over rounds as lr; the default suits dp-trainable = head: "
+                       "docs/benchmarks.md)", lo=0, lo_open=True, hi=100)
     dp_target_epsilon: float = opt(0.0, "DP-SGD: the epsilon each site spends over the run's "
                                    "planned rounds; its noise multiplier is derived (0: use "
                                    "dp-noise-multiplier)", lo=0, hi=1000)
@@ -373,8 +378,11 @@ class RunConfig:
                             fed.image_size, extra=extra)
 
     def round_lr(self, server_round: int) -> float:
-        """The local learning rate of a round: a cosine over rounds to lr·1e-3, or constant."""
+        """The local learning rate of a round: a cosine over rounds to lr·1e-3, or constant
+        (``dp-lr`` instead of ``lr`` under DP-SGD)."""
         lr, rounds = self.training.lr, self.federation.num_rounds
+        if self.privacy.dp == "dp-sgd":
+            lr = self.privacy.dp_lr
         if self.training.lr_schedule == "cosine" and rounds > 1:
             lr *= cosine_factor((server_round - 1) / (rounds - 1))
         return lr
@@ -382,7 +390,9 @@ class RunConfig:
     def train_config(self, server_round: int) -> TrainConfig:
         fed, tr = self.federation, self.training
         return TrainConfig(epochs=tr.local_epochs, max_steps=tr.max_steps or None,
-                           lr=self.round_lr(server_round), optimizer=tr.optimizer,
+                           lr=self.round_lr(server_round),
+                           optimizer=self.privacy.dp_optimizer if self.privacy.dp == "dp-sgd"
+                           else tr.optimizer,
                            cosine=False,
                            proximal_mu=fed.proximal_mu if fed.aggregation == "fedprox" else 0.0,
                            seed=fed.seed * 100003 + server_round)

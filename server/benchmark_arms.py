@@ -88,6 +88,9 @@ class Arm:
 
 
 RESIDUAL = (("moma_attention", "residual"),)
+#: DP-SGD of the whole student as before the sweep: GroupNorm, the run's optimiser and lr, C 1
+DP_WHOLE_STUDENT = (("dp_trainable", "all"), ("dp_optimizer", "adamw"), ("dp_lr", 0.003),
+                    ("dp_max_grad_norm", 1.0))
 #: the personalised arms' fine-tuning rate, relative to the round-1 learning rate
 FINETUNE_LR_FACTOR = 0.1
 ARMS: tuple[Arm, ...] = (
@@ -131,8 +134,15 @@ ARMS: tuple[Arm, ...] = (
     Arm("fedavg-dp-moma", "federated", "dp-moma",
         about="FedAvg + dp-moma without DP (the private arms' objective, non-private)"),
     *(Arm(f"dp-moma-eps{eps:g}", "federated", "dp-moma", target_epsilon=eps,
-          about=f"FedAvg + dp-moma with DP-SGD at every site, patch-level ε = {eps:g} over "
-                "the run (δ = 1/(10·n))") for eps in (8.0, 3.0, 1.0)),
+          settings=DP_WHOLE_STUDENT,
+          about=f"FedAvg + dp-moma with DP-SGD of the whole (GroupNorm) student at every site, "
+                f"patch-level ε = {eps:g} over the run (δ = 1/(10·n))")
+      for eps in (8.0, 3.0, 1.0)),
+    *(Arm(f"dp-head-eps{eps:g}", "federated", "ce", target_epsilon=eps,
+          about=f"FedAvg, DP-SGD of the classifier on the teacher's frozen backbone (the "
+                f"product's DP defaults: dp-trainable head, SGD lr 8, C 0.1) at every site, "
+                f"patch-level ε = {eps:g} over the run (δ = 1/(10·n))")
+      for eps in (8.0, 3.0, 1.0)),
 )
 ARM_NAMES = tuple(a.name for a in ARMS)
 #: the arms whose loss has MoMA's terms (NCE, KL, CE per round in the plots)

@@ -183,6 +183,7 @@ def test_a_site_trains_patient_level_and_its_ledger_counts_patients(tmp_path):
 
     settings, sha = site_with_teacher(tmp_path)
     run = tiny_run(objective="dp-moma", dp="dp-sgd", dp_noise_multiplier=1.1,
+                   dp_trainable="all", dp_optimizer="adamw", dp_lr=0.003,
                    dp_public_images=32, run_name="pat", dp_unit="patient",
                    dp_patches_per_patient=4, batch_size=8)
     torch.manual_seed(0)

@@ -319,7 +319,7 @@ def test_dp_sgd_simulation_learns_audits_clean_and_fills_each_ledger(tmp_path):
     audit.mkdir()
     run = tiny_run(run_name="dp", num_rounds=6, objective="ce", dp="dp-sgd",
                    dp_noise_multiplier=0.3, dp_max_grad_norm=1.0, local_epochs=3,
-                   batch_size=64, lr=0.01,
+                   batch_size=64, dp_lr=0.01, dp_optimizer="adamw", dp_trainable="all",
                    min_train_nodes=2, min_available_nodes=2)
     sites = synthetic_sites(tmp_path / "cache", 2, n=200)
     final, results, _ = _simulate(tmp_path, run, 2, _app(_recorder(str(audit))), sites)

@@ -19,7 +19,8 @@ from tests.helpers import site_with_teacher, synthetic_sites, tiny_run
 
 def _dp_run(**overrides):
     values = dict(objective="dp-moma", dp="dp-sgd", dp_noise_multiplier=1.1,
-                  dp_max_grad_norm=1.0, dp_public_images=32, run_name="dp")
+                  dp_max_grad_norm=1.0, dp_public_images=32, run_name="dp",
+                  dp_trainable="all", dp_optimizer="adamw", dp_lr=0.003)
     values.update(overrides)
     return tiny_run(**values)
 
@@ -49,6 +50,14 @@ def test_dp_sgd_settings_are_checked_up_front():
     assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
                    for m in model.modules())
     assert tiny_run().student_architecture().extra == {}
+    # the product's DP defaults (the sweep in docs/benchmarks.md): the classifier on the frozen
+    # BatchNorm backbone, SGD at lr 8, clipping norm 0.1
+    default = tiny_run(dp="dp-sgd", objective="ce")
+    assert default.student_architecture().extra == {}
+    cfg = default.train_config(1)
+    assert (default.privacy.dp_trainable, cfg.optimizer, cfg.lr,
+            default.privacy.dp_max_grad_norm) == ("head", "sgd", 8.0, 0.1)
+    assert tiny_run().train_config(1).lr == 0.003  # without DP: the run's own lr
 
 
 def test_a_dp_round_records_the_ledger_before_it_reports_epsilon(site):
