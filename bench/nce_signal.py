@@ -140,7 +140,7 @@ def run_variant(name: str, args: argparse.Namespace, teacher: nn.Module, data: S
     seed_everything(args.seed)
     student = build_model(Architecture(args.model, tuple(data.classes), args.image_size))
     cfg = ObjectiveConfig(kind="moma", teacher_update="frozen", queue_size=args.queue_size,
-                          **overrides)
+                          **{"moma_attention": "reference", **overrides})  # the authors' maps
     objective = build_objective(cfg, student, teacher, same_task=False)
     if not attention:
         objective.attn_q = objective.attn_k = objective.attn_enqueue = nn.Identity()

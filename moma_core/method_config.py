@@ -49,10 +49,12 @@ class ObjectiveConfig:
     # when KL is on) or "after-update" (one forward; z_t from the just-updated teacher)
     kl_teacher: str = "before-update"
     # MoMA's batch attention: "reference" (the authors' code: q = A_q(x), k = A_k(k̂), three
-    # separate maps, no residual) or "residual": q = normalize(x + A_q(x)) with A_q's output
-    # projection zero-initialised, k = normalize(k̂ + A_k(k̂)) with A_k the momentum copy of A_q,
-    # and the queue receives k itself (see moma_core.objectives.MoMA)
-    moma_attention: str = "reference"
+    # separate maps, no residual: its NCE term falls to 0) or "residual" (the default):
+    # q = normalize(x + A_q(x)) with A_q's output projection zero-initialised, k = normalize(k̂ +
+    # A_k(k̂)) with A_k the momentum copy of A_q, and the queue receives k itself (see
+    # moma_core.objectives.MoMA; docs/benchmarks.md: no accuracy lost, a term that carries
+    # each image's teacher key)
+    moma_attention: str = "residual"
     # dp-moma's query attention: "queue" (each sample's query attends over the public keys) or
     # "none"; never across the samples of a batch
     dp_attention: str = "queue"

@@ -86,10 +86,11 @@ class ObjectiveSettings:
                           ("before-update", "after-update"))
     key_head_init: str = opt(_OBJ.key_head_init, "MoMA's key head g_t: copy of g_s or "
                              "independent (the reference)", ("copy", "independent"))
-    moma_attention: str = opt(_OBJ.moma_attention, "MoMA's batch attention: reference (the "
-                              "authors' three maps) or residual (q = normalize(x + A_q(x)), "
-                              "A_k the momentum copy of A_q, the queue receives k; "
-                              "docs/benchmarks.md)", MOMA_ATTENTIONS)
+    moma_attention: str = opt(_OBJ.moma_attention, "MoMA's batch attention: residual (q = "
+                              "normalize(x + A_q(x)), A_k the momentum copy of A_q, the queue "
+                              "receives k: the NCE term carries each image's teacher key) or "
+                              "reference (the authors' three maps, bit for bit; its NCE term "
+                              "falls to 0; docs/benchmarks.md)", MOMA_ATTENTIONS)
 
     def config(self) -> ObjectiveConfig:
         return ObjectiveConfig(kind=self.objective, queue_size=self.queue_size,

@@ -88,14 +88,17 @@ class Arm:
 
 
 RESIDUAL = (("moma_attention", "residual"),)
+#: the authors' attention (moma-attention = reference), named so that an arm keeps it
+REFERENCE = (("moma_attention", "reference"),)
 #: DP-SGD of the whole student as before the sweep: GroupNorm, the run's optimiser and lr, C 1
 DP_WHOLE_STUDENT = (("dp_trainable", "all"), ("dp_optimizer", "adamw"), ("dp_lr", 0.003),
                     ("dp_max_grad_norm", 1.0))
 #: the personalised arms' fine-tuning rate, relative to the round-1 learning rate
 FINETUNE_LR_FACTOR = 0.1
 ARMS: tuple[Arm, ...] = (
-    Arm("local-only", "local", "moma",
-        about="each site alone: MoMA on its own training split, never averaged"),
+    Arm("local-only", "local", "moma", settings=REFERENCE,
+        about="each site alone: MoMA (reference attention) on its own training split, never "
+              "averaged"),
     Arm("local-only-residual", "local", "moma", settings=RESIDUAL,
         about="each site alone: MoMA with the residual attention"),
     Arm("local-only-ce", "local", "ce", about="each site alone: cross-entropy only"),
@@ -105,28 +108,34 @@ ARMS: tuple[Arm, ...] = (
     Arm("fedavg-kd", "federated", "kd",
         about="FedAvg + Hinton KD (CE + KL; same task only)"),
     Arm("fedavg-crckd", "federated", "crckd", about="FedAvg + CRCKD (Xing et al. 2021)"),
-    Arm("fedavg-moma", "federated", "moma", about="FedAvg + MoMA (the product's default)"),
-    Arm("fedprox-moma", "federated", "moma", aggregation="fedprox",
-        about="MoMA with FedProx (proximal term mu = proximal-mu at the sites)"),
-    Arm("fedavg-moma-keys", "federated", "moma", settings=(("queue_keys", "keys"),),
+    Arm("fedavg-moma", "federated", "moma", settings=REFERENCE,
+        about="FedAvg + MoMA with the authors' attention (moma-attention = reference)"),
+    Arm("fedprox-moma", "federated", "moma", aggregation="fedprox", settings=REFERENCE,
+        about="MoMA (reference attention) with FedProx (proximal term mu = proximal-mu at the "
+              "sites)"),
+    Arm("fedavg-moma-keys", "federated", "moma",
+        settings=(*REFERENCE, ("queue_keys", "keys")),
         about="FedAvg + MoMA enqueuing the positive keys themselves (queue-keys = keys: the "
               "NCE term keeps its signal)"),
     Arm("fedavg-moma-residual", "federated", "moma", settings=RESIDUAL,
-        about="FedAvg + MoMA with the residual attention (moma-attention = residual)"),
+        about="FedAvg + MoMA with the residual attention (moma-attention = residual, the "
+              "product's default)"),
     Arm("fedavg-moma-residual-ft", "federated", "moma", settings=RESIDUAL, finetune_epochs=1,
         about="personalised: FedAvg + MoMA (residual), then each site fine-tunes the final "
               "global student on its own training split for 1 epoch (CE, a tenth of the "
               "round-1 learning rate) and keeps it"),
-    Arm("fedbn-moma", "federated", "moma", fedbn=True,
-        about="MoMA with FedBN (normalisation layers stay at the sites)"),
+    Arm("fedbn-moma", "federated", "moma", fedbn=True, settings=REFERENCE,
+        about="MoMA (reference attention) with FedBN (normalisation layers stay at the "
+              "sites)"),
     Arm("fedbn-moma-residual", "federated", "moma", fedbn=True, settings=RESIDUAL,
         about="MoMA (residual attention) with FedBN"),
     Arm("fedbnm-moma-residual", "federated", "moma", aggregation="fedavgm", fedbn=True,
         settings=RESIDUAL,
         about="MoMA (residual attention) with FedBN and server momentum (FedAvgM, beta = "
               "server-momentum, 0.9)"),
-    Arm("centralised-moma", "central", "moma",
-        about="MoMA on the pooled training data of all sites (no federation)"),
+    Arm("centralised-moma", "central", "moma", settings=REFERENCE,
+        about="MoMA (reference attention) on the pooled training data of all sites (no "
+              "federation)"),
     Arm("centralised-moma-residual", "central", "moma", settings=RESIDUAL,
         about="MoMA (residual attention) on the pooled training data of all sites"),
     Arm("centralised-ce", "central", "ce",

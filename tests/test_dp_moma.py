@@ -166,6 +166,7 @@ def test_negative_control_published_moma_mixes_samples(teacher, private_data):
     (batch-token attention) and with earlier batches (the queue) — so the test above can fail."""
     student = make_private_compatible(_model(1, drop_rate=0.0))
     obj = build_objective(ObjectiveConfig(kind="moma", teacher_update="frozen",
+                                          moma_attention="reference",
                                           queue_keys="keys", **SMALL), student, teacher)
     assert isinstance(obj, MoMA) and not getattr(obj, "dp_compatible", False)
     for m in obj.modules():  # (Opacus' hooks refuse MoMA's in-place ReLU; no effect on values)

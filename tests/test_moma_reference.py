@@ -1,4 +1,4 @@
-"""MoMA against the reference's equations, step by step.
+"""MoMA (``moma_attention = "reference"``) against the reference's equations, step by step.
 
 The reference step (trinhvg/MoMA ``helper/loops_moma.py`` ``train_distill_moma`` with the MoCo
 memory, ``head="mlp"``, ``attn="self"``, weights c = d = b = 1) is written out below with plain
@@ -116,7 +116,8 @@ def test_moma_steps_match_the_reference_equations(key_head_init):
     torch.manual_seed(0)
     teacher = create_classifier("test_efficientnet", C, drop_rate=0.0).double()
     student = create_classifier("test_efficientnet", C, drop_rate=0.0).double()  # not a copy
-    cfg = ObjectiveConfig(queue_size=K, feat_dim=32, num_heads=4, momentum=M,
+    cfg = ObjectiveConfig(moma_attention="reference", queue_size=K, feat_dim=32, num_heads=4,
+                          momentum=M,
                           nce_temperature=TAU, kd_temperature=T, key_head_init=key_head_init)
     obj = MoMA(teacher, student, cfg, same_task=True).double()  # float64: rounding out of sight
     ref = Reference(obj, student)
@@ -184,7 +185,8 @@ def test_keys_of_the_queue_are_the_raw_key_head_outputs_through_the_enqueue_atte
     torch.manual_seed(0)
     teacher = create_classifier("test_efficientnet", C, drop_rate=0.0)
     student = copy.deepcopy(teacher)
-    obj = MoMA(teacher, student, ObjectiveConfig(queue_size=K, feat_dim=32), same_task=True)
+    cfg = ObjectiveConfig(moma_attention="reference", queue_size=K, feat_dim=32)
+    obj = MoMA(teacher, student, cfg, same_task=True)
     x, y = torch.randn(B, 3, 32, 32), torch.randint(0, C, (B,))
     loss, _ = obj.loss(student, x, y)
     loss.backward()
@@ -200,7 +202,8 @@ def test_queue_keys_option_enqueues_the_positive_keys_themselves():
     torch.manual_seed(0)
     teacher = create_classifier("test_efficientnet", C, drop_rate=0.0)
     student = copy.deepcopy(teacher)
-    cfg = ObjectiveConfig(queue_size=K, feat_dim=32, queue_keys="keys")
+    cfg = ObjectiveConfig(moma_attention="reference", queue_size=K, feat_dim=32,
+                          queue_keys="keys")
     obj = MoMA(teacher, student, cfg, same_task=True)
     x, y = torch.randn(B, 3, 32, 32), torch.randint(0, C, (B,))
     loss, _ = obj.loss(student, x, y)
@@ -218,7 +221,8 @@ def test_kl_after_update_takes_the_updated_teachers_logits_in_one_forward():
     x, y = torch.randn(B, 3, 32, 32, dtype=torch.float64), torch.randint(0, C, (B,))
     kls = {}
     for mode in ("before-update", "after-update"):
-        cfg = ObjectiveConfig(queue_size=K, feat_dim=32, momentum=M, kl_teacher=mode)
+        cfg = ObjectiveConfig(moma_attention="reference", queue_size=K, feat_dim=32,
+                              momentum=M, kl_teacher=mode)
         obj = MoMA(teacher, student, cfg, same_task=True).double()
         before = obj.teacher(x).detach() if mode == "before-update" else None
         _, parts = obj.loss(student, x, y)

@@ -127,7 +127,8 @@ def test_queue_size_is_at_most_the_sites_images_less_a_batch():
     obj = build_objective(ObjectiveConfig(**{**RESIDUAL, "queue_size": 4096}), student,
                           teacher, same_task=True, n_data=100, batch_size=16)
     assert obj.queue.size == 84
-    ref = build_objective(ObjectiveConfig(queue_size=4096, feat_dim=32), student, teacher,
+    ref = build_objective(ObjectiveConfig(queue_size=4096, feat_dim=32,
+                                          moma_attention="reference"), student, teacher,
                           same_task=True, n_data=100, batch_size=16)
     assert ref.queue.size == 4096  # the reference attention keeps the given K
 

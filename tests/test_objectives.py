@@ -107,7 +107,8 @@ def test_a_frozen_larger_teacher_with_a_hidden_head_layer_distils(teacher, kind)
 @pytest.mark.parametrize("mode,key_grads", [("reference", False), ("trained", True)])
 def test_attention_keys_option(mode, key_grads):
     teacher, student = _pair()
-    obj = build_objective(ObjectiveConfig(attention_keys=mode, **SMALL), student, teacher)
+    obj = build_objective(ObjectiveConfig(attention_keys=mode, moma_attention="reference",
+                                          **SMALL), student, teacher)
     x, y = torch.randn(6, 3, 32, 32), torch.randint(0, 4, (6,))
     loss, _ = obj.loss(student, x, y)
     loss.backward()
