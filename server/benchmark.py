@@ -478,7 +478,8 @@ def comparisons(arms: dict[str, dict]) -> list[dict]:
     best = _best(arms, federated)
     pairs = []
     if moma:
-        for other in (_best(arms, [n for n in arms if arm(n).kind == "local"]), "fedavg-ce"):
+        for other in (_best(arms, [n for n in arms if arm(n).kind == "local"]),
+                      "fedavg-ce" if "fedavg-ce" in arms else None):
             if other:
                 pairs.append(("P7", moma, other))
     if best:

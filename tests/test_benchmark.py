@@ -185,6 +185,9 @@ def test_summary_table_json_and_plots_from_results_on_disk(tmp_path):
     local = next(c for c in comp if c["against"] == "local-only")
     assert local["goal"] == "P7" and local["accuracy"]["values"] == pytest.approx([0.2, 0.2, 0.5])
     assert B.paired(arms["fedavg-moma"], arms["fedavg-kd"], "accuracy") is None  # n/a arm
+    # a run of other arms only (no FedAvg CE, no local arm): no comparison, no crash
+    only = {"fedavg-moma": arms["fedavg-moma"]}
+    assert B.comparisons(only) == []
     for png in ("same-task-3sites-metrics.png", "same-task-3sites-terms.png"):
         assert (tmp_path / "plots" / png).stat().st_size > 1000
 
