@@ -239,3 +239,11 @@ def test_a_ce_run_may_train_at_another_size_than_its_teachers(teacher_48px, tmp_
     values = _server_run_config(teacher_48px, tmp_path,
                                 'objective="ce" student-model="test_efficientnet" image-size=64')
     assert values["image-size"] == 64
+
+
+def test_moma_distill_refuses_a_site_no_larger_than_one_batch(call, teacher, tmp_path):
+    """The residual attention's queue holds at most the training images less one batch: a
+    training set no larger than a batch leaves no room for one negative (one line)."""
+    r = call("moma-distill", "--teacher", teacher, "--n", "16", "--image-size", "32",
+             "--epochs", "1", "--batch-size", "64", "--runs-dir", tmp_path)
+    _one_line_error(r, "MoMA's queue needs more training images than one batch")

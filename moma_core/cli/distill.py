@@ -87,11 +87,11 @@ def distill(args: argparse.Namespace) -> dict:
                               queue_keys=args.queue_keys, kl_teacher=args.kl_teacher,
                               key_head_init=args.key_head_init,
                               moma_attention=args.moma_attention)
+    cfg = TrainConfig(epochs=args.epochs, lr=args.lr, optimizer=args.optimizer,
+                      weight_decay=args.weight_decay, seed=args.seed, amp=args.amp)
     objective = build_objective(obj_cfg, student, teacher,
                                 same_task(arch.classes, data.classes) if arch else None,
                                 n_data=len(data.train), batch_size=args.batch_size)
-    cfg = TrainConfig(epochs=args.epochs, lr=args.lr, optimizer=args.optimizer,
-                      weight_decay=args.weight_decay, seed=args.seed, amp=args.amp)
     test = test_split_for(args, data.classes)
     name = args.name or f"distill-{args.objective}"
     out = args.runs_dir / name
