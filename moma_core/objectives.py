@@ -212,6 +212,7 @@ class MoMA(_TeacherObjective):
         self._pairs: tuple[int, tuple[list, list]] | None = None
         self._pending_keys: torch.Tensor | None = None
         self._pending_ids: torch.Tensor | None = None
+        self._attn_pairs: tuple[list, list] | None = None  # (A_k, A_q) parameters, residual
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         return (p for p in self.parameters() if p.requires_grad)
@@ -271,8 +272,9 @@ class MoMA(_TeacherObjective):
             with torch.no_grad():
                 keys = self._pending_keys
                 if self.residual:
-                    momentum_update(*paired_parameters(self.attn_k, self.attn_q),
-                                    self.cfg.momentum)
+                    if self._attn_pairs is None:  # paired once: the modules never change
+                        self._attn_pairs = paired_parameters(self.attn_k, self.attn_q)
+                    momentum_update(*self._attn_pairs, self.cfg.momentum)
                     self.queue.enqueue(keys, self._pending_ids)
                 else:
                     self.queue.enqueue(self.attn_enqueue(keys)
@@ -316,11 +318,13 @@ def nce_health(logits: torch.Tensor, q: torch.Tensor, k: torch.Tensor, temperatu
     if b < 2:
         return {}
     q, k = q.float(), k.float()
-    shuffled = logits.float().clone()
-    shuffled[:, 0] = (q * k.roll(1, dims=0)).sum(dim=1) / temperature
-    labels = torch.zeros(b, dtype=torch.long, device=q.device)
+    # CE of [pos', neg] at label 0 = logsumexp(pos', lse(neg)) − pos': the B×K negatives are
+    # reduced once, never copied
+    shuffled = (q * k.roll(1, dims=0)).sum(dim=1) / temperature
+    negatives = torch.logsumexp(logits[:, 1:].float(), dim=1)
+    nce_shuffled = (torch.logaddexp(shuffled, negatives) - shuffled).mean()
     top = (q @ k.t()).argmax(dim=1)
-    return {"nce-shuffled": F.cross_entropy(shuffled, labels),
+    return {"nce-shuffled": nce_shuffled,
             "retrieval": (top == torch.arange(b, device=q.device)).float().mean()}
 
 
