@@ -285,6 +285,9 @@ class RunConfig:
             raise ConfigError("aggregation fedavgm needs fedbn = true: server momentum on "
                               "BatchNorm statistics can step a variance below zero (a "
                               "GroupNorm DP-SGD student has none)")
+        if self.privacy.dp != "dp-sgd" and self.privacy.dp_target_epsilon > 0:
+            raise ConfigError("dp-target-epsilon is the epsilon DP-SGD spends: set dp = "
+                              "\"dp-sgd\" too (without it the run would train without DP)")
         if self.privacy.dp == "dp-sgd":
             if self.objective.objective not in DP_SGD_OBJECTIVES:
                 raise ConfigError(

@@ -220,3 +220,10 @@ def test_a_site_trains_the_head_privately_and_spends_the_runs_target_epsilon(sit
     with pytest.raises(PrivacyRefused, match="dp-target-epsilon"):
         train_round(settings, _dp_run(objective="ce", dp_target_epsilon=1e-4, run_name="tiny"),
                     1, start, sha)
+
+
+def test_a_target_epsilon_without_dp_sgd_is_refused():
+    """A run that names the ε to spend but forgets dp = dp-sgd would train without DP."""
+    with pytest.raises(ConfigError, match="dp-target-epsilon is the epsilon DP-SGD spends"):
+        tiny_run(objective="ce", dp_target_epsilon=8.0)
+    assert tiny_run(objective="ce", dp="dp-sgd", dp_target_epsilon=8.0).privacy.dp == "dp-sgd"
