@@ -37,6 +37,7 @@ from pathlib import Path
 
 from client.app_guard import LOG_ENV, write_launcher
 from client.site_config import default_ledger_path
+from client.supernode import run_supernode
 from deploy.lifecycle import BusyError, InstanceLock, check_port_free, kill_tagged, spawn
 from deploy.runtime import executable, exit_on_sigterm, flower_env, stop
 from moma_core.cli.common import DefaultsHelpFormatter, run_cli
@@ -110,6 +111,9 @@ def parser() -> argparse.ArgumentParser:
                         "site.toml 'ledger', else $XDG_STATE_HOME/moma-fl/privacy-ledger.json, "
                         "~/.local/state/... without XDG_STATE_HOME); an old ledger in "
                         "<cache-dir>/privacy/ is migrated into it")
+    p.add_argument("--exit-after-study", action="store_true",
+                   help="end (exit 0) when the coordinator ends its study, instead of staying "
+                        "up and connecting again for the next one")
     p.add_argument("--no-worker", action="store_true",
                    help="no warm site worker: every message is handled in a fresh process "
                         "(imports and data decoding repeated each round; less memory held "
@@ -267,7 +271,7 @@ def start(args: argparse.Namespace) -> int:
     cache = args.cache_dir.resolve()
     lock = InstanceLock(cache / ".moma-client.lock", f"site cache folder {cache}")
     killed = lock.acquire()
-    proc = worker = None
+    worker = None
     try:
         if killed:
             console.print(f"stopped {len(killed)} leftover process(es) of a previous "
@@ -293,34 +297,56 @@ def start(args: argparse.Namespace) -> int:
             console.print("[yellow]warning: the privacy ledger is inside the cache folder: "
                           "wiping the cache would reset this site's privacy budget")
         console.print(f"connecting to {args.server} as {args.site_name or cache.name}")
-        delay = 5.0
-        while True:
-            proc = spawn(cmd, lock.env(env))
-            rc = proc.wait()
-            if rc == 0:
-                return 0
-            reason = (f"could not join the federation at {args.server} (the SuperNode stopped "
-                      f"with exit code {rc}): the coordinator refused this site (its key is "
-                      "not registered yet, or was revoked), TLS failed (a CA certificate from "
-                      "another federation, or a server name outside the certificate), a "
-                      "plaintext site met a TLS coordinator, or nothing answers there "
-                      "(Flower's reason is printed above)")
-            if args.max_retries is not None or args.max_wait_time is not None:
-                print(f"error: {reason}", file=sys.stderr)
-                return 2
-            # no limit given: keep trying, as a site service should (the coordinator may
-            # not have registered this site yet, or may be restarting)
-            console.print(f"[yellow]{reason}; trying again in {delay:.0f} s")
-            time.sleep(delay)
-            delay = min(delay * 2, 60.0)
+        return keep_connected(args, cmd, lock.env(env))
     except KeyboardInterrupt:
         return 130
     finally:
-        stop(proc)
         if worker is not None:
             worker.close()
         kill_tagged(lock.tag)
         lock.release()
+
+
+#: Seconds a site waits before it connects again after the coordinator let it go.
+REJOIN_DELAY = 5.0
+
+
+def keep_connected(args: argparse.Namespace, cmd: list[str], env: dict[str, str]) -> int:
+    """Run the SuperNode for as long as this command runs.
+
+    A SuperNode that leaves with exit code 0 was let go by the coordinator (its study ended,
+    or it restarted): the site says so and connects again for the next study, without anyone
+    touching it (``--exit-after-study``: end instead, exit 0). A SuperNode that could not join
+    is retried with a growing delay, or, with ``--max-retries``/``--max-wait-time``, ends the
+    command (exit 2) with the reason.
+    """
+    delay = 5.0
+    while True:
+        end = run_supernode(cmd, env, start=spawn)
+        if end.left_on_its_own():
+            if args.exit_after_study:
+                console.print(f"{end.reason()}: --exit-after-study, so this site stops here")
+                return 0
+            console.print(f"[yellow]{end.reason()}; this site stays up and connects again "
+                          f"in {REJOIN_DELAY:.0f} s, for the coordinator's next study")
+            time.sleep(REJOIN_DELAY)
+            delay = 5.0
+            continue
+        reason = end.hint or (
+            f"could not join the federation at {args.server} (the SuperNode stopped "
+            f"with exit code {end.rc}): the coordinator refused this site (its key is "
+            "not registered yet, or was revoked), TLS failed (a CA certificate from "
+            "another federation, or a server name outside the certificate), a "
+            "plaintext site met a TLS coordinator, or nothing answers there "
+            "(Flower's reason is printed above)")
+        if args.max_retries is not None or args.max_wait_time is not None:
+            print(f"error: {reason}", file=sys.stderr)
+            return 2
+        # no limit given: keep trying, as a site service should (the coordinator may
+        # not have registered this site yet, or may be restarting)
+        console.print(f"{reason}; trying again in {delay:.0f} s", style="yellow", markup=False)
+        time.sleep(delay)
+        delay = min(delay * 2, 60.0)
 
 
 def privacy_parser() -> argparse.ArgumentParser:

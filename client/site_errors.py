@@ -46,7 +46,7 @@ def error_category(exc: BaseException) -> str:
     from client.site_training import StudentMismatch
     from moma_core.checkpoint import CheckpointError
     from moma_core.data.datasets import DataError
-    from moma_core.errors import DeviceUnavailable
+    from moma_core.errors import ClassMismatch, DeviceUnavailable
     from moma_core.train import TrainingDiverged
     from moma_protocol.settings import ConfigError as RunConfigError
 
@@ -57,6 +57,7 @@ def error_category(exc: BaseException) -> str:
         (PrivacyBudgetExceeded, "privacy-budget"),
         (StudentMismatch, "config-error"),
         (CheckpointError, "teacher-rejected"),
+        (ClassMismatch, "class-mismatch"),
         (DataError, "data-error"),
         (TrainingDiverged, "training-diverged"),
         ((ConfigError, SiteConfigError, RunConfigError, DeviceUnavailable), "config-error"),

@@ -22,7 +22,7 @@ from client.site_config import SiteSettings
 from client.site_errors import MissingTeacher, PrivacyBudgetExceeded, PrivacyRefused
 from client.site_state import SiteState, TeacherCache
 from moma_core.checkpoint import CheckpointError
-from moma_core.data.datasets import DataError
+from moma_core.errors import ClassMismatch, DataError
 from moma_core.evaluate import evaluate
 from moma_core.models import build_model
 from moma_core.objectives import build_objective, same_task, training_set
@@ -57,17 +57,49 @@ def site_data(settings: SiteSettings, image_size: int, augment: str,
     (folder, manifest and NPZ class names); a site whose classes are not the run's, or come in
     another fixed order (synthetic data), is refused — never trained with swapped labels.
     """
-    data = open_site_data(settings.data_path, image_size=image_size, augment=augment,
-                          seed=settings.data_seed, n=settings.n,
-                          site_index=settings.site_index, num_sites=settings.num_sites,
-                          class_probs=settings.class_probs,
-                          on_error="skip" if settings.skip_bad_images else "raise",
-                          allow_outside_paths=settings.allow_outside_paths,
-                          classes=list(classes) if classes else None)
+    def open_data(names: tuple[str, ...] | None) -> SiteData:
+        return open_site_data(settings.data_path, image_size=image_size, augment=augment,
+                              seed=settings.data_seed, n=settings.n,
+                              site_index=settings.site_index, num_sites=settings.num_sites,
+                              class_probs=settings.class_probs,
+                              on_error="skip" if settings.skip_bad_images else "raise",
+                              allow_outside_paths=settings.allow_outside_paths,
+                              classes=list(names) if names else None)
+
+    try:
+        data = open_data(classes)
+    except ClassMismatch:
+        raise
+    except DataError:
+        if not classes:
+            raise
+        try:  # does the data name a class the run does not? then say so, with both lists
+            own = tuple(open_data(None).classes)
+        except DataError:
+            own = ()
+        if set(own) - set(classes):
+            raise ClassMismatch(class_mismatch_text(own, classes)) from None
+        raise
     if classes and tuple(data.classes) != tuple(classes):
-        raise DataError(f"this site's classes {list(data.classes)} are not the run's "
-                        f"{list(classes)} (same names, same order)")
+        raise ClassMismatch(class_mismatch_text(tuple(data.classes), classes))
     return data
+
+
+def class_mismatch_text(own: tuple[str, ...], run: tuple[str, ...]) -> str:
+    """Both class lists, and what differs: the site refuses the run with this in its own log
+    (the coordinator only receives the category ``class-mismatch``)."""
+    extra = [c for c in own if c not in run]
+    missing = [c for c in run if c not in own]
+    diff = []
+    if extra:
+        diff.append(f"only at this site: {extra}")
+    if missing:
+        diff.append(f"not at this site: {missing}")
+    if not diff:
+        diff.append("same names in another order")
+    return (f"this site's classes {list(own)} are not the run's {list(run)} "
+            f"({'; '.join(diff)}): the coordinator's --classes and this site's data must name "
+            "the same classes, in the run's order for synthetic data; this site refuses the run")
 
 
 def student_for(run: RunConfig, data: SiteData, global_state: dict[str, torch.Tensor],

@@ -12,6 +12,11 @@ class DataError(ValueError):
     """A user-facing problem with input data; the message names the file, folder or label."""
 
 
+class ClassMismatch(DataError):
+    """A site's classes are not the run's: it has a class the run does not name, or (synthetic
+    data, whose order is fixed) another order. The message names both lists."""
+
+
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 

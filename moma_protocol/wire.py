@@ -76,6 +76,7 @@ ERROR_CODES: dict[str, int] = {
     "internal-error": 107,     # anything else, and a reply the site refused to send
     "privacy-refused": 108,    # the site's privacy policy refuses the run's settings
     "privacy-budget": 109,     # training would take the site past its privacy budget
+    "class-mismatch": 110,     # the site's classes are not the run's (both lists in its log)
 }
 UNKNOWN_ERROR = "unknown-error"  # what the coordinator records for an error outside the list
 

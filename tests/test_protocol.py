@@ -35,6 +35,7 @@ from client.site_training import StudentMismatch
 from moma_core.checkpoint import CheckpointError
 from moma_core.data.datasets import DataError
 from moma_core.data.synthetic import TARGET_CLASSES
+from moma_core.errors import ClassMismatch
 from moma_core.models import Architecture, build_model
 from moma_core.train import TrainingDiverged
 from moma_protocol import wire as P
@@ -108,6 +109,7 @@ def test_error_reply_carries_the_category_only():
 
 @pytest.mark.parametrize("exc,category", [
     (DataError(SECRET), "data-error"),
+    (ClassMismatch(f"this site's classes [{SECRET!r}] are not the run's"), "class-mismatch"),
     (MissingTeacher(SECRET), "missing-teacher"),
     (CheckpointError(f"teacher {SECRET} refused"), "teacher-rejected"),
     (StudentMismatch("global student does not fit"), "config-error"),
@@ -130,7 +132,8 @@ def test_each_exception_type_has_its_category(exc, category):
 def test_codes_are_fixed_distinct_and_clear_of_flowers():
     assert set(P.ERROR_CODES) == {"data-error", "missing-teacher", "teacher-rejected",
                                   "config-error", "training-diverged", "out-of-memory",
-                                  "internal-error", "privacy-refused", "privacy-budget"}
+                                  "internal-error", "privacy-refused", "privacy-budget",
+                                  "class-mismatch"}
     codes = list(P.ERROR_CODES.values())
     assert len(set(codes)) == len(codes) and min(codes) >= 100
 

@@ -77,6 +77,7 @@ def test_site_labels_follow_the_runs_class_names_not_the_folder_order(tmp_path):
     A site with a class the run does not know, or synthetic data in another order, is refused."""
     from client.site_training import site_data
     from moma_core.data.datasets import DataError
+    from moma_core.errors import ClassMismatch
     from tests.test_eval_cli import image_folder
 
     root = image_folder(tmp_path / "site", {"train": {"a": 2, "b": 3, "c": 4},
@@ -89,12 +90,21 @@ def test_site_labels_follow_the_runs_class_names_not_the_folder_order(tmp_path):
     assert counts == {"c": 4, "a": 2, "b": 3}
     labels = sorted(int(data.train[i][1]) for i in range(len(data.train)))
     assert labels == [0] * 4 + [1] * 2 + [2] * 3
-    with pytest.raises(DataError, match="not in classes"):
+    with pytest.raises(ClassMismatch, match=r"this site's classes \['a', 'b', 'c'\] are not the "
+                       r"run's \['a', 'b'\] \(only at this site: \['c'\]\)"):
         site_data(settings, 32, "none", ("a", "b"))
     synthetic = site_settings(synthetic_sites(tmp_path, 1)[0])
     order = tuple(reversed(tiny_run().class_names))
-    with pytest.raises(DataError, match="are not the run's"):
+    with pytest.raises(ClassMismatch, match="same names in another order"):
         site_data(synthetic, 32, "none", order)
+    # a site that lacks one of the run's classes is not a mismatch (label skew)
+    assert site_data(settings, 32, "none", ("a", "b", "c", "d")).classes == ["a", "b", "c", "d"]
+    # an unreadable site is still a data error, not a class mismatch
+    gone = site_settings({"data-path": str(tmp_path / "missing"), "cache-dir": str(tmp_path / "g"),
+                          "site-name": "g", "device": "cpu"})
+    with pytest.raises(DataError) as info:
+        site_data(gone, 32, "none", ("a", "b"))
+    assert not isinstance(info.value, ClassMismatch)
 
 
 def test_a_residual_moma_site_keeps_its_queue_of_image_keys_between_rounds(site):
