@@ -6,6 +6,8 @@
     FED/ca/ca.crt, ca.key          the federation's CA (key 0600, folder 0700)
     FED/coordinator/               ca.crt, server.crt, server.key, teacher-signing.key/.pub
     FED/sites/<name>/              the kit: ca.crt, node.key, node.pub, coordinator.pub, site.toml
+    FED/operators/<name>.crt/.key/.p12   an operator's TLS client certificate (folder 0700,
+                                   key and PKCS#12 0600; federation.json "operators" lists them)
 
 A site's kit is one folder to copy to the hospital; its ``site.toml`` names the site, the server
 address and the kit's files (relative paths), and takes the site's ``data`` / ``cache-dir``.
@@ -79,6 +81,11 @@ class Federation:
 
     def kit(self, name: str) -> Path:
         return self.root / "sites" / name
+
+    def operator_files(self, name: str) -> tuple[Path, Path, Path]:
+        """An operator credential's certificate, private key and PKCS#12 file."""
+        d = self.root / "operators"
+        return d / f"{name}.crt", d / f"{name}.key", d / f"{name}.p12"
 
     # -- registry --------------------------------------------------------------------------
     def active_sites(self) -> dict[str, str]:
@@ -187,6 +194,53 @@ class Federation:
         if save:
             self.save()
         return kit
+
+    # -- operators -------------------------------------------------------------------------
+    def add_operator(self, name: str, days: int = 825, force: bool = False,
+                     save: bool = True) -> tuple[Path, str]:
+        """A TLS client certificate for an operator (the dashboard's remote browsers): returns
+        the PKCS#12 file and its password (random; printed once by moma-deploy, stored
+        nowhere)."""
+        check_name(name)
+        known = self.data.setdefault("operators", {}).get(name)
+        if known and not force:
+            raise FederationError(f"operator {name} already exists (use --force to give it a "
+                                  "new certificate)")
+        crt, key_path, p12 = self.operator_files(name)
+        crt.parent.mkdir(parents=True, exist_ok=True)
+        crt.parent.chmod(0o700)
+        ca = pki.load_cert(self.ca_cert)
+        cert, key = pki.issue_operator_cert(ca, pki.load_private_key(self.ca_key), name, days)
+        data, password = pki.operator_pkcs12(name, cert, key, ca)
+        pki.write_private_key(key_path, key, force)
+        pki.write_file(p12, data, 0o600, force)
+        pki.write_cert(crt, cert, force=True)
+        self.data["operators"][name] = {"serial": format(cert.serial_number, "x"),
+                                        "added": _now(), "revoked": None}
+        if save:
+            self.save()
+        return p12, password
+
+    def revoke_operator(self, name: str) -> None:
+        op = self.data.get("operators", {}).get(name)
+        if op is None:
+            raise FederationError(f"no operator {name!r} in {self.root}")
+        if not op["revoked"]:
+            op["revoked"] = _now()
+            self.save()
+
+    def operator_name(self, cert) -> str | None:
+        """:func:`deploy.pki.operator_name` against this federation's CA, and the certificate
+        must be the one last issued to a not revoked operator of this federation."""
+        from cryptography import x509
+
+        name = pki.operator_name(cert, self.ca_cert)
+        op = self.data.get("operators", {}).get(name or "")
+        if name is None or op is None or op["revoked"]:
+            return None
+        if isinstance(cert, bytes | bytearray | memoryview):
+            cert = x509.load_der_x509_certificate(bytes(cert))
+        return name if format(cert.serial_number, "x") == op["serial"] else None
 
     def revoke_site(self, name: str) -> None:
         site = self.data["sites"].get(name)

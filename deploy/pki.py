@@ -1,14 +1,18 @@
-"""Keys and certificates of a federation: CA, SuperLink certificate, site and signing keys.
+"""Keys and certificates of a federation: CA, SuperLink certificate, site and signing keys,
+operator (TLS client) certificates.
 
 Private keys are written 0600 (created so, never chmod-ed afterwards) and atomically; nothing
 existing is overwritten unless asked (``force``). :func:`check_certificate` is what both
-commands run at start-up.
+commands run at start-up; :func:`operator_name` is how a service of the coordinator (the
+dashboard) recognises an operator's client certificate.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import os
+import re
+import secrets
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -16,7 +20,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+#: The organisational unit every operator certificate carries (and no other certificate).
+OPERATOR_OU = "moma-operator"
+_OPERATOR_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 class CertificateError(ValueError):
@@ -162,3 +171,86 @@ def check_certificate(path: Path, now: datetime | None = None, warn_days: int = 
     if end - now < timedelta(days=warn_days):
         return f"certificate {path} expires on {end:%Y-%m-%d} UTC; {renew}"
     return None
+
+
+# -- operator credentials (TLS client certificates) -----------------------------------------------
+def issue_operator_cert(ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey,
+                        name: str, days: int = 825, not_before: datetime | None = None
+                        ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """An operator's TLS client certificate: CN ``name``, OU ``moma-operator``, client
+    authentication only, signed by the federation's CA (ECDSA P-256: every browser takes it)."""
+    if not _OPERATOR_NAME.match(name):
+        raise ValueError(f"operator name {name!r}: use 1-64 letters, digits, '.', '_', '-' "
+                         "(starting with a letter or digit)")
+    key = ec.generate_private_key(ec.SECP256R1())
+    start, end = _window(days, not_before)
+    subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, OPERATOR_OU),
+                         x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(ca_cert.subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(start).not_valid_after(end)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False,
+                                         False), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]),
+                           critical=False)
+            .sign(ca_key, hashes.SHA384()))
+    return cert, key
+
+
+def operator_pkcs12(name: str, cert: x509.Certificate, key, ca_cert: x509.Certificate
+                    ) -> tuple[bytes, str]:
+    """The credential as a PKCS#12 file for a browser, and its (random, printed once)
+    password. Legacy PBE (3DES, SHA-1 MAC) because some browsers and key stores still refuse
+    the AES form."""
+    password = secrets.token_urlsafe(12)
+    encryption = (serialization.PrivateFormat.PKCS12.encryption_builder()
+                  .kdf_rounds(50000)
+                  .key_cert_algorithm(pkcs12.PBES.PBESv1SHA1And3KeyTripleDESCBC)
+                  .hmac_hash(hashes.SHA1()).build(password.encode()))
+    data = pkcs12.serialize_key_and_certificates(name.encode(), key, cert, [ca_cert],
+                                                 encryption)
+    return data, password
+
+
+def operator_name(cert: x509.Certificate | bytes, ca: x509.Certificate | Path,
+                  now: datetime | None = None) -> str | None:
+    """The operator's name if ``cert`` is a valid operator certificate of the CA ``ca``, else
+    None. Never raises for a bad certificate.
+
+    ``cert``: the peer's certificate, as a :class:`cryptography.x509.Certificate` or DER bytes
+    (what ``ssl.SSLSocket.getpeercert(binary_form=True)`` returns). ``ca``: the federation's CA
+    certificate or the path of its PEM file (``FED/coordinator/ca.crt``).
+
+    Valid means: signed directly by ``ca``; valid at ``now`` (default: the current time);
+    subject OU ``moma-operator`` and a CN that is a plain name; not a CA; extended key usage
+    client authentication. Revocation is the federation's list (``Federation.operator_name``
+    checks it as well); a TLS server must still require the certificate (``CERT_REQUIRED``
+    with ``ca`` as its only trust anchor) so that the peer has proved it holds the key.
+    """
+    try:
+        if isinstance(cert, bytes | bytearray | memoryview):
+            cert = x509.load_der_x509_certificate(bytes(cert))
+        ca_cert = ca if isinstance(ca, x509.Certificate) else load_cert(Path(ca))
+        cert.verify_directly_issued_by(ca_cert)
+        now = now or datetime.now(UTC)
+        if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+            return None
+        units = [a.value for a in cert.subject.get_attributes_for_oid(
+            NameOID.ORGANIZATIONAL_UNIT_NAME)]
+        names = [a.value for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+        if units != [OPERATOR_OU] or len(names) != 1:
+            return None
+        name = str(names[0])
+        if not _OPERATOR_NAME.match(name):
+            return None
+        if cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
+            return None
+        usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        if ExtendedKeyUsageOID.CLIENT_AUTH not in usage:
+            return None
+        return name
+    except (ValueError, TypeError, x509.ExtensionNotFound, CertificateError):
+        return None
+    except Exception:  # noqa: BLE001 - a malformed certificate is just not an operator's
+        return None

@@ -241,8 +241,14 @@ class Inner:
             await send({"type": "http.response.body", "body": b"ok"})
 
 
-def through_gate(path: str, client, kind: str = "http") -> tuple[list[str], list[dict]]:
-    """Send one request through SiteGate; (paths that reached the app, messages sent back)."""
+TOKEN = "the-control-credential"
+BEARER = [(b"authorization", f"Bearer {TOKEN}".encode())]
+
+
+def through_gate(path: str, client, kind: str = "http", headers=()
+                 ) -> tuple[list[str], list[dict]]:
+    """Send one request through SiteGate (its Control API credential: TOKEN); (paths that
+    reached the app, messages sent back)."""
     from deploy.superlink import SiteGate
 
     inner, sent = Inner(), []
@@ -253,15 +259,16 @@ def through_gate(path: str, client, kind: str = "http") -> tuple[list[str], list
     async def send(message: dict) -> None:
         sent.append(message)
 
-    scope = {"type": kind, "path": path, "client": client, "server": BOUND}
-    asyncio.run(SiteGate(inner)(scope, receive, send))
+    scope = {"type": kind, "path": path, "client": client, "server": BOUND,
+             "headers": list(headers)}
+    asyncio.run(SiteGate(inner, control_token=TOKEN)(scope, receive, send))
     return inner.paths, sent
 
 
 @pytest.mark.parametrize("path", ["/v1/control/start-run", "/v1/runtime/acquire-task",
                                   "/v1/fleet/../control/start-run", "/docs"])
 def test_the_gate_answers_403_to_other_hosts_outside_the_fleet_api(path):
-    reached, sent = through_gate(path, REMOTE)
+    reached, sent = through_gate(path, REMOTE, headers=BEARER)  # even with the credential
     assert reached == []
     assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 403
     assert b"forbidden" in sent[1]["body"]
@@ -272,14 +279,17 @@ def test_the_gate_answers_403_to_other_hosts_outside_the_fleet_api(path):
 def test_the_gate_passes_the_fleet_api_and_this_hosts_requests():
     assert through_gate("/v1/fleet/pull-messages", REMOTE)[0] == ["/v1/fleet/pull-messages"]
     assert through_gate("/health", REMOTE)[0] == ["/health"]
-    assert through_gate("/v1/control/start-run", LOCAL)[0] == ["/v1/control/start-run"]
-    # from this host to the one address the SuperLink is bound to
-    assert through_gate("/v1/control/start-run", (BOUND[0], 40000))[0] == \
+    assert through_gate("/v1/control/start-run", LOCAL, headers=BEARER)[0] == \
         ["/v1/control/start-run"]
+    # from this host to the one address the SuperLink is bound to
+    assert through_gate("/v1/control/start-run", (BOUND[0], 40000), headers=BEARER)[0] == \
+        ["/v1/control/start-run"]
+    # the ServerApp's Runtime API from this host needs no Control API credential
+    assert through_gate("/v1/runtime/acquire-task", LOCAL)[0] == ["/v1/runtime/acquire-task"]
     assert through_gate("", None, "lifespan")[0] == [""]  # not a request: passed on
 
 
-def test_the_superlink_launcher_puts_the_gate_in_front_of_flowers_app(monkeypatch):
+def test_the_superlink_launcher_puts_the_gate_in_front_of_flowers_app(monkeypatch, tmp_path):
     """``python -m deploy.superlink``: by the time Flower's command starts, the app Flower
     creates (``flwr.superlink.main.create_app``, looked up when it serves) is gated."""
     import flwr.superlink.cli
@@ -304,13 +314,17 @@ def test_the_superlink_launcher_puts_the_gate_in_front_of_flowers_app(monkeypatc
         for name, host in (("remote", REMOTE), ("local", LOCAL)):
             with TestClient(app, client=host) as http:
                 for path in ("/v1/control/start-run", "/v1/fleet/pull-messages"):
-                    status[name, path] = http.post(path).status_code
+                    status[name, path] = http.post(
+                        path, headers={"authorization": f"Bearer {TOKEN}"}).status_code
 
     monkeypatch.setattr(flower_main, "create_app", create_app)
     monkeypatch.setattr(flwr.superlink.cli, "flower_superlink", flower_superlink)
     monkeypatch.setattr(superlink.log, "handlers", [])  # main adds its own
     monkeypatch.setattr(superlink.log, "propagate", True)
     monkeypatch.setattr(sys, "argv", ["deploy.superlink", "--insecure"])
+    token = tmp_path / "control.token"
+    token.write_text(TOKEN + "\n")
+    monkeypatch.setenv(superlink.CONTROL_TOKEN_ENV, str(token))
     level = superlink.log.level
     try:
         superlink.main()

@@ -155,3 +155,41 @@ def test_command_line(tmp_path):
     listing = subprocess.run([cmd, "list", str(tmp_path / "f")], capture_output=True,
                              text=True)
     assert listing.returncode == 0 and "a\tactive\tSHA256:" in listing.stdout
+
+
+def test_operator_certificate_is_a_client_certificate_of_the_ca(fed):
+    ca = pki.load_cert(fed.ca_cert)
+    cert, key = pki.issue_operator_cert(ca, pki.load_private_key(fed.ca_key), "alice")
+    cert.verify_directly_issued_by(ca)
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    assert cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)[0].value == \
+        "moma-operator"
+    eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(eku) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+    assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert pki.operator_name(cert, ca) == "alice"
+    assert pki.operator_name(cert, fed.ca_cert) == "alice"  # the CA's file works as well
+    # negative: the server certificate and a CA of another federation
+    assert pki.operator_name(pki.load_cert(fed.server_cert), ca) is None
+    assert pki.operator_name(cert, pki.make_ca("other")[0]) is None
+    with pytest.raises(ValueError, match="operator name"):
+        pki.issue_operator_cert(ca, pki.load_private_key(fed.ca_key), "bad name")
+
+
+def test_command_line_operators(tmp_path):
+    cmd = str(BIN / "moma-deploy")
+    ok = subprocess.run([cmd, "init", str(tmp_path / "f"), "--server-host", "127.0.0.1",
+                         "--site", "a"], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert "PKCS#12 password" in ok.stdout
+    assert mode(tmp_path / "f" / "operators" / "operator.key") == 0o600
+    for bad in (["add-operator", str(tmp_path / "f"), "operator"],  # exists
+                ["add-operator", str(tmp_path / "f"), "bad name"],
+                ["revoke-operator", str(tmp_path / "f"), "nobody"]):
+        out = subprocess.run([cmd, *bad], capture_output=True, text=True)
+        assert out.returncode == 2, (bad, out.stderr)
+        assert out.stderr.startswith("error:") and "Traceback" not in out.stderr
+    listing = subprocess.run([cmd, "list", str(tmp_path / "f")], capture_output=True,
+                             text=True)
+    assert "operator operator\tactive" in listing.stdout
