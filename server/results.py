@@ -13,12 +13,34 @@ from moma_core.checkpoint import load_checkpoint, save_checkpoint, sha256_file
 from moma_core.models import Architecture
 from moma_core.report import markdown_table, plot_curves, write_json
 from moma_protocol.wire import DP_EPSILON
+from server.live import EXIT_NO_ROUND_TRAINED, RunEnded
 
 SCHEMA_VERSION = 2
 
 
-class RunFailed(RuntimeError):
+class RunFailed(RunEnded):
     """Every round of a run failed: there is no trained student."""
+
+    exit_code = EXIT_NO_ROUND_TRAINED
+
+
+def _failure_line(rounds: list[dict]) -> str:
+    """The reasons of a failed run in one line: each site's categories, rounds that failed
+    the same way grouped (``round 1: a failed (x); b failed (y) (the same in rounds 2-5)``)."""
+    groups: list[tuple[list[int], str]] = []
+    for r in rounds:
+        text = _site_failures(r)
+        if groups and groups[-1][1] == text:
+            groups[-1][0].append(r["round"])
+        else:
+            groups.append(([r["round"]], text))
+    parts = []
+    for nums, text in groups[:3]:
+        more = nums[1:]
+        same = "" if not more else (f" (the same in round {more[0]})" if len(more) == 1 else
+                                    f" (the same in rounds {more[0]}-{more[-1]})")
+        parts.append(f"round {nums[0]}: {text}{same}")
+    return " | ".join(parts) + (" | …" if len(groups) > 3 else "")
 
 
 def _site_failures(entry: dict) -> str:
@@ -195,7 +217,7 @@ class RunResults:
             reasons = [f"round {r['round']}: {_site_failures(r)}" for r in rounds]
             self.data["final"] = {"status": "failed", "reasons": reasons}
             write_json(self.path, self.data)
-            raise RunFailed("no round trained a student: " + " | ".join(reasons[:3]))
+            raise RunFailed("no round trained a student: " + _failure_line(rounds))
         key = "server_eval" if any(r.get("server_eval") for r in trained) else "federated_eval"
         scored = [r for r in trained if r.get(key)]
         best = max(scored, key=lambda r: r[key]["accuracy"]) if scored else trained[-1]
@@ -209,6 +231,17 @@ class RunResults:
         self.plot()
         return self.data["final"]
 
+    def chance(self) -> tuple[float | None, float | None]:
+        """Chance levels: accuracy 1/classes, NCE retrieval 1/batch size (None if unknown)."""
+        cfg = self.data.get("config") or {}
+        classes = [c for c in str(cfg.get("classes", "")).split(",") if c.strip()]
+        batch = cfg.get("batch-size")
+        return (1 / len(classes) if classes else None,
+                1 / float(batch) if isinstance(batch, int | float) and batch > 0 else None)
+
+    def has_server_eval(self) -> bool:
+        return any(r.get("server_eval") for r in self.data["rounds"])
+
     def plot(self) -> Path:
         rounds = self.data["rounds"]
         xs = [r["round"] for r in rounds]
@@ -221,11 +254,21 @@ class RunResults:
             for node, m in (r.get("federated_eval_sites") or {}).items():
                 per_site.setdefault(str(m.get("site-name", f"node {node}")),
                                     [None] * len(rounds))[i] = m.get("accuracy")
+        chance, retrieval_chance = self.chance()
+        objective = self.data["config"].get("objective", "")
+        accuracy = {"federated val": series("federated_eval", "accuracy")}
+        if self.has_server_eval():
+            accuracy = {"server test": series("server_eval", "accuracy"), **accuracy}
+            scores_title = "global macro-F1 / kappa (server test)"
+            scores = {"F1": series("server_eval", "macro_f1"),
+                      "kappa": series("server_eval", "kappa")}
+        else:  # no --eval-source: the sites' scores of the global student
+            scores_title = "global macro-F1 / kappa (sites' val; no --eval-source)"
+            scores = {"F1": series("federated_eval", "macro_f1"),
+                      "kappa": series("federated_eval", "kappa")}
         panels = {
-            "global accuracy": {"server test": series("server_eval", "accuracy"),
-                                "federated val": series("federated_eval", "accuracy")},
-            "global macro-F1 / kappa": {"F1": series("server_eval", "macro_f1"),
-                                        "kappa": series("server_eval", "kappa")},
+            "global accuracy": accuracy,
+            scores_title: scores,
             "per-site val accuracy": per_site,
             "site loss terms (train)": {
                 name: [(r.get("train") or {}).get(f"train-{name}") for r in rounds]
@@ -236,16 +279,95 @@ class RunResults:
                 "down": [r["bytes_down"] / 1e6 for r in rounds],
                 "up": [r["bytes_up"] / 1e6 for r in rounds]},
         }
+        hlines = {}
+        if chance is not None:
+            hlines["global accuracy"] = hlines["per-site val accuracy"] = (
+                chance, f"chance 1/{round(1 / chance)}")
+        if retrieval_chance is not None:
+            hlines["NCE in-batch retrieval (train)"] = (
+                retrieval_chance, f"chance 1/{round(1 / retrieval_chance)} (batch)")
+        notes = {
+            "global accuracy": "no evaluation: no --eval-source and no site scored the student",
+            scores_title: "no held-out set (no --eval-source) and no site evaluation",
+            "per-site val accuracy": "no site evaluation (fraction-evaluate 0?)",
+            "site loss terms (train)": "no round trained",
+            "NCE in-batch retrieval (train)": f"not reported by objective {objective}\n"
+                                              "(MoMA only)",
+        }
         return plot_curves(self.dir / "curves.png", xs, panels, "round",
-                           self.data["config"].get("run-name", ""))
+                           self.data["config"].get("run-name", ""), hlines, notes)
+
+    def notes(self) -> list[str]:
+        """The report's explanations of its own figures (init, columns, bytes, chance)."""
+        cfg = self.data["config"]
+        rounds = self.data["rounds"]
+        chance, retrieval_chance = self.chance()
+        text = ["## How to read this report", ""]
+        init = str(self.data.get("init", ""))
+        if init.startswith("teacher"):
+            text.append(f"- **Round-1 student: {init}.** The global student of round 1 is a "
+                        "copy of the teacher's tensors wherever name and shape match the "
+                        "student's; a tensor not copied (the classifier when the teacher's "
+                        "classes are not the run's: the teacher's class k is not the run's "
+                        "class k; any tensor whose shape differs) starts from its random "
+                        "initialisation.")
+        elif init:
+            text.append(f"- **Round-1 student: {init}.**")
+        if chance is not None:
+            text.append(f"- **Chance level**: accuracy {chance:.3f} (1/{round(1 / chance)} "
+                        "classes), kappa 0; a student near these has learnt nothing.")
+        if not self.has_server_eval():
+            text.append("- **No held-out set at the coordinator** (run without "
+                        "`--eval-source`): there are no test columns; the sites' validation "
+                        "accuracy of the global student (`site val acc`) is the run's measure "
+                        "and chooses the best round.")
+        terms = [_loss_terms(r.get("train")) for r in rounds if r.get("status", "ok") == "ok"]
+        objective = cfg.get("objective", "")
+        text.append("- **Loss columns** (the sites' example-weighted means of the round): `ce` "
+                    "the cross-entropy on the sites' labels; `kl` the distillation KL from the "
+                    "teacher's softened predictions; `nce` MoMA's contrastive term (query vs "
+                    "the teacher's key of the same image, against the queue); `nce gap` = "
+                    "`train-nce-shuffled − train-nce`, what shuffling each query's positive "
+                    "within its batch costs in nats (0: the term tells batches apart, not "
+                    "images); `retrieval` the share of queries whose most similar key in the "
+                    "batch is their own image's" + (f" (chance {retrieval_chance:.3f} = 1/batch "
+                                                    "size)" if retrieval_chance else "") + ".")
+        for col, why in (("kl", "has no distillation term"),
+                         ("nce", "has no contrastive term (MoMA and dp-moma have one)"),
+                         ("nce gap", "does not measure it (MoMA only)"),
+                         ("retrieval", "does not measure it (MoMA only)")):
+            if terms and all(t[col] == "" for t in terms):
+                text.append(f"  - `{col}` is empty by design: objective `{objective}` {why}.")
+        if terms and any(t["kl"] != "" for t in terms) and \
+                all(t["kl"] in ("", 0, 0.0) for t in terms):
+            text.append("  - `kl` is 0 in every round by design: the teacher's classes are not "
+                        "the run's, so its predictions are not compared with the student's.")
+        last = rounds[-1] if rounds else {}
+        final_bytes = last.get("final_evaluation_bytes")
+        if final_bytes:
+            text.append(f"- **Round {last['round']}'s download** includes the final evaluation: "
+                        "after the last round the coordinator sends the final student to the "
+                        f"sites once more to score it ({final_bytes['down'] / 1e6:.2f} MB down, "
+                        f"{final_bytes['up'] / 1e6:.2f} MB up of the round's "
+                        f"{last['bytes_down'] / 1e6:.2f} / {last['bytes_up'] / 1e6:.2f} MB), "
+                        "so its `MB down` is about twice another round's.")
+        first = rounds[0] if rounds else {}
+        teacher = sum(v.get("teacher_bytes", 0) for v in first.get("sites", {}).values())
+        if teacher:
+            text.append(f"- **Round {first['round']}'s download** includes the teacher "
+                        f"({teacher / 1e6:.2f} MB in all), sent once to each site that lacked "
+                        "it.")
+        return text + [""]
 
     def write_report(self, extra_sections: list[str] | None = None) -> Path:
+        server = self.has_server_eval()
         rows = []
         for r in self.data["rounds"]:
             s = r.get("server_eval") or {}
             f = r.get("federated_eval") or {}
-            rows.append({"round": r["round"], "test acc": s.get("accuracy", ""),
-                         "test F1": s.get("macro_f1", ""), "test kappa": s.get("kappa", ""),
+            test = {"test acc": s.get("accuracy", ""), "test F1": s.get("macro_f1", ""),
+                    "test kappa": s.get("kappa", "")} if server else {}
+            rows.append({"round": r["round"], **test,
                          "site val acc": f.get("accuracy", ""),
                          "sites ok": sum(v.get("status") == "ok" for v in r["sites"].values()),
                          **_loss_terms(r.get("train")),
@@ -260,7 +382,7 @@ class RunResults:
                 f"round-1 student: {self.data.get('init', 'not recorded')}.", "",
                 "## Per round", "",
                 markdown_table(rows, list(rows[0]) if rows else ["round"]), "",
-                "![curves](curves.png)", ""]
+                "![curves](curves.png)", "", *self.notes()]
         final = self.data.get("final") or {}
         if final.get("status") == "failed":
             text += ["**The run failed: no round trained a student.**", "",
@@ -273,3 +395,35 @@ class RunResults:
         path = self.dir / "report.md"
         path.write_text("\n".join(text) + "\n")
         return path
+
+
+def end_summary(data: dict, run_dir: Path) -> list[str]:
+    """A finished run in a few aligned lines (``moma-server``'s last words): best round, its
+    accuracy (with chance level), macro-F1, kappa, rounds ok/failed, bytes, the report."""
+    rounds = data.get("rounds", [])
+    final = data.get("final") or {}
+    classes = [c for c in str((data.get("config") or {}).get("classes", "")).split(",")
+               if c.strip()]
+    failed = [r["round"] for r in rounds if r.get("status", "ok") != "ok"]
+    rows: list[tuple[str, str]] = []
+    if final.get("status") == "ok":
+        by = {"server_eval": "coordinator's held-out set",
+              "federated_eval": "sites' validation"}.get(final.get("best_by"),
+                                                         final.get("best_by", ""))
+        rows.append(("best round", f"{final['best_round']} of {len(rounds)} (by {by})"))
+        m = final.get("metrics") or {}
+
+        def num(key: str) -> str:
+            return f"{m[key]:.3f}" if isinstance(m.get(key), int | float) else "not measured"
+
+        chance = f"   (chance {1 / len(classes):.3f}, {len(classes)} classes)" if classes else ""
+        rows += [("accuracy", num("accuracy") + chance), ("macro-F1", num("macro_f1")),
+                 ("kappa", num("kappa") + "   (chance 0)")]
+    rows.append(("rounds", f"{len(rounds) - len(failed)} ok, {len(failed)} failed"
+                 + (f" ({', '.join(map(str, failed))})" if failed else "")))
+    down = sum(r.get("bytes_down", 0) for r in rounds) / 1e6
+    up = sum(r.get("bytes_up", 0) for r in rounds) / 1e6
+    rows.append(("bytes", f"{down:.1f} MB down, {up:.1f} MB up"))
+    rows.append(("report", str(Path(run_dir) / "report.md")))
+    width = max(len(k) for k, _ in rows) + 2
+    return [f"{k:<{width}}{v}" for k, v in rows]

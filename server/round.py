@@ -24,7 +24,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -35,6 +35,7 @@ from moma_core.models import build_model
 from moma_protocol import wire as P
 from moma_protocol.settings import RunConfig
 from server.aggregation import Aggregator, check_update
+from server.live import LiveStatus, SitesMissing
 from server.teacher_package import TeacherPackage
 
 log = logging.getLogger("moma.server")
@@ -121,39 +122,73 @@ def record_nbytes(content: RecordDict) -> int:
     return total
 
 
-def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
-    """Connected node ids, waiting up to ``timeout`` seconds for ``minimum`` of them."""
+#: Seconds between the progress lines of a wait (sites to connect, replies to arrive).
+PROGRESS_EVERY = 30.0
+
+
+def wait_for_nodes(grid: Grid, minimum: int, timeout: float,
+                   live: LiveStatus | None = None, rnd: int = 0) -> list[int]:
+    """Connected node ids, waiting up to ``timeout`` seconds for ``minimum`` of them.
+
+    While waiting, a line at most every :data:`PROGRESS_EVERY` seconds names the registered
+    sites (``live.registered``) that are not connected and the time left; ``live`` (live.json)
+    follows every change of the connected set.
+    """
+    live = live if live is not None else LiveStatus(None)
     deadline = time.time() + timeout
     nodes = list(grid.get_node_ids())
-    last_report = 0.0
+    seen: set[int] | None = None
+    last_report = -math.inf  # the first line at once, then every PROGRESS_EVERY s
     while len(nodes) < minimum and time.time() < deadline:
-        if time.time() - last_report > 30:
-            log.info("waiting for sites: %d of %d connected", len(nodes), minimum)
+        if seen != set(nodes):
+            seen = set(nodes)
+            live.waiting(rnd, nodes, deadline)
+        if time.time() - last_report >= PROGRESS_EVERY:
+            missing = live.not_connected()
+            line = (f"waiting for sites: {len(nodes)} of {minimum} connected"
+                    + (f", not connected: {', '.join(missing)}" if missing else "")
+                    + f"; {max(deadline - time.time(), 0):.0f} s left of the round timeout")
+            log.info("%s", line)
+            live.progress(line)
             last_report = time.time()
         time.sleep(1.0)
         nodes = list(grid.get_node_ids())
+    live.waiting(rnd, nodes, deadline)
     return nodes
 
 
-def exchange(grid: Grid, messages: list[Message], timeout: float, poll: float = 0.2
-             ) -> list[tuple[int, Message]]:
+def exchange(grid: Grid, messages: list[Message], timeout: float, poll: float = 0.2,
+             on_reply: Callable[[int, Message], None] | None = None,
+             name: Callable[[int], str] = str, label: str = "") -> list[tuple[int, Message]]:
     """Send and collect replies as (destination node, reply), polling every ``poll`` s.
 
     An error reply made by the SuperLink for a vanished node carries the SuperLink as its
     source, so replies are matched to nodes by the id of the message they answer. A node that
-    does not answer within ``timeout`` is simply absent from the result.
+    does not answer within ``timeout`` is simply absent from the result. ``on_reply(node,
+    reply)`` is called as each reply arrives; while replies are missing a line at most every
+    :data:`PROGRESS_EVERY` seconds (prefixed ``label``) names the sites (``name(node)``) not
+    yet replied and the time left.
     """
     if not messages:
         return []
     ids = list(grid.push_messages(messages))
     node_of = {mid: m.metadata.dst_node_id for mid, m in zip(ids, messages, strict=True)}
     pending, out, deadline = set(ids), [], time.time() + timeout
+    last_report = time.time()
     while pending and time.time() < deadline:
         for reply in grid.pull_messages(list(pending)):
             mid = reply.metadata.reply_to_message_id
             if mid in pending:
                 pending.discard(mid)
                 out.append((node_of[mid], reply))
+                if on_reply is not None:
+                    on_reply(node_of[mid], reply)
+        if pending and time.time() - last_report >= PROGRESS_EVERY:
+            waiting = sorted(name(node_of[m]) for m in pending)
+            log.info("%swaiting for %s (%d of %d replied); %.0f s left of the round timeout",
+                     f"{label}: " if label else "", ", ".join(waiting), len(out), len(ids),
+                     max(deadline - time.time(), 0))
+            last_report = time.time()
         if pending:
             time.sleep(poll)
     return out
@@ -177,8 +212,10 @@ class Coordinator:
     """Runs rounds of one federation run (see module docstring)."""
 
     def __init__(self, grid: Grid, run: RunConfig, teacher: TeacherPackage | None,
-                 names: dict[int, str] | None = None) -> None:
+                 names: dict[int, str] | None = None, live: LiveStatus | None = None) -> None:
         self.grid, self.run, self.teacher = grid, run, teacher
+        # live.json (server.live); its ``registered`` names are the run's site registry
+        self.live = live if live is not None else LiveStatus(None, registered=names)
         self.rng = random.Random(run.federation.seed)
         self.names = dict(names or {})
         self.names_registered = names is not None  # True: names come from registered keys
@@ -200,18 +237,32 @@ class Coordinator:
         return self.names.get(node, str(node))
 
     # -- sampling and teacher status -------------------------------------------------------
-    def sample(self) -> list[int]:
+    def sample(self, rnd: int = 0) -> list[int]:
         fed = self.run.federation
-        nodes = wait_for_nodes(self.grid, fed.min_available_nodes, fed.round_timeout)
+        nodes = wait_for_nodes(self.grid, fed.min_available_nodes, fed.round_timeout,
+                               self.live, rnd)
         if len(nodes) < fed.min_train_nodes:
-            raise RuntimeError(
+            raise SitesMissing(
                 f"only {len(nodes)} site(s) connected after {fed.round_timeout:.0f} s; the run "
-                f"needs at least {fed.min_train_nodes} (min-train-nodes). The completed rounds "
-                "are saved: start again with --resume")
+                f"needs at least {fed.min_train_nodes} (min-train-nodes); "
+                f"{self._missing_sites(nodes)}. The completed rounds are saved: start again "
+                "with --resume")
         self.connected = len(nodes)
         size = min(len(nodes), max(math.ceil(len(nodes) * fed.fraction_train),
                                    fed.min_train_nodes))
         return sorted(self.rng.sample(sorted(nodes), size))
+
+    def _missing_sites(self, nodes: list[int]) -> str:
+        """Which sites are missing, for the error line."""
+        missing = self.live.not_connected()
+        if missing:
+            return "not connected: " + ", ".join(missing)
+        if self.live.registered:
+            return ("every registered site is connected (" + ", ".join(
+                sorted(self.live.registered.values())) + "): the federation has fewer active "
+                "sites than the run needs (a revoked site? add one with moma-deploy add-site)")
+        connected = ", ".join(self.name(n) for n in sorted(nodes)) or "none"
+        return f"connected: {connected}"
 
     def _ask_teacher_status(self, nodes: list[int], sites: dict[int, SiteReport]) -> None:
         """First contact: which of ``nodes`` hold the teacher (bytes counted in ``sites``)."""
@@ -220,7 +271,8 @@ class Coordinator:
         for n in nodes:
             sites[n].bytes_down += record_nbytes(content)
         timeout = min(120.0, self.run.federation.round_timeout)
-        for node, reply in exchange(self.grid, msgs, timeout):
+        for node, reply in exchange(self.grid, msgs, timeout, name=self.name,
+                                    label="teacher status"):
             if reply.has_error():
                 log.warning("site %s: teacher status query failed: %s", self.name(node),
                             P.error_reason(reply))
@@ -268,8 +320,9 @@ class Coordinator:
     def run_round(self, rnd: int, state: dict[str, torch.Tensor]
                   ) -> tuple[dict[str, torch.Tensor], RoundReport]:
         """Train one round from ``state``; returns the new global state and the report."""
-        nodes = self.sample()
+        nodes = self.sample(rnd)
         sites = {n: SiteReport(n, self.name(n)) for n in nodes}
+        self.live.round_sampled(rnd, {n: s.site_name for n, s in sites.items()})
         # first contact (and, with a teacher, until a site holds it): teacher status + name;
         # a run without a teacher (CE) asks once, for the site's name
         known = self.confirmed if self.teacher is not None else self.contacted
@@ -280,15 +333,27 @@ class Coordinator:
         msgs = self.train_messages(rnd, nodes, P.encode_state(P.pack_global(state, dtype)), sites)
         log.info("round %d: training on %d sites (teacher sent to %d)", rnd, len(nodes),
                  sum(s.teacher_sent for s in sites.values()))
+        if ask:  # the first-contact query may have told a site's name
+            self.live.round_sampled(rnd, {n: s.site_name for n, s in sites.items()})
+        timeout = self.run.federation.round_timeout
+        self.live.update(deadline=time.time() + timeout)
         if self.run.privacy.secagg != "off":
-            return self._secure_round(rnd, state, msgs, sites)
-        replies = exchange(self.grid, msgs, self.run.federation.round_timeout)
+            new_state, report = self._secure_round(rnd, state, msgs, sites)
+            self._live_sites(report)
+            return new_state, report
+
+        def arrived(node: int, reply: Message) -> None:
+            self.live.site(node, FAILED if reply.has_error() else OK)
+
+        replies = exchange(self.grid, msgs, timeout, on_reply=arrived, name=self.name,
+                           label=f"round {rnd}")
         updates, weights = self._check_replies(replies, state, sites)
         report = RoundReport(rnd, [sites[n] for n in nodes], self.run.federation.min_train_nodes)
         report.train = weighted_means({**s.metrics, P.NUM_EXAMPLES: s.num_examples}
                                       for s in report.ok_sites)
         report.incoming_eval = weighted_means(s.incoming_eval for s in report.sites
                                               if s.incoming_eval)
+        self._live_sites(report)
         for line in report.reasons():
             log.warning("round %d: %s", rnd, line)
         if report.failed:
@@ -297,6 +362,13 @@ class Coordinator:
                         self.run.federation.min_train_nodes)
             return state, report
         return self.aggregate(rnd, updates, weights, state, self.connected), report
+
+    def _live_sites(self, report: RoundReport) -> None:
+        """live.json: every sampled site's final status of the round."""
+        status = {s.node_id: s.status for s in report.sites}
+        for x in self.live.data["sites"]:
+            x["status"] = status.get(x["node_id"], x["status"])
+        self.live.update(waiting_for=[], deadline=None)
 
     def _secure_round(self, rnd: int, state: dict[str, torch.Tensor], msgs: list[Message],
                       sites: dict[int, SiteReport]
@@ -394,7 +466,8 @@ class Coordinator:
                               P.CONFIG: ConfigRecord({P.SERVER_ROUND: rnd})})
         msgs = [Message(content, dst_node_id=n, message_type=MessageType.EVALUATE)
                 for n in nodes]
-        replies = exchange(self.grid, msgs, self.run.federation.round_timeout)
+        replies = exchange(self.grid, msgs, self.run.federation.round_timeout, name=self.name,
+                           label="final evaluation")
         metrics, per_site, up = self.check_evaluations(replies)
         return metrics, per_site, record_nbytes(content) * len(msgs), up
 

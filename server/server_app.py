@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -31,9 +32,17 @@ from moma_core.evaluate import evaluate
 from moma_core.models import Architecture, build_model
 from moma_core.objectives import init_student_from_teacher, same_task
 from moma_core.sources import SYNTHETIC, make_loader, open_eval_data
+from moma_protocol.coordinator_file import server_run_config
 from moma_protocol.settings import RunConfig
 from moma_protocol.wire import wire_state
 from server.aggregation import Aggregator
+from server.live import (
+    EXIT_BAD_INPUT,
+    EXIT_COMPLETED,
+    EXIT_FAILED,
+    LiveStatus,
+    RunEnded,
+)
 from server.results import RunResults
 from server.round import Coordinator
 from server.teacher_package import (
@@ -42,6 +51,7 @@ from server.teacher_package import (
     check_student_model,
     package_teacher,
 )
+from server.tensorboard import RoundBoard
 
 log = logging.getLogger("moma.server")
 app = ServerApp()
@@ -49,7 +59,8 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    run_federation(grid, RunConfig.from_flat(dict(context.run_config)))
+    # the coordinator's own settings come from its file, not from the run config the sites see
+    run_federation(grid, RunConfig.from_flat(server_run_config(context.run_config)))
 
 
 def server_eval_set(source: str, run: RunConfig, sites: int) -> Dataset | None:
@@ -87,12 +98,56 @@ def initial_student(run: RunConfig, arch: Architecture, teacher: TeacherPackage 
         t_model.load_state_dict(load_safetensors(teacher.data))
         same = same_task(teacher.architecture.classes, arch.classes)
         copied = init_student_from_teacher(model, t_model, classifier=same)
-        how = f"teacher ({copied} of {len(model.state_dict())} tensors)"
+        missing = _not_copied(model, t_model, same)
+        how = f"teacher ({copied} of {len(model.state_dict())} tensors{missing})"
     return wire_state(model.state_dict()), how
 
 
+def _not_copied(student: torch.nn.Module, teacher: torch.nn.Module, same: bool) -> str:
+    """Which student tensors did not come from the teacher, and why (for ``init``)."""
+    t_state, reasons = teacher.state_dict(), {}
+    head = {f"{n}." for n, m in student.named_modules() if m is student.get_classifier()}
+    for k, v in student.state_dict().items():
+        if not same and any(k.startswith(p) for p in head):
+            reasons[k] = "the classifier: the teacher's classes are not the run's"
+        elif k not in t_state:
+            reasons[k] = "not in the teacher"
+        elif t_state[k].shape != v.shape:
+            reasons[k] = "another shape in the teacher"
+    if not reasons:
+        return ""
+    by_why: dict[str, list[str]] = {}
+    for k, why in reasons.items():
+        by_why.setdefault(why, []).append(k)
+    return "; not copied: " + "; ".join(
+        f"{', '.join(keys[:4])}{' …' if len(keys) > 4 else ''} ({why})"
+        for why, keys in by_why.items())
+
+
 def run_federation(grid: Grid, run: RunConfig) -> dict:
-    """The round loop (see module docstring); returns the final summary."""
+    """The round loop (see module docstring); returns the final summary.
+
+    ``runs/<name>/live.json`` (:mod:`server.live`) follows the run. A run that ends early for
+    a reason a user can act on (too few sites: exit code 3; no round trained: 4; bad input:
+    2) records that end there, logs it as one error line and raises it without a traceback on
+    the console (:func:`_quiet_flower_traceback`); any other error is recorded with exit code
+    1 and raised as it is.
+    """
+    fed, co = run.federation, run.coordinator
+    _console_logging()
+    live = LiveStatus(Path(co.output_dir) / fed.run_name / "live.json", fed.run_name,
+                      fed.num_rounds, fed.round_timeout, fed.min_available_nodes)
+    live.write()
+    try:
+        final = _federate(grid, run, live)
+    except Exception as exc:
+        _record_end(live, exc)
+        raise
+    live.end("completed", "", EXIT_COMPLETED)
+    return final
+
+
+def _federate(grid: Grid, run: RunConfig, live: LiveStatus) -> dict:
     fed, co = run.federation, run.coordinator
     if not run.class_names:
         raise ValueError("run config 'classes' is empty: name the target task's classes")
@@ -113,7 +168,8 @@ def run_federation(grid: Grid, run: RunConfig) -> dict:
     if co.site_registry:
         names = {int(k): str(v) for k, v in json.loads(Path(co.site_registry).read_text()
                                                        ).items()}
-    coordinator = Coordinator(grid, run, teacher, names)
+        live.registered = dict(names)
+    coordinator = Coordinator(grid, run, teacher, names, live)
     last = results.last_checkpoint() if first > 1 else None
     if last is not None:
         state = last
@@ -131,40 +187,130 @@ def run_federation(grid: Grid, run: RunConfig) -> dict:
             coordinator.aggregate.load_state_dict(results.load_aggregator(saved["aggregator"]))
         restore_client_dp(coordinator.aggregate, saved)
     eval_set = server_eval_set(co.eval_source, run, co.eval_sites)
-    for rnd in range(first, fed.num_rounds + 1):
-        start = time.time()
-        start_digest = state_digest(state)
-        state, report = coordinator.run_round(rnd, state)
-        report.start_digest, report.end_digest = start_digest, state_digest(state)
-        entry = report.to_json()
-        if eval_set is not None and not report.failed:
-            entry["server_eval"] = score(state, arch, eval_set)
-            log.info("round %d: server test accuracy %.3f, macro-F1 %.3f, kappa %.3f", rnd,
-                     entry["server_eval"]["accuracy"], entry["server_eval"]["macro_f1"],
-                     entry["server_eval"]["kappa"])
-        entry["wall_s"] = time.time() - start
-        server_state: dict = {"rng": _rng_json(coordinator.rng.getstate())}
-        aggregator_state = coordinator.aggregate.state_dict()
-        if aggregator_state:
-            server_state["aggregator"] = results.save_aggregator(rnd, aggregator_state)
-        client_dp = coordinator.aggregate.client_dp
-        if client_dp is not None:
-            server_state["client_dp"] = client_dp.state_dict()
-            entry["client_dp"] = client_dp.spent()
-            log.info("round %d: client-level DP epsilon %.3f (delta %g) after %d releases", rnd,
-                     entry["client_dp"]["epsilon"], client_dp.delta, len(client_dp.releases))
-        results.add_round(entry, state, arch, server_state)
-    if fed.fraction_evaluate > 0 and results.data["rounds"]:
-        last_entry = results.data["rounds"][-1]
-        nodes = sorted(int(k) for k, v in last_entry["sites"].items() if v["status"] == "ok")
-        if nodes:
-            metrics, per_site, down, up = coordinator.evaluate(fed.num_rounds, state, nodes)
-            results.set_final_evaluation(metrics, per_site, down, up)
+    board = RoundBoard(results.dir, first)
     try:
-        final = results.finish()
+        for rnd in range(first, fed.num_rounds + 1):
+            start = time.time()
+            start_digest = state_digest(state)
+            state, report = coordinator.run_round(rnd, state)
+            report.start_digest, report.end_digest = start_digest, state_digest(state)
+            entry = report.to_json()
+            if eval_set is not None and not report.failed:
+                live.update(state="evaluating")
+                entry["server_eval"] = score(state, arch, eval_set)
+            entry["wall_s"] = time.time() - start
+            server_state: dict = {"rng": _rng_json(coordinator.rng.getstate())}
+            aggregator_state = coordinator.aggregate.state_dict()
+            if aggregator_state:
+                server_state["aggregator"] = results.save_aggregator(rnd, aggregator_state)
+            client_dp = coordinator.aggregate.client_dp
+            if client_dp is not None:
+                server_state["client_dp"] = client_dp.state_dict()
+                entry["client_dp"] = client_dp.spent()
+                log.info("round %d: client-level DP epsilon %.3f (delta %g) after %d releases",
+                         rnd, entry["client_dp"]["epsilon"], client_dp.delta,
+                         len(client_dp.releases))
+            results.add_round(entry, state, arch, server_state)
+            board.add_round(entry)
+            line = progress_line(entry, fed.num_rounds)
+            log.info("%s", line)
+            live.progress(line)
+        if fed.fraction_evaluate > 0 and results.data["rounds"]:
+            last_entry = results.data["rounds"][-1]
+            nodes = sorted(int(k) for k, v in last_entry["sites"].items()
+                           if v["status"] == "ok")
+            if nodes:
+                live.progress(f"final evaluation on {len(nodes)} site(s)", state="evaluating",
+                              waiting_for=sorted(coordinator.name(n) for n in nodes))
+                metrics, per_site, down, up = coordinator.evaluate(fed.num_rounds, state, nodes)
+                results.set_final_evaluation(metrics, per_site, down, up)
+                board.add_final_evaluation(last_entry["round"], down, up)
+        try:
+            final = results.finish()
+        finally:
+            results.write_report()
     finally:
-        results.write_report()
+        board.close()
     return final
+
+
+def progress_line(entry: dict, num_rounds: int) -> str:
+    """The console's one line per round: ``round 3/10: 2/2 sites done, 41.2 s, test accuracy
+    0.812`` (test accuracy only with the coordinator's held-out set)."""
+    sites = entry["sites"].values()
+    ok = sum(s["status"] == "ok" for s in sites)
+    line = f"round {entry['round']}/{num_rounds}: {ok}/{len(sites)} sites done, " \
+           f"{entry['wall_s']:.1f} s"
+    if entry.get("status") == "failed":
+        line += ", round failed (the global student is unchanged)"
+    if entry.get("server_eval"):
+        e = entry["server_eval"]
+        line += (f", test accuracy {e['accuracy']:.3f} (macro-F1 {e['macro_f1']:.3f}, kappa "
+                 f"{e['kappa']:.3f})")
+    return line
+
+
+def _record_end(live: LiveStatus, exc: Exception) -> None:
+    """live.json's ``end`` for a run that raised ``exc``; a known end is logged as one line
+    and its traceback kept off the console."""
+    if isinstance(exc, RunEnded):
+        code = exc.exit_code
+    elif isinstance(exc, ValueError):  # bad input: a refused setting, resume or file
+        code = EXIT_BAD_INPUT
+    else:
+        live.end("failed", f"{type(exc).__name__}: {exc}", EXIT_FAILED)
+        return
+    reason = " ".join(str(exc).split())
+    live.end("failed", reason, code)
+    log.error("%s", reason)
+    _quiet_flower_traceback(exc)
+
+
+class _QuietEnd(logging.Filter):
+    """Drops Flower's traceback of an exception the ServerApp already reported in one line,
+    and the exit-code help that Flower logs right after it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reported = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and getattr(exc, "moma_reported", False):
+            self.reported = True
+            return False
+        if self.reported and record.levelno >= logging.ERROR and \
+                record.getMessage().startswith("Exit Code:"):
+            self.reported = False
+            return False
+        return True
+
+
+_QUIET = _QuietEnd()
+
+
+def _quiet_flower_traceback(exc: Exception) -> None:
+    """Flower's ServerApp runner logs any exception of the ServerApp with its traceback, then
+    marks the run ``finished:failed``; raising is the only way to get that status. The
+    exception is marked as reported, and a filter on Flower's logger drops that traceback:
+    the run still fails (``flwr ls``), and the console keeps the one line."""
+    exc.moma_reported = True  # type: ignore[attr-defined]
+    flwr_log = logging.getLogger("flwr")
+    if _QUIET not in flwr_log.filters:
+        flwr_log.addFilter(_QUIET)
+
+
+def _console_logging() -> None:
+    """The ServerApp's progress lines (INFO) on the console. A deployed ServerApp runs in a
+    process of Flower's that configures no logging for it (only warnings would reach the
+    console, bare); a command that configured logging (moma-simulate, tests) is left alone."""
+    moma = logging.getLogger("moma")
+    if logging.getLogger().handlers or moma.handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    moma.addHandler(handler)
+    moma.setLevel(logging.INFO)
 
 
 def restore_client_dp(aggregate: Aggregator, saved: dict) -> None:
