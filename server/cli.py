@@ -31,10 +31,13 @@ from pathlib import Path
 
 from deploy.lifecycle import BusyError, InstanceLock, check_port_free, kill_tagged, spawn
 from deploy.runtime import executable, exit_on_sigterm, flower_env, stop, wait_for_port
+from deploy.security_events import watch as watch_events
 from moma_core.cli.common import DefaultsHelpFormatter, run_cli
 from moma_core.models import Architecture
 from moma_core.progress import console
+from moma_protocol import coordinator_file
 from moma_protocol.settings import ConfigError, RunConfig
+from server import dashboard
 from server.flwr_app import run_config_arg, write_app
 from server.registration import register_sites
 from server.teacher_package import check_student_fits, check_student_model, package_teacher
@@ -68,6 +71,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue runs/<name>/")
     p.add_argument("--startup-timeout", type=float, default=120.0,
                    help="seconds to wait for the SuperLink to listen")
+    dashboard.add_options(p)
     return p
 
 
@@ -178,14 +182,32 @@ def local_address(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def write_cli_config(home: Path, host: str, port: int, fed) -> None:
-    """The flwr CLI's connection to our own SuperLink, from this host."""
+def write_cli_config(home: Path, host: str, port: int, fed) -> Path:
+    """The flwr CLI's connection to our own SuperLink, from this host, with a fresh Control
+    API credential (the gate refuses the Control API without it, even from this host); returns
+    the credential's file for the SuperLink (:func:`deploy.superlink.write_control_credential`).
+    """
+    from deploy.superlink import write_control_credential
+
     home.mkdir(parents=True, exist_ok=True)
     conn = [f'address = "{local_address(host)}:{port}"']
     conn += ["insecure = true"] if fed is None else [
         f'root-certificates = "{fed.ca_cert.resolve()}"']
     (home / "config.toml").write_text("\n".join(
         ['[superlink]', 'default = "moma"', "", "[superlink.moma]", *conn]) + "\n")
+    return write_control_credential(home, f"{local_address(host)}:{port}")
+
+
+def superlink_env(env: dict, token_file: Path, fed, out_dir: Path) -> dict:
+    """The SuperLink's environment: ``env`` plus the gate's credential file and, with a
+    federation, its key → site name map (the gate removes both before Flower starts)."""
+    from deploy.security_events import SITE_KEYS_ENV, write_site_keys
+    from deploy.superlink import CONTROL_TOKEN_ENV
+
+    env = {**env, CONTROL_TOKEN_ENV: str(token_file)}
+    if fed is not None:
+        env[SITE_KEYS_ENV] = str(write_site_keys(fed, out_dir / "site-keys.json"))
+    return env
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -195,6 +217,7 @@ def serve(args: argparse.Namespace) -> int:
     registry = out_dir / "sites.json" if not args.insecure else None
     values = overrides(args, out_root, teacher, registry)
     fed = secure_setup(args)
+    dashboard.check_options(args)  # a remote dashboard needs the federation
     if teacher is not None:
         pkg = package_teacher(teacher)  # safetensors only, hash and shapes checked
         check_student_fits(RunConfig.from_flat(values), pkg.architecture)
@@ -206,41 +229,77 @@ def serve(args: argparse.Namespace) -> int:
         raise ValueError(f"{out_dir}/results.json exists: pass --resume or another --name")
     lock = InstanceLock(out_dir / ".moma-server.lock", f"run folder {out_dir}")
     killed = lock.acquire()
-    link = None
+    link = dash = None
+    events = watch_events(out_dir, console.print)  # the gate's security events, as they come
     try:
         if killed:
             console.print(f"stopped {len(killed)} leftover process(es) of a previous "
                           "moma-server of this run")
         check_port_free(args.host, args.port)
+        dash = dashboard.from_options(args, args.name)  # bound now: a busy port stops here
         home = out_dir / "flwr-home"
-        write_cli_config(home, args.host, args.port, fed)
+        token_file = write_cli_config(home, args.host, args.port, fed)
         app = write_app(out_dir / "flwr-app")
         env = lock.env(flower_env(home))
+        # the sites receive the run config; the coordinator's paths stay on this host
+        submitted, own = coordinator_file.split(values)
+        env[coordinator_file.COORDINATOR_ENV] = str(
+            coordinator_file.write(out_dir / "coordinator.json", own))
         log_path = out_dir / "superlink.log"
         with open(log_path, "ab") as log:
-            link = spawn(superlink_args(args, fed, out_dir), env, stdout=log,
+            link = spawn(superlink_args(args, fed, out_dir),
+                         superlink_env(env, token_file, fed, out_dir), stdout=log,
                          stderr=subprocess.STDOUT)
         wait_for_port(local_address(args.host).strip("[]"), args.port, args.startup_timeout,
                       link)
         console.print(f"SuperLink listening on {args.host}:{args.port} (log: {log_path})")
+        if dash is not None:
+            console.print(f"dashboard: {dash.start().url}")
         if fed is not None:
             names = register_sites(fed, home)
             registry.write_text(json.dumps(names, indent=2))
             console.print(f"registered sites: {', '.join(sorted(names.values()))}")
         cmd = [executable("flwr"), "run", str(app), "moma", "--stream",
-               "--run-config", run_config_arg(values)]
-        rc = spawn(cmd, env).wait()
-        status = run_status(env)
-        console.print(f"run status: {status}")
-        if rc != 0 or status != "finished:completed":
-            return 1
-        final = json.loads((out_dir / "results.json").read_text())["final"]
-        console.print(f"best round {final['best_round']}: {final['metrics']}")
-        return 0
+               "--run-config", run_config_arg(submitted)]
+        rc, started = _wait(spawn(cmd, env))
+        return run_outcome(out_dir, rc, run_status(env), started)
     finally:
+        events.stop()
+        if dash is not None:
+            dash.close()
         stop(link)
         kill_tagged(lock.tag)
         lock.release()
+
+
+def _wait(proc: subprocess.Popen) -> tuple[int, float]:
+    """The exit code of ``flwr run`` and when it was started (a live.json older than that is
+    a previous run's)."""
+    import time
+
+    started = time.time()
+    return proc.wait(), started
+
+
+def run_outcome(out_dir: Path, rc: int, status: str, since: float = 0.0) -> int:
+    """moma-server's last words and exit code, from the ServerApp's ``end`` in live.json
+    (docs/deploy.md, "Exit codes"): a failed run's one ``error:`` line and its code (3: sites
+    missing, 4: no round trained, 2: bad input, 1: other); a completed run's summary and 0."""
+    from server.live import EXIT_FAILED, read_end
+    from server.results import end_summary
+
+    end = read_end(out_dir / "live.json", since)
+    if end is not None and end.get("status") != "completed":
+        print(f"error: {end.get('reason') or 'the run failed'}", file=sys.stderr)
+        return int(end.get("exit_code") or EXIT_FAILED)
+    if rc != 0 or status != "finished:completed":
+        print(f"error: the run did not complete (run status {status}); see the lines above",
+              file=sys.stderr)
+        return EXIT_FAILED
+    data = json.loads((out_dir / "results.json").read_text())
+    for line in end_summary(data, out_dir):
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+    return 0
 
 
 def run_status(env: dict) -> str:
@@ -274,7 +333,8 @@ def main() -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Control API call
     exit_on_sigterm()
     try:
-        return serve(parser().parse_args())
+        args = parser().parse_args()
+        return dashboard.serve_only(args) if args.dashboard_only else serve(args)
     except (FileNotFoundError, TimeoutError, RuntimeError, BusyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
