@@ -17,7 +17,8 @@ ships no teacher and at most starts from its weights, may train at another size.
 
 Writes ``runs/<name>/`` (results.json, checkpoints, curves, report) and stops everything it
 started when the run ends or it is killed; a busy port or a run folder in use by another
-``moma-server`` is refused.
+``moma-server`` is refused. With ``--app-user USER`` (run as root) the ServerApp runs as USER,
+who cannot read the federation's keys nor the Control API credential (:mod:`deploy.app_user`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from deploy.app_user import AppUser
+from deploy.app_user import add_option as add_app_user_option
 from deploy.lifecycle import BusyError, InstanceLock, check_port_free, kill_tagged, spawn
 from deploy.runtime import executable, exit_on_sigterm, flower_env, stop, wait_for_port
 from deploy.security_events import watch as watch_events
@@ -71,6 +74,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue runs/<name>/")
     p.add_argument("--startup-timeout", type=float, default=120.0,
                    help="seconds to wait for the SuperLink to listen")
+    add_app_user_option(p)
     dashboard.add_options(p)
     return p
 
@@ -218,6 +222,7 @@ def serve(args: argparse.Namespace) -> int:
     values = overrides(args, out_root, teacher, registry)
     fed = secure_setup(args)
     dashboard.check_options(args)  # a remote dashboard needs the federation
+    isolation = AppUser(args.app_user)  # no --app-user: all its steps are no-ops
     if teacher is not None:
         pkg = package_teacher(teacher)  # safetensors only, hash and shapes checked
         check_student_fits(RunConfig.from_flat(values), pkg.architecture)
@@ -225,6 +230,7 @@ def serve(args: argparse.Namespace) -> int:
             check_signed_teacher(teacher, fed)
         console.print(f"teacher {teacher.name}: {pkg.architecture.model_name}, "
                       f"sha256 {pkg.sha256[:16]}…")
+    isolation.check_access(teacher, args.eval_source, out_root)
     if (out_dir / "results.json").exists() and not args.resume:
         raise ValueError(f"{out_dir}/results.json exists: pass --resume or another --name")
     lock = InstanceLock(out_dir / ".moma-server.lock", f"run folder {out_dir}")
@@ -232,6 +238,7 @@ def serve(args: argparse.Namespace) -> int:
     link = dash = None
     events = watch_events(out_dir, console.print)  # the gate's security events, as they come
     try:
+        isolation.prepare(out_dir)  # before any file of root's is written
         if killed:
             console.print(f"stopped {len(killed)} leftover process(es) of a previous "
                           "moma-server of this run")
@@ -247,7 +254,7 @@ def serve(args: argparse.Namespace) -> int:
             coordinator_file.write(out_dir / "coordinator.json", own))
         log_path = out_dir / "superlink.log"
         with open(log_path, "ab") as log:
-            link = spawn(superlink_args(args, fed, out_dir),
+            link = spawn(superlink_args(args, fed, out_dir) + isolation.superlink_args(),
                          superlink_env(env, token_file, fed, out_dir), stdout=log,
                          stderr=subprocess.STDOUT)
         wait_for_port(local_address(args.host).strip("[]"), args.port, args.startup_timeout,
@@ -259,6 +266,8 @@ def serve(args: argparse.Namespace) -> int:
             names = register_sites(fed, home)
             registry.write_text(json.dumps(names, indent=2))
             console.print(f"registered sites: {', '.join(sorted(names.values()))}")
+        isolation.start(env, f"{local_address(args.host)}:{args.port}",
+                        fed.ca_cert if fed is not None else None)
         cmd = [executable("flwr"), "run", str(app), "moma", "--stream",
                "--run-config", run_config_arg(submitted)]
         rc, started = _wait(spawn(cmd, env))
@@ -267,6 +276,7 @@ def serve(args: argparse.Namespace) -> int:
         events.stop()
         if dash is not None:
             dash.close()
+        isolation.stop()
         stop(link)
         kill_tagged(lock.tag)
         lock.release()

@@ -111,3 +111,22 @@ def test_systemd_analyze_verify():
         out = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True,
                              text=True)
         assert "Unknown" not in out.stderr, out.stderr
+
+
+def test_a_coordinator_unit_as_root_runs_the_serverapp_as_its_own_account():
+    """moma-server@ runs as root only with --app-user: the ServerApp (and everything it
+    imports) then runs as an unprivileged account that cannot read the federation's keys."""
+    cp = configparser.ConfigParser(strict=False, interpolation=None)
+    cp.optionxform = str
+    cp.read(SYSTEMD / "moma-server@.service")
+    service = cp["Service"]
+    argv = shlex.split(service["ExecStart"])
+    if service.get("User", "root") in ("root", "0"):
+        assert "--app-user" in argv
+        value = argv[argv.index("--app-user") + 1]
+        env = dict(ln.split("=", 1) for ln in (SYSTEMD / "moma-server.env.example")
+                   .read_text().splitlines() if ln and not ln.startswith("#"))
+        user = env[value[2:-1]] if value.startswith("${") else value
+        assert user not in ("root", "0", "moma", "nobody"), user
+        caps = set(service["CapabilityBoundingSet"].split())
+        assert {"CAP_SETUID", "CAP_SETGID", "CAP_CHOWN", "CAP_KILL", "CAP_SYS_PTRACE"} <= caps
