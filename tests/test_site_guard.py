@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from deploy.runtime import flower_env, free_port, wait_for_port
+from deploy.superlink import CONTROL_TOKEN_ENV, write_control_credential
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -92,6 +93,9 @@ def test_foreign_app_is_refused_and_logged_at_the_site(tmp_path):
         f'[superlink]\ndefault = "c"\n\n[superlink.c]\naddress = "127.0.0.1:{port}"\n'
         'insecure = true\n')
     env = flower_env(home)
+    # the gate closes the Control API to anyone without moma-server's credential; this test
+    # plays the coordinator's own account submitting a foreign app, so it holds it
+    token = write_control_credential(home, f"127.0.0.1:{port}")
     marker = tmp_path / "marker"
     procs: list[subprocess.Popen] = []
     log = open(tmp_path / "link.log", "wb")
@@ -101,7 +105,8 @@ def test_foreign_app_is_refused_and_logged_at_the_site(tmp_path):
             [sys.executable, "-m", "deploy.superlink", "--insecure", "--port", str(port),
              "--database", str(tmp_path / "db.sqlite"),
              "--disable-runtime-dependency-installation"],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            env={**env, CONTROL_TOKEN_ENV: str(token)}, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True)
         procs.append(link)
         wait_for_port("127.0.0.1", port, CEILING, link)
         site_env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "SITE_MARKER": str(marker)}
