@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 from client.site_config import SiteSettings
 from client.site_errors import MissingTeacher, PrivacyBudgetExceeded, PrivacyRefused
 from client.site_state import SiteState, TeacherCache
+from moma_core import objective_registry
 from moma_core.checkpoint import CheckpointError
 from moma_core.errors import ClassMismatch, DataError
 from moma_core.evaluate import evaluate
@@ -137,7 +138,8 @@ def train_round(settings: SiteSettings, run: RunConfig, server_round: int,
                              "(require-client-dp); the run has client-dp = off")
     device = resolve_device(settings.device)
     cache = TeacherCache(settings.cache_dir, settings.teacher_signer)
-    distils = run.objective.objective != "ce"
+    declared = objective_registry.declaration(run.objective.objective)
+    distils = declared.needs_teacher
     if distils and not cache.has(teacher_sha):
         raise MissingTeacher(f"teacher {teacher_sha[:12]}… is not in {cache.dir} (or fails "
                              "its hash or signature check)")
@@ -148,8 +150,7 @@ def train_round(settings: SiteSettings, run: RunConfig, server_round: int,
     seed_everything(seed)  # the objective's heads, attention and queue start the same way
     student = student_for(run, data, global_state, local)
     teacher, t_arch = cache.load(teacher_sha) if distils else (None, None)
-    public = public_keys(teacher, teacher_sha, run) if run.objective.objective == "dp-moma" \
-        else None
+    public = public_keys(teacher, teacher_sha, run) if declared.needs_public_keys else None
     objective = build_objective(run.objective_config(), student, teacher,
                                 same_task(t_arch.classes, data.classes) if t_arch else None,
                                 n_data=len(data.train), public_keys=public,
@@ -186,7 +187,7 @@ def public_keys(teacher: nn.Module, teacher_sha: str, run: RunConfig) -> torch.T
     """dp-moma's negatives: the frozen teacher's keys of ``dp-public-images`` synthetic images
     drawn from a fixed public seed — the same at every site, none of them private (kept per
     teacher in a warm worker)."""
-    from moma_core.privacy.dp_moma import public_queue
+    from moma_core.objectives.dp_moma import public_queue
 
     key = (teacher_sha, run.federation.image_size, run.privacy.dp_public_images)
     if key not in _PUBLIC_KEYS:

@@ -10,15 +10,21 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 
-OBJECTIVES = ("ce", "kd", "moma", "crckd")
+from moma_core import objective_registry
+
+#: the objectives the commands offer (moma_core.objective_registry, built in: ce, kd, moma,
+#: crckd); DP_OBJECTIVES: those that also need the frozen teacher's keys of public images
+#: (dp-moma, for sample-level DP-SGD), which only the federation wires. The settings and
+#: ObjectiveConfig accept every registered objective.
+OBJECTIVES = tuple(n for n, d in objective_registry.declarations().items()
+                   if not d.needs_public_keys)
+DP_OBJECTIVES = tuple(n for n, d in objective_registry.declarations().items()
+                      if d.needs_public_keys)
 #: the part of the student DP-SGD trains (moma_core.privacy.dp_sgd.freeze_for_dp): the
 #: classifier (a linear probe on the frozen backbone), the last stage and the classifier, or all
 DP_TRAINABLE = ("all", "last-stage", "head")
 #: MoMA's batch attention variants (``ObjectiveConfig.moma_attention``)
 MOMA_ATTENTIONS = ("reference", "residual")
-# Objectives for sample-level DP-SGD (moma_core.privacy): built by build_objective but not (yet)
-# offered by the federation's settings or the commands, which do not wire their inputs.
-DP_OBJECTIVES = ("dp-moma",)
 
 
 @dataclass
@@ -52,7 +58,7 @@ class ObjectiveConfig:
     # separate maps, no residual: its NCE term falls to 0) or "residual" (the default):
     # q = normalize(x + A_q(x)) with A_q's output projection zero-initialised, k = normalize(k̂ +
     # A_k(k̂)) with A_k the momentum copy of A_q, and the queue receives k itself (see
-    # moma_core.objectives.MoMA; docs/benchmarks.md: no accuracy lost, a term that carries
+    # moma_core.objectives.moma.MoMA; docs/benchmarks.md: no accuracy lost, a term that carries
     # each image's teacher key)
     moma_attention: str = "residual"
     # dp-moma's query attention: "queue" (each sample's query attends over the public keys) or
@@ -60,9 +66,9 @@ class ObjectiveConfig:
     dp_attention: str = "queue"
 
     def __post_init__(self) -> None:
-        if self.kind not in OBJECTIVES + DP_OBJECTIVES:
+        if self.kind not in objective_registry.names():
             raise ValueError(f"unknown objective {self.kind!r}; choose one of "
-                             f"{OBJECTIVES + DP_OBJECTIVES}")
+                             f"{objective_registry.names()}")
         if self.attention_keys not in ("reference", "trained"):
             raise ValueError("attention_keys must be 'reference' or 'trained'")
         if self.teacher_update not in ("momentum", "frozen"):

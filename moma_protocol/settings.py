@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import difflib
 import math
+from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
+from moma_core import objective_registry
 from moma_core.method_config import (
-    DP_OBJECTIVES,
     DP_TRAINABLE,
     MOMA_ATTENTIONS,
-    OBJECTIVES,
     OPTIMIZERS,
     ObjectiveConfig,
     TrainConfig,
@@ -55,9 +55,11 @@ class ConfigError(ValueError):
     """A run setting is unknown, of the wrong type or out of range."""
 
 
-def opt(default: Any, help: str, choices: tuple | None = None, lo: float | None = None,
-        hi: float | None = None, lo_open: bool = False, hi_open: bool = False) -> Any:
-    """A setting: its default, one line of help and its allowed values."""
+def opt(default: Any, help: str, choices: tuple | Callable[[], tuple] | None = None,
+        lo: float | None = None, hi: float | None = None, lo_open: bool = False,
+        hi_open: bool = False) -> Any:
+    """A setting: its default, one line of help and its allowed values (a tuple, or a function
+    that lists them when asked: the registered objectives)."""
     return field(default=default, metadata={"help": help, "choices": choices, "lo": lo,
                                             "hi": hi, "lo_open": lo_open, "hi_open": hi_open})
 
@@ -69,7 +71,7 @@ _OBJ, _TRAIN = ObjectiveConfig, TrainConfig
 class ObjectiveSettings:
     objective: str = opt(_OBJ.kind, "moma, kd, crckd, ce (the CE-only baseline) or dp-moma "
                          "(MoMA for DP-SGD: public-key queue, per-sample attention)",
-                         OBJECTIVES + DP_OBJECTIVES)
+                         objective_registry.names)
     queue_size: int = opt(_OBJ.queue_size, "MoMA's key queue K (see moma_core.objectives)",
                           lo=1)
     teacher_update: str = opt(_OBJ.teacher_update, "momentum (MoMA) or frozen teacher",
@@ -144,10 +146,6 @@ class FederationSettings:
     round_timeout: float = opt(600.0, "seconds to wait for sites in a round", lo=1)
     seed: int = opt(0, "seed of sampling, initialisation and local shuffling", lo=0)
 
-
-#: objectives whose loss is a mean of per-sample terms (MoMA's queue and batch attention and
-#: CRCKD's memory banks carry other samples into a sample's gradient): usable with DP-SGD
-DP_SGD_OBJECTIVES = ("dp-moma", "kd", "ce")
 
 
 @dataclass(frozen=True)
@@ -289,9 +287,12 @@ class RunConfig:
             raise ConfigError("dp-target-epsilon is the epsilon DP-SGD spends: set dp = "
                               "\"dp-sgd\" too (without it the run would train without DP)")
         if self.privacy.dp == "dp-sgd":
-            if self.objective.objective not in DP_SGD_OBJECTIVES:
+            # objectives whose loss is a mean of per-sample terms (dp_compatible; MoMA's queue
+            # and batch attention and CRCKD's memory banks carry other samples into a sample's
+            # gradient)
+            if self.objective.objective not in objective_registry.dp_names():
                 raise ConfigError(
-                    f"dp = dp-sgd needs objective {', '.join(DP_SGD_OBJECTIVES)}: "
+                    f"dp = dp-sgd needs objective {', '.join(objective_registry.dp_names())}: "
                     f"{self.objective.objective}'s loss carries other samples into each "
                     "sample's gradient (queue, batch attention or memory banks)")
             if fed.aggregation == "fedprox":
@@ -426,11 +427,18 @@ def _typed(key: str, value: Any, f: Any) -> Any:
     return value
 
 
+def choices_of(f: Any) -> tuple:
+    """The allowed values of setting field ``f`` (empty: any value in its range)."""
+    choices = f.metadata.get("choices")
+    return tuple(choices() if callable(choices) else choices or ())
+
+
 def _check(key: str, value: Any, f: Any) -> None:
     meta = f.metadata
-    if meta.get("choices") and value not in meta["choices"]:
+    choices = choices_of(f)
+    if choices and value not in choices:
         raise ConfigError(f"run-config {key}: {value!r} is not one of "
-                          f"{', '.join(map(str, meta['choices']))}")
+                          f"{', '.join(map(str, choices))}")
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"run-config {key}: {value} is not a finite number")
     lo, hi = meta.get("lo"), meta.get("hi")
@@ -452,7 +460,8 @@ def markdown_table() -> str:
     rows = ["| key | part | default | allowed | meaning |", "|---|---|---|---|---|"]
     for key, (part, f) in settings_fields().items():
         meta = f.metadata
-        allowed = ", ".join(map(str, meta["choices"])) if meta.get("choices") else _range(meta)
+        choices = choices_of(f)
+        allowed = ", ".join(map(str, choices)) if choices else _range(meta)
         default = f.default if f.default is not MISSING else ""
         rows.append(f"| `{key}` | {part} | `{_toml(default)}` | {allowed} | {meta['help']} |")
     return "\n".join(rows)

@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping, Set
 from typing import TYPE_CHECKING
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
+from moma_core import objective_registry
 from moma_protocol.settings import TRANSFER_DTYPES  # noqa: F401 (documented here)
 
 if TYPE_CHECKING:  # the protocol itself needs no torch: a status query stays light
@@ -110,16 +111,46 @@ def error_reason(msg: Message) -> str:
 DP_EPSILON = "dp-epsilon"
 #: seconds the site spent scoring the incoming global student before it trained
 EVAL_TIME = "eval-time-s"
-TRAIN_METRICS = frozenset({"train-loss", "train-ce", "train-kl", "train-nce", "train-ccd",
-                           "train-crp", "train-steps", "train-nce-shuffled", "train-retrieval",
-                           "train-time-s", EVAL_TIME, TEACHER_CACHED, NUM_EXAMPLES, DP_EPSILON})
+
+
+class NameSet(Set):
+    """A set of allowed names computed when read: the train metrics follow the objectives
+    registered at that moment (:mod:`moma_core.objective_registry`)."""
+
+    def __init__(self, names: Callable[[], frozenset[str]]) -> None:
+        self._names = names
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self._names()))
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+    def __repr__(self) -> str:
+        return f"NameSet({sorted(self._names())})"
+
+    @classmethod
+    def _from_iterable(cls, it: object) -> frozenset:  # set operations give plain sets
+        return frozenset(it)  # type: ignore[arg-type]
+
+
+#: train metrics of every objective: the loss, steps, times, ε and flags
+GENERIC_TRAIN_METRICS = frozenset({"train-loss", "train-steps", "train-time-s", EVAL_TIME,
+                                   TEACHER_CACHED, NUM_EXAMPLES, DP_EPSILON})
+#: what a train reply may carry: the generic ones and ``train-<term>`` for the loss terms of
+#: every registered objective
+TRAIN_METRICS = NameSet(lambda: GENERIC_TRAIN_METRICS | objective_registry.train_metric_names())
 EVALUATE_METRICS = frozenset({"loss", "accuracy", "macro-f1", "kappa", NUM_EXAMPLES})
 STATUS_METRICS = frozenset({HAS_TEACHER})
-METRIC_NAMES: frozenset[str] = TRAIN_METRICS | EVALUATE_METRICS | STATUS_METRICS
+METRIC_NAMES: Set[str] = NameSet(
+    lambda: frozenset(TRAIN_METRICS) | EVALUATE_METRICS | STATUS_METRICS)
 MAX_METRIC_VALUES = 64
 
 # per message type: (records allowed, records required, metric names allowed, metrics required)
-REPLIES: dict[str, tuple[frozenset[str], frozenset[str], frozenset[str], frozenset[str]]] = {
+REPLIES: dict[str, tuple[frozenset[str], frozenset[str], Set[str], frozenset[str]]] = {
     TRAIN: (frozenset({ARRAYS, METRICS, EVAL_METRICS}), frozenset({ARRAYS, METRICS}),
             TRAIN_METRICS, frozenset({NUM_EXAMPLES})),
     EVALUATE: (frozenset({METRICS}), frozenset({METRICS}), EVALUATE_METRICS,
@@ -175,7 +206,7 @@ def check_site_reply(content: RecordDict, message_type: str | None = None,
     return problems
 
 
-def _check_metrics(rec: object, names: frozenset[str], needed: frozenset[str]) -> list[str]:
+def _check_metrics(rec: object, names: Set[str], needed: frozenset[str]) -> list[str]:
     if not isinstance(rec, MetricRecord):
         return []
     problems, count = [], 0

@@ -43,6 +43,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import ConcatDataset, Dataset
 
+from moma_core import objective_registry
 from moma_core.checkpoint import load_model
 from moma_core.evaluate import evaluate
 from moma_core.metrics import classification_metrics
@@ -79,7 +80,8 @@ class Arm:
 
     def not_applicable(self, scenario: Scenario, student_model: str) -> str | None:
         """Why this arm cannot run in ``scenario`` (None: it can)."""
-        if self.objective == "kd" and scenario.task != "same":
+        if objective_registry.declaration(self.objective).same_task_only and \
+                scenario.task != "same":
             return "vanilla KD needs a teacher of the same task"  # nothing to distil otherwise
         if self.objective == "crckd" and scenario.teacher_is_other_model(student_model):
             return ("CRCKD's mean teacher is an EMA of the student: it needs a teacher of the "
@@ -370,7 +372,7 @@ def train_alone(run: RunConfig, train: Dataset, name: str, teacher: Path | None
     check_baseline_privacy(run)  # trained without DP: never the baseline of a private run
     student, how, digest = start_student(run, teacher)
     t_model, t_arch = (None, None)
-    if run.objective.objective != "ce":
+    if objective_registry.needs_teacher(run.objective.objective):
         if teacher is None:
             raise ValueError(f"objective {run.objective.objective!r} needs a teacher")
         t_model, t_arch, _ = load_model(teacher)
@@ -400,7 +402,7 @@ def _weighted_terms(entries: list[dict]) -> dict:
 
 
 def _kl_on(arm_: Arm, run: RunConfig, teacher: Path) -> bool:
-    if arm_.objective == "ce":
+    if not objective_registry.needs_teacher(arm_.objective):
         return False
     from moma_core.checkpoint import read_sidecar
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from moma_core import objective_registry
 from moma_core.atomic import atomic_write
 from moma_core.checkpoint import load_checkpoint, save_checkpoint, sha256_file
 from moma_core.models import Architecture
@@ -50,17 +51,25 @@ def _site_failures(entry: dict) -> str:
     return "; ".join(bad) or "too few sites trained"
 
 
-def _loss_terms(train: dict | None) -> dict:
+def _loss_terms(train: dict | None, objective: object = None) -> dict:
     """The sites' mean loss terms of a round (CE, KL, NCE: which terms still carry signal) and
     the NCE term's health: the gap to its value with shuffled positives and the in-batch
     retrieval of each image's teacher key (both 0 / chance when it carries no per-image
-    knowledge; see moma_core.objectives.nce_health)."""
+    knowledge; see moma_core.objectives.nce_health); then the terms that ``objective``
+    declares as report columns of its own (``report_terms``, none for the built-in ones)."""
     train = train or {}
     out = {name: train.get(f"train-{name}", "") for name in ("ce", "kl", "nce")}
     nce, shuffled = train.get("train-nce"), train.get("train-nce-shuffled")
     out["nce gap"] = shuffled - nce if nce is not None and shuffled is not None else ""
     out["retrieval"] = train.get("train-retrieval", "")
+    for name in _report_terms(objective):
+        out.setdefault(name, train.get(f"train-{name}", ""))
     return out
+
+
+def _report_terms(objective: object) -> tuple[str, ...]:
+    decl = objective_registry.declarations().get(str(objective))  # a run of an objective no
+    return decl.report_terms if decl is not None else ()  # longer registered: none
 
 
 def _eval_keys(m: dict | None) -> dict | None:
@@ -321,8 +330,9 @@ class RunResults:
                         "`--eval-source`): there are no test columns; the sites' validation "
                         "accuracy of the global student (`site val acc`) is the run's measure "
                         "and chooses the best round.")
-        terms = [_loss_terms(r.get("train")) for r in rounds if r.get("status", "ok") == "ok"]
         objective = cfg.get("objective", "")
+        terms = [_loss_terms(r.get("train"), objective) for r in rounds
+                 if r.get("status", "ok") == "ok"]
         text.append("- **Loss columns** (the sites' example-weighted means of the round): `ce` "
                     "the cross-entropy on the sites' labels; `kl` the distillation KL from the "
                     "teacher's softened predictions; `nce` MoMA's contrastive term (query vs "
@@ -361,6 +371,7 @@ class RunResults:
 
     def write_report(self, extra_sections: list[str] | None = None) -> Path:
         server = self.has_server_eval()
+        objective = self.data["config"].get("objective")
         rows = []
         for r in self.data["rounds"]:
             s = r.get("server_eval") or {}
@@ -370,7 +381,7 @@ class RunResults:
             rows.append({"round": r["round"], **test,
                          "site val acc": f.get("accuracy", ""),
                          "sites ok": sum(v.get("status") == "ok" for v in r["sites"].values()),
-                         **_loss_terms(r.get("train")),
+                         **_loss_terms(r.get("train"), objective),
                          "status": r.get("status", "ok"),
                          "MB down": r["bytes_down"] / 1e6, "MB up": r["bytes_up"] / 1e6,
                          "wall s": r["wall_s"]})

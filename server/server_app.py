@@ -28,6 +28,7 @@ from flwr.serverapp import Grid, ServerApp
 from safetensors.torch import load as load_safetensors
 from torch.utils.data import ConcatDataset, Dataset
 
+from moma_core import objective_registry
 from moma_core.evaluate import evaluate
 from moma_core.models import Architecture, build_model
 from moma_core.objectives import init_student_from_teacher, same_task
@@ -151,9 +152,9 @@ def _federate(grid: Grid, run: RunConfig, live: LiveStatus) -> dict:
     fed, co = run.federation, run.coordinator
     if not run.class_names:
         raise ValueError("run config 'classes' is empty: name the target task's classes")
-    if run.objective.objective != "ce" and not co.teacher_path:
+    distils = objective_registry.needs_teacher(run.objective.objective)
+    if distils and not co.teacher_path:
         raise ValueError(f"objective {run.objective.objective} needs a teacher: set teacher-path")
-    distils = run.objective.objective != "ce"
     # the CE baseline ships no teacher, but starts from it like the other arms
     package = package_teacher(co.teacher_path) if co.teacher_path and (
         distils or fed.init_from_teacher) else None

@@ -12,6 +12,7 @@ import argparse
 import time
 from pathlib import Path
 
+from moma_core import objective_registry
 from moma_core.checkpoint import load_model, save_checkpoint
 from moma_core.cli.common import add_data_args, add_training_args, run_cli
 from moma_core.method_config import MOMA_ATTENTIONS
@@ -68,7 +69,7 @@ def distill(args: argparse.Namespace) -> dict:
     if args.teacher is not None:
         teacher, t_arch, _ = load_model(args.teacher)
         arch = t_arch
-    elif args.objective != "ce" or args.model is None:
+    elif objective_registry.needs_teacher(args.objective) or args.model is None:
         raise ValueError(f"--teacher is required for objective {args.objective!r} "
                          "(and --model when training CE-only without one)")
     data = open_site_data(args.source, args.image_size, args.augment, args.stain_jitter,

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from moma_core import objective_registry
 from moma_core.method_config import DP_TRAINABLE, TrainConfig
 
 if TYPE_CHECKING:
@@ -449,7 +450,8 @@ def make_private_training(student: nn.Module, objective: nn.Module,
     if not getattr(objective, "dp_compatible", False):
         raise PrivacyIncompatibleError(
             f"objective {name!r} is not compatible with DP-SGD (its loss mixes samples or keeps "
-            "state from earlier private batches); use 'dp-moma', 'kd' or 'ce'")
+            "state from earlier private batches); use one of "
+            f"{', '.join(map(repr, objective_registry.dp_names()))}")
     if cfg.proximal_mu > 0:
         raise PrivacyIncompatibleError("proximal_mu > 0 (FedProx) is not supported with DP-SGD: "
                                        "Opacus would drop the proximal term's gradient")

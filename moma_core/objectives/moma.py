@@ -1,10 +1,5 @@
-"""Training objectives behind one interface: CE-only, vanilla KD, MoMA (and CRCKD, moma_core.crckd).
-
-An objective owns everything the loss needs besides the student (teacher, projection heads,
-attention, queue) — all of it site-private state. The training loop only calls
-``loss(student, x, y)`` and ``after_step(student)`` and optimises ``trainable_parameters()``
-together with the student.
-"""
+"""MoMA: momentum contrastive learning with multi-head attention knowledge distillation
+(Vuong & Kwak, Medical Image Analysis 2024), and the measures of its contrastive term."""
 
 from __future__ import annotations
 
@@ -15,99 +10,21 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset
 
 from moma_core.attention import BatchTokenAttention
 from moma_core.heads import projection_head
-from moma_core.losses import kd_kl_loss
-from moma_core.method_config import OBJECTIVES, ObjectiveConfig  # noqa: F401 (re-export)
+from moma_core.method_config import ObjectiveConfig
 from moma_core.models import feature_dim, features_and_logits
 from moma_core.momentum import momentum_update, paired_parameters
+from moma_core.objective_registry import register
+from moma_core.objectives.base import BuildInputs, TeacherObjective, check_teacher_fits
 from moma_core.queue import KeyQueue
 
 log = logging.getLogger("moma.objectives")
 
 
-class Objective(nn.Module):
-    """Interface: a loss on a batch plus whatever state it keeps between steps."""
-
-    name = "objective"
-    # True when the loss is a mean of per-sample terms, each depending on its own sample only
-    # and on no state kept from earlier private batches: usable with DP-SGD (moma_core.privacy)
-    dp_compatible = False
-
-    def loss(self, student: nn.Module, x: torch.Tensor, y: torch.Tensor
-             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        raise NotImplementedError
-
-    def after_step(self, student: nn.Module) -> None:
-        """Called after each optimiser step (momentum updates, queue)."""
-
-    def trainable_parameters(self) -> Iterator[nn.Parameter]:
-        """Parameters of the objective optimised together with the student."""
-        return iter(())
-
-
-class CrossEntropyOnly(Objective):
-    """Baseline without a teacher: c·CE."""
-
-    name = "ce"
-    dp_compatible = True
-
-    def __init__(self, cfg: ObjectiveConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
-
-    def loss(self, student, x, y):
-        _, z_s = features_and_logits(student, x)
-        ce = F.cross_entropy(z_s, y)
-        return self.cfg.ce_weight * ce, {"ce": ce.detach()}
-
-
-class _TeacherObjective(Objective):
-    """Holds a teacher copy that never receives gradients and stays in eval mode."""
-
-    def __init__(self, teacher: nn.Module, cfg: ObjectiveConfig, same_task: bool) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.same_task = same_task
-        self.teacher = copy.deepcopy(teacher)
-        self.teacher.requires_grad_(False)
-        self.teacher.eval()
-
-    def train(self, mode: bool = True) -> _TeacherObjective:
-        super().train(mode)
-        self.teacher.eval()  # BN statistics of the teacher are never re-estimated
-        return self
-
-    def _kl(self, z_s: torch.Tensor, z_t: torch.Tensor) -> torch.Tensor:
-        if not self.same_task:
-            return z_s.new_zeros(())
-        return kd_kl_loss(z_s, z_t, self.cfg.kd_temperature)
-
-
-class VanillaKD(_TeacherObjective):
-    """Hinton KD: c·CE + d·KL(T). Needs the teacher to share the student's label space."""
-
-    name = "kd"
-    dp_compatible = True
-
-    def __init__(self, teacher: nn.Module, cfg: ObjectiveConfig, same_task: bool) -> None:
-        if not same_task:
-            raise ValueError("vanilla KD needs a teacher of the same task (same classes)")
-        super().__init__(teacher, cfg, same_task)
-
-    def loss(self, student, x, y):
-        _, z_s = features_and_logits(student, x)
-        with torch.no_grad():
-            _, z_t = features_and_logits(self.teacher, x)
-        ce = F.cross_entropy(z_s, y)
-        kl = self._kl(z_s, z_t)
-        total = self.cfg.ce_weight * ce + self.cfg.kl_weight * kl
-        return total, {"ce": ce.detach(), "kl": kl.detach()}
-
-
-class MoMA(_TeacherObjective):
+@register
+class MoMA(TeacherObjective):
     """Momentum contrastive learning with multi-head attention distillation (Vuong & Kwak 2024).
 
     Symbols: student S with query head g_s and attention A_q; momentum teacher T with key head
@@ -136,11 +53,10 @@ class MoMA(_TeacherObjective):
     of earlier batches: two *different* random maps of the same keys, and q = A_q(g_s(f_s)) is
     not re-normalised. A_q learns to tell the two maps apart instead of the images, so the NCE
     term drops to exactly 0.0 within about an epoch and then gives no gradient (``moma-bench
-    accuracy --quick``, docs/benchmarks.md: 0.85 in round 1, then 0.0). This is the
+    accuracy --quick``: the measured values are in docs/benchmarks.md). This is the
     reference's behaviour, kept by default (``queue_keys = "reference"``). ``queue_keys =
     "keys"`` enqueues k itself (MoCo's rule): positives and negatives then come from one map and
-    the term stays around log(K+1), carrying gradient throughout (4.7–5.7 per round there,
-    K = 256: log 257 ≈ 5.5).
+    the term stays around log(K+1), carrying gradient throughout (docs/benchmarks.md).
     The run report shows the NCE term per round.
 
     **Underneath both: the batch attention averages the batch.** The embeddings are
@@ -148,9 +64,8 @@ class MoMA(_TeacherObjective):
     :class:`BatchTokenAttention` has attention logits close to 0: weights 1/B to 1 %, so
     every sample of a batch leaves A_q (and A_k) with the same vector, the batch's mean. The
     term can then tell batches apart, never the images of one batch, and carries no per-image
-    knowledge of the teacher (``bench/nce_signal.py``, docs/benchmarks.md; with a frozen
-    teacher of another task: reference 0.0, ``keys`` at chance, ``keys`` with a trained A_k
-    0.0 and then NaN, as the keys' norm grows).
+    knowledge of the teacher (``bench/nce_signal.py``; what each variant measures, with a
+    frozen teacher of another task too: docs/benchmarks.md).
 
     **The residual attention** (``moma_attention = "residual"``) keeps the published structure
     and lets the term carry each image's teacher key::
@@ -177,6 +92,14 @@ class MoMA(_TeacherObjective):
     """
 
     name = "moma"
+    order = 30
+    needs_teacher = True
+    needs_index = True  # with the residual attention (the default): the instance decides
+    same_task_only = False
+    dp_compatible = False
+    needs_public_keys = False
+    loss_terms = ("ce", "kl", "nce", "nce-shuffled", "retrieval")
+    report_terms = ()
 
     def __init__(self, teacher: nn.Module, student: nn.Module, cfg: ObjectiveConfig,
                  same_task: bool, n_data: int | None = None, batch_size: int | None = None
@@ -213,6 +136,28 @@ class MoMA(_TeacherObjective):
         self._pending_keys: torch.Tensor | None = None
         self._pending_ids: torch.Tensor | None = None
         self._attn_pairs: tuple[list, list] | None = None  # (A_k, A_q) parameters, residual
+
+    @classmethod
+    def from_config(cls, cfg: ObjectiveConfig, inputs: BuildInputs) -> MoMA:
+        assert inputs.teacher is not None  # build_objective: needs_teacher
+        return cls(inputs.teacher, inputs.student, cfg, bool(inputs.same_task),
+                   n_data=inputs.n_data, batch_size=inputs.batch_size)
+
+    @classmethod
+    def check_teacher(cls, cfg: ObjectiveConfig, teacher: nn.Module, student: nn.Module
+                      ) -> None:
+        """A momentum teacher (``teacher_update = "momentum"``) moves towards the student:
+        it needs the student's architecture (same backbone parameters)."""
+        if cfg.teacher_update != "momentum":
+            return
+        d_s, d_t = feature_dim(student), feature_dim(teacher)
+        if type(student) is not type(teacher) or d_s != d_t:
+            raise ValueError(
+                "teacher_update='momentum' needs the teacher and student of the same "
+                f"architecture (got {type(teacher).__name__}/{d_t} vs "
+                f"{type(student).__name__}/{d_s}); use teacher_update='frozen'"
+            )
+        _check_momentum_pairs(teacher, student)
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         return (p for p in self.parameters() if p.requires_grad)
@@ -328,80 +273,6 @@ def nce_health(logits: torch.Tensor, q: torch.Tensor, k: torch.Tensor, temperatu
             "retrieval": (top == torch.arange(b, device=q.device)).float().mean()}
 
 
-def build_objective(cfg: ObjectiveConfig, student: nn.Module,
-                    teacher: nn.Module | None = None, same_task: bool | None = None,
-                    n_data: int | None = None, public_keys: torch.Tensor | None = None,
-                    batch_size: int | None = None) -> Objective:
-    """The objective ``cfg.kind`` for ``student``; ``same_task`` decides whether KL is used.
-
-    Pass ``same_task`` from the class *names* of teacher and student (:func:`same_task`); when
-    omitted it falls back to comparing class counts, which cannot tell two 4-class tasks apart.
-    CRCKD keeps one memory-bank row per training sample: give ``n_data`` (the training set's
-    size) and feed it :func:`training_set` batches, which carry each sample's index; MoMA's
-    residual attention sizes its queue from ``n_data`` and ``batch_size``
-    (:func:`queue_size_for`) and also takes :func:`training_set` batches.
-    ``dp-moma`` (:class:`moma_core.privacy.dp_moma.DPMoMA`) needs ``public_keys``: the frozen
-    teacher's keys of non-private images, ``public_queue(teacher, images)`` (no key head).
-    """
-    if cfg.kind == "ce":
-        return CrossEntropyOnly(cfg)
-    if teacher is None:
-        raise ValueError(f"objective {cfg.kind!r} needs a teacher")
-    if same_task is None:
-        same_task = _num_classes(teacher) == _num_classes(student)
-    if cfg.kind == "kd":
-        return VanillaKD(teacher, cfg, same_task)
-    if cfg.kind == "dp-moma":
-        from moma_core.privacy.dp_moma import DPMoMA  # (dp_moma builds on this module)
-
-        if public_keys is None:
-            raise ValueError("objective 'dp-moma' needs public_keys: the frozen teacher's keys "
-                             "of non-private images (moma_core.privacy.dp_moma.public_queue)")
-        return DPMoMA(teacher, student, cfg, same_task, public_keys)
-    if cfg.kind == "crckd":
-        from moma_core.crckd import CRCKD  # (crckd builds on this module)
-
-        if n_data is None:
-            raise ValueError("objective 'crckd' needs the training set's size (n_data)")
-        return CRCKD(teacher, student, n_data, same_task=same_task, ce_weight=cfg.ce_weight,
-                     consistency_weight=cfg.kl_weight)
-    return MoMA(teacher, student, cfg, same_task, n_data=n_data, batch_size=batch_size)
-
-
-def training_set(objective: Objective, dataset: Dataset) -> Dataset:
-    """``dataset`` as the objective consumes it: items ``(x, y, index)`` for objectives with
-    per-sample state (``needs_index``), else unchanged."""
-    if getattr(objective, "needs_index", False):
-        from moma_core.data.indexed import WithIndex
-
-        return WithIndex(dataset)
-    return dataset
-
-
-def check_teacher_fits(cfg: ObjectiveConfig, teacher: nn.Module, student: nn.Module) -> None:
-    """Refuse (ValueError) a teacher the objective cannot pair with ``student``.
-
-    MoMA with ``teacher_update = "momentum"`` moves the teacher towards the student (MoCo's key
-    encoder), and CRCKD's mean teacher is an EMA of the student: both need the student to be
-    the teacher's architecture (same backbone parameters; the classifier may differ). MoMA with a
-    frozen teacher, KD and CE take any teacher. The objectives call this when they are built;
-    the coordinator calls it on untrained models before a run starts.
-    """
-    if cfg.kind == "crckd":
-        from moma_core.crckd import check_same_architecture
-
-        check_same_architecture(teacher, student)
-    elif cfg.kind == "moma" and cfg.teacher_update == "momentum":
-        d_s, d_t = feature_dim(student), feature_dim(teacher)
-        if type(student) is not type(teacher) or d_s != d_t:
-            raise ValueError(
-                "teacher_update='momentum' needs the teacher and student of the same "
-                f"architecture (got {type(teacher).__name__}/{d_t} vs "
-                f"{type(student).__name__}/{d_s}); use teacher_update='frozen'"
-            )
-        _check_momentum_pairs(teacher, student)
-
-
 def _check_momentum_pairs(teacher: nn.Module, student: nn.Module) -> None:
     keys, _ = paired_parameters(teacher, student)
     head = len(list(student.get_classifier().parameters()))
@@ -410,31 +281,3 @@ def _check_momentum_pairs(teacher: nn.Module, student: nn.Module) -> None:
             "teacher_update='momentum' needs teacher and student backbones with identical "
             "parameters; use teacher_update='frozen' for a different teacher architecture"
         )
-
-
-def same_task(teacher_classes: tuple[str, ...] | list[str],
-              student_classes: tuple[str, ...] | list[str]) -> bool:
-    """Teacher and student share the label space (same names, same order): KL applies."""
-    return tuple(teacher_classes) == tuple(student_classes)
-
-
-def _num_classes(model: nn.Module) -> int:
-    return int(model.get_classifier().out_features)
-
-
-def init_student_from_teacher(student: nn.Module, teacher: nn.Module,
-                              classifier: bool = True) -> int:
-    """Copy every teacher tensor whose name and shape match into the student; returns count.
-
-    ``classifier=False`` (a teacher of another task: pass ``same_task(...)``) leaves the
-    student's classifier at its fresh initialisation even when the class counts agree — the
-    teacher's class k is not the student's class k.
-    """
-    s_state = student.state_dict()
-    head = {f"{name}." for name, module in student.named_modules()
-            if module is student.get_classifier()}
-    matched = {k: v for k, v in teacher.state_dict().items()
-               if k in s_state and s_state[k].shape == v.shape
-               and (classifier or not any(k.startswith(p) for p in head))}
-    student.load_state_dict(matched, strict=False)
-    return len(matched)
