@@ -17,6 +17,7 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
+from client.flwr_compat import INTERNALS
 from deploy.app_bundle import AppRefused, check_fab
 
 log = logging.getLogger("moma.client.guard")
@@ -33,25 +34,24 @@ def _record_refusal(reason: str) -> None:
                     f"{reason}\n")
 
 
+def _check_bundle(fab_content: bytes) -> None:
+    """:func:`check_fab`, a refusal written to the site's log before it is raised."""
+    try:
+        check_fab(fab_content)
+    except AppRefused as exc:
+        _record_refusal(str(exc))
+        raise
+
+
 def _install_guard() -> None:
-    import flwr.supernode.runtime.run_clientapp as runner
+    from client.flwr_compat import guard_fab_install
 
-    install = runner.install_from_fab
-
-    def guarded_install(fab_content: bytes, *args, **kwargs):
-        try:
-            check_fab(fab_content)
-        except AppRefused as exc:
-            _record_refusal(str(exc))
-            raise
-        return install(fab_content, *args, **kwargs)
-
-    runner.install_from_fab = guarded_install
+    guard_fab_install(_check_bundle)
 
 
 def main() -> None:
     """Flower's ``flwr-clientapp``, with the bundle checked before it is installed."""
-    from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
+    from client.flwr_compat import flwr_clientapp
 
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
@@ -72,7 +72,7 @@ import signal
 import sys
 
 signal.signal(signal.SIGINT, lambda signum, frame: os._exit(0))
-from flwr.supercore.cli import flower_superexec  # noqa: E402
+from {superexec.module} import {superexec.attr}  # noqa: E402
 
 sys.argv[0] = "flower-superexec"
 sys.exit(flower_superexec())
@@ -87,7 +87,8 @@ def write_launcher(bin_dir: Path) -> Path:
     path.write_text(f"#!{sys.executable}\nfrom client.app_guard import main\n\nmain()\n")
     path.chmod(0o755)
     superexec = bin_dir / "flower-superexec"
-    superexec.write_text(_SUPEREXEC.format(python=sys.executable))
+    superexec.write_text(_SUPEREXEC.format(python=sys.executable,
+                                           superexec=INTERNALS["flower_superexec"]))
     superexec.chmod(0o755)
     return path
 

@@ -16,8 +16,8 @@ from collections.abc import Callable
 
 import numpy as np
 from flwr.app import Context, Message
-from flwr.common.secure_aggregation.secaggplus_constants import Key, Stage
 
+from client.flwr_compat import Key, Stage
 from client.site_errors import ConfigError, PrivacyRefused
 from client.site_round import site_and_run
 from moma_protocol import secagg as S
@@ -67,8 +67,9 @@ def weighted_update(msg: Message, context: Context, run_round: RoundFn) -> Messa
     student (float32, :func:`moma_protocol.secagg.update_arrays`) and its weight (examples, or
     1 under client-level DP)."""
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
-    from flwr.compat.common import recorddict_compat as compat
     from safetensors.numpy import load as load_arrays
+
+    from client.flwr_compat import fitres_to_recorddict
 
     _, run = site_and_run(context.node_config, context.run_config)
     sent, metrics, _ = run_round(msg, context)
@@ -90,4 +91,4 @@ def weighted_update(msg: Message, context: Context, run_round: RoundFn) -> Messa
                           f"secagg-clipping-range {p.secagg_clipping_range:g}")
     fit = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(update), weight,
                  {k: float(v) for k, v in metrics.items()})
-    return Message(compat.fitres_to_recorddict(fit, False), reply_to=msg)
+    return Message(fitres_to_recorddict(fit, False), reply_to=msg)

@@ -116,12 +116,12 @@ def write_control_credential(flwr_home: Path, address: str) -> Path:
     store ``FLWR_HOME/credentials.yaml`` (0600), so ``flwr run``/``flwr ls`` with this
     ``FLWR_HOME`` send it. Also points this process's Flower credential store there (the
     in-process Control API client of :mod:`server.registration`). Returns the token file."""
-    from flwr.cli.constant import (
+    from deploy.flwr_compat import (
         ACCESS_TOKEN_STORE_KEY,
         AUTHN_TYPE_STORE_KEY,
         REFRESH_TOKEN_STORE_KEY,
+        file_credential_store,
     )
-    from flwr.supercore.credential_store import file_credential_store
 
     flwr_home.mkdir(parents=True, exist_ok=True)
     flwr_home.chmod(0o700)
@@ -162,7 +162,7 @@ class KeyTracker:
 
     def __init__(self, patience: float | None = None) -> None:
         if patience is None:
-            from flwr.common.constant import HEARTBEAT_PATIENCE
+            from deploy.flwr_compat import HEARTBEAT_PATIENCE
 
             patience = HEARTBEAT_PATIENCE
         self.patience = patience
@@ -217,9 +217,14 @@ def _header(scope: Scope, name: bytes) -> list[bytes]:
 def authentic_activation(headers: list[tuple[bytes, bytes]], public_key: bytes) -> bool:
     """Whether an activate-node request is signed by the key it activates, as Flower's
     ``authenticate_node`` checks it (signed timestamp within Flower's tolerance)."""
-    from flwr.common.constant import SYSTEM_TIME_TOLERANCE, TIMESTAMP_HEADER, TIMESTAMP_TOLERANCE
-    from flwr.supercore.constant import FLEET_HTTP_SIGNATURE_HEADER
-    from flwr.supercore.primitives.asymmetric import bytes_to_public_key, verify_signature
+    from deploy.flwr_compat import (
+        FLEET_HTTP_SIGNATURE_HEADER,
+        SYSTEM_TIME_TOLERANCE,
+        TIMESTAMP_HEADER,
+        TIMESTAMP_TOLERANCE,
+        bytes_to_public_key,
+        verify_signature,
+    )
 
     values = {k.lower(): v for k, v in headers}
     try:
@@ -401,8 +406,7 @@ async def _buffer(receive: Callable) -> tuple[bytes, Callable]:
 
 def _parse_interval(path: str, body: bytes) -> tuple[float | None, bytes | None]:
     """(heartbeat interval, public key) of an activate-node or heartbeat request body."""
-    from flwr.proto.fleet_pb2 import ActivateNodeRequest
-    from flwr.proto.heartbeat_pb2 import SendNodeHeartbeatRequest
+    from deploy.flwr_compat import ActivateNodeRequest, SendNodeHeartbeatRequest
 
     try:
         if path == ACTIVATE:
@@ -437,7 +441,7 @@ def gate_settings(database: str | None) -> dict[str, Any]:
 
 
 def _install_gate(settings: dict[str, Any] | None = None) -> None:
-    import flwr.superlink.main as flower_main
+    from deploy.flwr_compat import superlink_main as flower_main
 
     create_app = flower_main.create_app
     settings = settings or {}
@@ -470,8 +474,8 @@ def retire_stale_runs(database: str) -> list[int]:
 
     if database.startswith(":") or "://" in database or not Path(database).is_file():
         return []
-    from flwr.common.constant import Status
-    from flwr.superlink.config_loader import (
+    from deploy.flwr_compat import (
+        Status,
         get_federation_manager,
         get_objectstore_linkstate_factories,
     )
@@ -486,7 +490,7 @@ def retire_stale_runs(database: str) -> list[int]:
 
 
 def main() -> None:
-    from flwr.superlink.cli import flower_superlink
+    from deploy.flwr_compat import flower_superlink
 
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from flwr.supercore.differential_privacy import compute_clip_model_update, get_norm
+
+from moma_protocol.flwr_compat import compute_clip_model_update, get_norm
 
 #: an update that a site clipped to C may measure slightly above it at the coordinator (float32
 #: rounding of start + change); beyond this it was not clipped

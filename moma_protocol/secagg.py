@@ -16,8 +16,9 @@ This module holds what both ends must agree on, besides Flower's protocol:
   key into a 32-bit seed of numpy's Mersenne Twister: a coordinator holding a site's private
   mask (it reconstructs it in every round) could strip a 32-bit pairwise mask by trying every
   seed. The masks here are AES-256-CTR streams keyed with SHA-256 of the whole key
-  (``cryptography``). :func:`install_secure_masks` puts it into Flower's SecAgg+ modules, on
-  both ends (a site and a coordinator that disagree produce no usable sum, never a leak).
+  (``cryptography``). :func:`install_secure_masks` puts it into Flower's SecAgg+ modules
+  (:data:`MASK_MODULES`, by :mod:`moma_protocol.flwr_compat`), on both ends (a site and a
+  coordinator that disagree produce no usable sum, never a leak).
 - The site's own checks on what the coordinator asks (:func:`check_setup`,
   :func:`check_unmask`): a reconstruction threshold above half of the shares (so that no
   coordinator can collect both the private-mask share and the key share of one site), and
@@ -32,11 +33,9 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 from flwr.app import ConfigRecord, RecordDict
-from flwr.common.secure_aggregation.secaggplus_constants import (
-    RECORD_KEY_CONFIGS,
-    Key,
-    Stage,
-)
+
+from moma_protocol.flwr_compat import MASK_MODULES as MASK_MODULES  # the swapped modules
+from moma_protocol.flwr_compat import RECORD_KEY_CONFIGS, Key, Stage
 
 CONFIGS = RECORD_KEY_CONFIGS
 #: what a site's reply may hold, per stage: its config keys (Flower's protocol values: public
@@ -86,22 +85,11 @@ def secure_mask_generator(seed: bytes, num_range: int,
 
 
 def install_secure_masks() -> None:
-    """Use :func:`secure_mask_generator` in Flower's SecAgg+ modules (idempotent).
+    """Use :func:`secure_mask_generator` in Flower's SecAgg+ modules (idempotent; the swap
+    itself: :func:`moma_protocol.flwr_compat.install_mask_generator`)."""
+    from moma_protocol.flwr_compat import install_mask_generator
 
-    The modules are taken from ``importlib`` (``flwr.client.mod.secure_aggregation``
-    re-exports a function named like its module, which ``import … as`` would return)."""
-    import importlib
-
-    for name in MASK_MODULES:
-        module = importlib.import_module(name)
-        if not hasattr(module, "pseudo_rand_gen"):
-            raise RuntimeError(f"{name} has no pseudo_rand_gen: Flower's SecAgg+ changed")
-        module.pseudo_rand_gen = secure_mask_generator
-
-
-#: Flower's modules whose mask generator is replaced, the site's and the coordinator's
-MASK_MODULES = ("flwr.client.mod.secure_aggregation.secaggplus_mod",
-                "flwr.server.workflow.secure_aggregation.secaggplus_workflow")
+    install_mask_generator(secure_mask_generator)
 
 
 # -- the update as the protocol's "parameters" -------------------------------------------------

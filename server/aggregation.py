@@ -32,6 +32,7 @@ from moma_protocol.settings import (
 )
 from moma_protocol.wire import ARRAYS, METRICS, NUM_EXAMPLES
 from server.client_dp import ClientDP
+from server.flwr_compat import AcceptedReply
 
 #: aggregation name → Flower strategy holding its arithmetic.
 METHODS: dict[str, Callable[[FederationSettings], FedAvg]] = {
@@ -74,17 +75,9 @@ def check_update(update: dict[str, torch.Tensor], reference: dict[str, torch.Ten
     return None
 
 
-class _Accepted:
-    """A checked update as Flower's ``aggregate_train`` reads a reply: content, no error.
-
-    (A real :class:`Message` can only be made inside a run; the checks happened before.)
-    """
-
-    def __init__(self, content: RecordDict) -> None:
-        self.content = content
-
-    def has_error(self) -> bool:
-        return False
+#: a checked update as Flower's ``aggregate_train`` reads a reply (why not a real Message:
+#: :class:`server.flwr_compat.AcceptedReply`); the checks happened before
+_Accepted = AcceptedReply
 
 
 class Aggregator:

@@ -59,11 +59,11 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, Message
 from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg
-from flwr.supercore.differential_privacy import compute_adaptive_noise_params
 
 from moma_protocol.clipping import NORM_SLACK, clip_update, update_norm
 from moma_protocol.settings import PrivacySettings
 from moma_protocol.wire import ARRAYS
+from server.flwr_compat import compute_adaptive_noise_params
 
 #: an update measured this far below C_t was not shrunk by its site (a clipped one measures C_t
 #: up to float32 rounding)
@@ -167,7 +167,7 @@ class ClientDP:
         """Secure aggregation: Gaussian noise of std z·C/m on the mean of ``sites`` changes
         the sites clipped themselves (site-clipping; the coordinator cannot check them), by
         Flower's ``compute_stdv``/``add_gaussian_noise_inplace``; the release is counted."""
-        from flwr.supercore.differential_privacy import add_gaussian_noise_inplace, compute_stdv
+        from server.flwr_compat import add_gaussian_noise_inplace, compute_stdv
 
         if self.mode != "site-clipping" or self.adaptive:
             raise ValueError("secure aggregation needs client-dp site-clipping, fixed norm")
@@ -190,13 +190,13 @@ class ClientDP:
     # -- the account -----------------------------------------------------------------------
     def spent(self) -> dict:
         """The run's client-level (ε, δ) so far, by Flower's RDP accountant."""
-        from flwr.supercore.privacy_accounting import (
+        from flwr.serverapp import (
             GaussianPrivacyEvent,
             NeighboringRelation,
             PrivacyConfig,
+            RdpAccountant,
             SamplingMethod,
         )
-        from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
         out = {"unit": "site", "mechanism": f"gaussian, {self.mode}",
                "noise-multiplier": self.noise_multiplier,

@@ -20,7 +20,7 @@ _GONE = {"unregistered", "deleted"}
 
 def public_key_bytes(openssh_line: str) -> bytes:
     """A site's OpenSSH public key as the SuperLink stores it (PEM SubjectPublicKeyInfo)."""
-    from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+    from server.flwr_compat import public_key_to_bytes
 
     return public_key_to_bytes(load_ssh_public_key(openssh_line.encode()))
 
@@ -49,12 +49,12 @@ def plan(registered: list[tuple[int, bytes, str]], active: dict[str, str]
 
 def register_sites(fed, flwr_home: Path) -> dict[str, str]:
     """Synchronise the SuperLink's registrations with ``fed``; returns node id → site name."""
-    from flwr.cli.flower_config import read_superlink_connection
-    from flwr.cli.utils import init_http_client_from_connection
-    from flwr.proto.control_pb2 import (
+    from server.flwr_compat import (
         ListNodesRequest,
         RegisterNodeRequest,
         UnregisterNodeRequest,
+        init_http_client_from_connection,
+        read_superlink_connection,
     )
 
     os.environ["FLWR_HOME"] = str(flwr_home)

@@ -23,13 +23,13 @@ import logging
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.common.secure_aggregation.secaggplus_constants import Key, Stage
+from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 from moma_protocol import secagg as S
 from moma_protocol import wire as P
 from moma_protocol.settings import PrivacySettings
+from server.flwr_compat import Key, Stage
 
 log = logging.getLogger("moma.server")
 
@@ -147,7 +147,7 @@ class SecureExchange:
         self.timeout = timeout
 
     def workflow(self):
-        from flwr.server.workflow import SecAggPlusWorkflow
+        from server.flwr_compat import SecAggPlusWorkflow
 
         p = self.privacy
         return SecAggPlusWorkflow(num_shares=float(p.secagg_share_fraction),
@@ -161,30 +161,15 @@ class SecureExchange:
             reference: dict[str, tuple[int, ...]], keys: list[str]) -> SecureResult:
         """Run the protocol with ``contents`` (node → its train message content) over the
         sent tensors ``keys`` of shapes ``reference``; see :class:`SecureResult`."""
-        from flwr.server.compat.legacy_context import LegacyContext
-        from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
-        from flwr.server.workflow.constant import Key as WorkflowKey
+        from server.flwr_compat import secaggplus_context, train_on_contents
 
         S.install_secure_masks()
         result = SecureResult(None)
         nodes = sorted(contents)
         collector = _Collector(nodes)
-        context = LegacyContext(Context(run_id=0, node_id=0, node_config={},
-                                        state=RecordDict(), run_config={}),
-                                strategy=collector)  # type: ignore[arg-type]
-        context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
-            {WorkflowKey.CURRENT_ROUND: server_round})
-        context.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord()
+        context = secaggplus_context(collector, server_round)
         workflow = self.workflow()
-        setup = workflow.setup_stage
-
-        def setup_with_contents(g, ctx, state) -> bool:
-            ok = setup(g, ctx, state)
-            # the sites train on MoMA-FL's own train message, not a legacy fit instruction
-            state.nid_to_fitins = {n: contents[n] for n in state.nid_to_fitins}
-            return ok
-
-        workflow.setup_stage = setup_with_contents  # type: ignore[method-assign]
+        train_on_contents(workflow, contents)
         counting = _CountingGrid(grid, self.timeout, S.expected_shapes(reference, keys), result)
         workflow(counting, context)  # type: ignore[arg-type]
         for proxy, fit in collector.results:

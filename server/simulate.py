@@ -397,37 +397,23 @@ def run_simulated(run: RunConfig, num_sites: int, client_app=None,
     Both sides get the run config a deployment gives them: the app folder's defaults fused
     with ``run`` (Flower's public ``run_simulation`` takes no run config, so its engine entry
     ``_run_simulation`` is called with the app folder and the run, as ``flwr run`` does for a
-    local simulation). ``client_app`` defaults to the product's ClientApp, loaded by its
-    component name (tests pass a wrapper to observe messages). Returns results.json's final.
+    local simulation: :func:`server.flwr_compat.run_simulation_engine`). ``client_app``
+    defaults to the product's ClientApp, loaded by its component name (tests pass a wrapper to
+    observe messages). Returns results.json's final.
     """
-    from flwr.app import Context, RecordDict
-    from flwr.common.config import get_fused_config_from_dir
-    from flwr.common.constant import SUPERLINK_NODE_ID
-    from flwr.simulation.run_simulation import _run_simulation
-    from flwr.supercore.constant import NOOP_FEDERATION_ID
-    from flwr.supercore.run import Run
-    from flwr.supercore.task_identity import TaskIdentity
-    from flwr.supercore.telemetry import EventType
+    from server.flwr_compat import run_simulation_engine, simulation_run
 
     out_dir = Path(run.coordinator.output_dir) / run.federation.run_name
     app_dir = write_app(out_dir / "flwr-app")
     overrides = run.to_flat()
-    flwr_run = Run.create_empty(run_id=random.randrange(1, 2**63))
-    flwr_run.override_config = overrides
-    flwr_run.primary_task_id = random.randrange(1, 2**63)
-    flwr_run.federation_id = NOOP_FEDERATION_ID
-    TaskIdentity.task_id, TaskIdentity.run_id = 1, flwr_run.run_id
-    TaskIdentity.node_id = SUPERLINK_NODE_ID
-    context = Context(run_id=flwr_run.run_id, node_id=0, node_config={}, state=RecordDict(),
-                      run_config=get_fused_config_from_dir(app_dir, overrides))
+    run_id = random.randrange(1, 2**63)
+    flwr_run, context = simulation_run(run_id, random.randrange(1, 2**63), overrides, app_dir)
     backend = backend_config(gpus_per_site)
     start_engine(backend)
-    _run_simulation(num_supernodes=num_sites, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-                    client_app=client_app,
-                    client_app_attr=None if client_app else COMPONENTS["clientapp"],
-                    server_app_attr=COMPONENTS["serverapp"], backend_config=backend,
-                    app_dir=str(app_dir), is_app=True, run=flwr_run,
-                    server_app_context=context)
+    run_simulation_engine(flwr_run, context, num_supernodes=num_sites, client_app=client_app,
+                          client_app_attr=None if client_app else COMPONENTS["clientapp"],
+                          server_app_attr=COMPONENTS["serverapp"], backend_config=backend,
+                          app_dir=str(app_dir))
     results = out_dir / "results.json"
     final = json.loads(results.read_text()).get("final") if results.is_file() else None
     if not final:
