@@ -3,7 +3,7 @@
 The four SecAgg+ stage messages of a round arrive as train messages; Flower's
 ``secaggplus_mod`` runs the protocol (its keys and shares kept in the ClientApp's context
 between the stages) and, at the masked-vector stage, calls the site's training — the same
-round as without secure aggregation (:func:`client.client_app.run_train`). What leaves the site
+round as without secure aggregation (:func:`client.site_messages.run_train`). What leaves the site
 is then the change of the global student, weighted and masked; the metrics go as usual. Before
 the protocol runs, the site checks what the coordinator asks (:mod:`moma_protocol.secagg`):
 a setup whose threshold would let a coordinator unmask one site, or an unmask request naming a
@@ -12,39 +12,35 @@ site both alive and dropped, is refused (``privacy-refused``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 from flwr.app import Context, Message
 
 from client.flwr_compat import Key, Stage
 from client.site_errors import ConfigError, PrivacyRefused
+from client.site_messages import run_train
 from client.site_round import site_and_run
-from moma_protocol import secagg as S
-from moma_protocol import wire as P
-
-#: the site's round: (the student it sends, as a file; its metrics; the incoming evaluation)
-RoundFn = Callable[[Message, Context], tuple[bytes, dict, dict | None]]
+from moma_protocol import secagg as secagg_protocol
+from moma_protocol import wire
 
 
-def secure_stage(msg: Message, context: Context, run_round: RoundFn) -> Message:
+def secure_stage(msg: Message, context: Context) -> Message:
     """Answer one SecAgg+ stage message (see module docstring)."""
     from flwr.client.mod import secaggplus_mod
 
-    S.install_secure_masks()
-    configs = msg.content.config_records[S.CONFIGS]
+    secagg_protocol.install_secure_masks()
+    configs = msg.content.config_records[secagg_protocol.CONFIGS]
     stage = str(configs.get(Key.STAGE, ""))
     problem = None
     if stage == Stage.SETUP:
         _same_ranges(configs, context)
-        problem = S.check_setup(configs)
+        problem = secagg_protocol.check_setup(configs)
     elif stage == Stage.UNMASK:
-        problem = S.check_unmask(configs)
+        problem = secagg_protocol.check_unmask(configs)
     if problem:
         raise PrivacyRefused(problem)
 
     def masked_train(m: Message, c: Context) -> Message:
-        return weighted_update(m, c, run_round)
+        return weighted_update(m, c)
 
     return secaggplus_mod(msg, context, masked_train)
 
@@ -62,7 +58,7 @@ def _same_ranges(configs, context: Context) -> None:
         raise ConfigError("the secure-aggregation setup's ranges are not the run's")
 
 
-def weighted_update(msg: Message, context: Context, run_round: RoundFn) -> Message:
+def weighted_update(msg: Message, context: Context) -> Message:
     """The site's round as the legacy fit result the protocol masks: the change of the global
     student (float32, :func:`moma_protocol.secagg.update_arrays`) and its weight (examples, or
     1 under client-level DP)."""
@@ -72,14 +68,14 @@ def weighted_update(msg: Message, context: Context, run_round: RoundFn) -> Messa
     from client.flwr_compat import fitres_to_recorddict
 
     _, run = site_and_run(context.node_config, context.run_config)
-    sent, metrics, _ = run_round(msg, context)
+    sent, metrics, _ = run_train(msg, context)
     try:
-        start = load_arrays(P.state_blob(msg.content[P.ARRAYS]))
-        update = S.update_arrays(load_arrays(sent), start)
+        start = load_arrays(wire.state_blob(msg.content[wire.ARRAYS]))
+        update = secagg_protocol.update_arrays(load_arrays(sent), start)
     except (KeyError, ValueError) as exc:
         raise ConfigError("the round's student cannot be compared with the global one") \
             from exc
-    examples = int(metrics.get(P.NUM_EXAMPLES, 0))
+    examples = int(metrics.get(wire.NUM_EXAMPLES, 0))
     weight = 1 if run.privacy.client_dp != "off" else examples
     p = run.privacy
     if weight > p.secagg_max_weight:

@@ -1,7 +1,11 @@
 """What a site tells the coordinator when a message fails: a category, never the text.
 
 The exception is logged in full at the site; the reply carries only its category and code
-(:data:`moma_protocol.wire.ERROR_CODES`), chosen by the exception's type.
+(:data:`moma_protocol.wire.ERROR_CODES`). Each exception class declares its category as the
+class attribute ``category`` (a subclass may declare another: the most derived declaration
+counts); a failure the site's warm worker reported keeps the category the worker chose
+(:class:`client.site_worker.WorkerFailure`). An exception without a category, or with one
+:data:`~moma_protocol.wire.ERROR_CODES` does not name, is an ``internal-error``.
 """
 
 from __future__ import annotations
@@ -11,61 +15,59 @@ import sys
 from flwr.app import Message
 
 from client.site_config import SiteConfigError
+from moma_protocol.settings import ConfigError as RunConfigError
 from moma_protocol.wire import ERROR_CODES, category_reply
 
 
 class ConfigError(ValueError):
     """A run or node config this site cannot use (answered as ``config-error``)."""
 
+    category = "config-error"
+
 
 class MissingTeacher(RuntimeError):
     """The site's cache lacks the teacher the coordinator named."""
+
+    category = "missing-teacher"
 
 
 class PrivacyRefused(RuntimeError):
     """The site's privacy policy refuses the run's settings (e.g. it requires DP-SGD)."""
 
+    category = "privacy-refused"
+
 
 class PrivacyBudgetExceeded(RuntimeError):
     """Training would take the site past its ε budget (``status``: the ledger's code)."""
+
+    category = "privacy-budget"
+
+
+#: exception classes whose modules declare no category (the settings' own errors)
+DECLARED_HERE: dict[type[BaseException], str] = {
+    SiteConfigError: "config-error",
+    RunConfigError: "config-error",
+}
 
 
 def error_category(exc: BaseException) -> str:
     """The category an exception is reported as: by its type, never by its text.
 
-    (The training stack's exception types are imported here, on failure only, so that a
-    handler that never trains does not load torch.) A failure the site's worker reported
-    keeps the category the worker chose (:class:`client.site_worker.WorkerFailure`).
+    Out of memory (``MemoryError``, torch's ``OutOfMemoryError``) first; then the ``category``
+    the exception's class declares, looked up along its method resolution order (an instance
+    may carry its own: :class:`client.site_worker.WorkerFailure`). torch is not imported
+    here: an exception of torch's exists only once torch is loaded.
     """
-    from client.site_worker import WorkerFailure
-
-    if isinstance(exc, WorkerFailure):
-        return exc.category if exc.category in ERROR_CODES else "internal-error"
-    import torch
-
-    from client.site_training import StudentMismatch
-    from moma_core.checkpoint import CheckpointError
-    from moma_core.data.datasets import DataError
-    from moma_core.errors import ClassMismatch, DeviceUnavailable
-    from moma_core.train import TrainingDiverged
-    from moma_protocol.settings import ConfigError as RunConfigError
-
-    kinds: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], str], ...] = (
-        ((MemoryError, torch.OutOfMemoryError), "out-of-memory"),
-        (MissingTeacher, "missing-teacher"),
-        (PrivacyRefused, "privacy-refused"),
-        (PrivacyBudgetExceeded, "privacy-budget"),
-        (StudentMismatch, "config-error"),
-        (CheckpointError, "teacher-rejected"),
-        (ClassMismatch, "class-mismatch"),
-        (DataError, "data-error"),
-        (TrainingDiverged, "training-diverged"),
-        ((ConfigError, SiteConfigError, RunConfigError, DeviceUnavailable), "config-error"),
-    )
-    ledger = sys.modules.get("moma_core.privacy.ledger")  # loaded only if DP was in play
-    if ledger is not None and isinstance(exc, ledger.LedgerError):
-        return "privacy-refused"  # a damaged ledger: the budget cannot be checked
-    return next((cat for types, cat in kinds if isinstance(exc, types)), "internal-error")
+    torch = sys.modules.get("torch")
+    if isinstance(exc, MemoryError) or (
+            torch is not None and isinstance(exc, torch.OutOfMemoryError)):
+        return "out-of-memory"
+    category = getattr(exc, "category", None)
+    if category is None:
+        category = next((DECLARED_HERE[cls] for cls in type(exc).__mro__
+                         if cls in DECLARED_HERE), None)
+    return category if isinstance(category, str) and category in ERROR_CODES \
+        else "internal-error"
 
 
 def error_reply(msg: Message, exc: BaseException) -> Message:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from client.site_config import SiteSettings, site_settings
 from client.site_errors import ConfigError
-from moma_protocol import wire as P
+from moma_protocol import wire
 from moma_protocol.settings import RunConfig
 
 if TYPE_CHECKING:  # the status query and the worker's callers need no torch
@@ -60,7 +60,7 @@ def site_and_run(node_config: dict, run_config: dict) -> tuple[SiteSettings, Run
 
 def _decode(student: bytes) -> dict[str, torch.Tensor]:
     try:
-        return P.decode_state(student)
+        return wire.decode_state(student)
     except ValueError as exc:
         raise ConfigError("the student in the message is unreadable") from exc
 
@@ -87,25 +87,25 @@ def train(node_config: dict, run_config: dict, fields: RoundFields,
     settings, run = site_and_run(node_config, run_config)
     if teacher is not None:
         store_teacher(settings, fields.teacher_sha, teacher)
-    global_state = P.unpack_global(_decode(student))
+    global_state = wire.unpack_global(_decode(student))
     incoming = None
     started = time.time()
     if fields.score_incoming:
         n_val, m = evaluate_round(settings, run, global_state)
-        incoming = {**m, P.NUM_EXAMPLES: n_val}
+        incoming = {**m, wire.NUM_EXAMPLES: n_val}
     eval_s = time.time() - started
     state, n, metrics = train_round(settings, run, fields.server_round, global_state,
                                     fields.teacher_sha)
-    metrics[P.NUM_EXAMPLES] = n
+    metrics[wire.NUM_EXAMPLES] = n
     if fields.score_incoming:  # the site's own work this round, with train-time-s
-        metrics[P.EVAL_TIME] = eval_s
+        metrics[wire.EVAL_TIME] = eval_s
     if run.privacy.client_dp == "site-clipping":  # bounded before it leaves the site
         from moma_protocol.clipping import clip_update
 
         state = clip_update(state, global_state,
                             fields.clipping_norm or run.privacy.client_dp_clipping_norm)
-    sent = P.pack_update(state, global_state, run.federation.transfer_dtype)
-    return P.encode_blob(sent), metrics, incoming
+    sent = wire.pack_update(state, global_state, run.federation.transfer_dtype)
+    return wire.encode_blob(sent), metrics, incoming
 
 
 def evaluate(node_config: dict, run_config: dict, student: bytes) -> dict[str, float]:
@@ -113,6 +113,6 @@ def evaluate(node_config: dict, run_config: dict, student: bytes) -> dict[str, f
     from client.site_training import evaluate_round
 
     settings, run = site_and_run(node_config, run_config)
-    n, metrics = evaluate_round(settings, run, P.unpack_global(_decode(student)))
-    metrics[P.NUM_EXAMPLES] = n
+    n, metrics = evaluate_round(settings, run, wire.unpack_global(_decode(student)))
+    metrics[wire.NUM_EXAMPLES] = n
     return metrics

@@ -48,6 +48,8 @@ PUBLIC_SEED = 20240901
 class StudentMismatch(CheckpointError):
     """The global student does not fit this site (another model or label space)."""
 
+    category = "config-error"
+
 
 @functools.lru_cache(maxsize=4)
 def site_data(settings: SiteSettings, image_size: int, augment: str,

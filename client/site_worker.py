@@ -50,6 +50,8 @@ class WorkerUnavailable(ConnectionError):
 class WorkerFailure(RuntimeError):
     """The worker ran the request and it failed: ``category`` is what the site reports."""
 
+    category = "internal-error"  # each instance: the category the worker chose
+
     def __init__(self, category: str) -> None:
         super().__init__(f"the site worker reported {category!r}")
         self.category = category

@@ -10,7 +10,10 @@ re-implements parts of Flower's Fleet API checks; none of that has a public API 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import importlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from moma_protocol.flwr_compat import Internal, lazy_names
 
@@ -130,3 +133,22 @@ INTERNALS: dict[str, Internal] = {
 }
 
 __getattr__ = lazy_names(INTERNALS, __name__)
+
+
+def point_credential_store(path: Path) -> None:
+    """This process's Flower credential store reads ``path`` (the Control API client of
+    :mod:`server.registration`): replaces ``file_credential_store.CREDENTIAL_FILE_PATH``."""
+    module = importlib.import_module(INTERNALS["file_credential_store"].module)
+    module.CREDENTIAL_FILE_PATH = path
+
+
+def wrap_superlink_app(wrap: Callable[[Any], Any]) -> None:
+    """The app Flower's SuperLink creates, passed through ``wrap`` (the gate): replaces
+    ``flwr.superlink.main.create_app``, which Flower looks up when the SuperLink serves."""
+    module = importlib.import_module(INTERNALS["superlink_main"].module)
+    create_app = module.create_app
+
+    def wrapped_create_app(*args: Any, **kwargs: Any) -> Any:
+        return wrap(create_app(*args, **kwargs))
+
+    module.create_app = wrapped_create_app

@@ -121,6 +121,7 @@ def write_control_credential(flwr_home: Path, address: str) -> Path:
         AUTHN_TYPE_STORE_KEY,
         REFRESH_TOKEN_STORE_KEY,
         file_credential_store,
+        point_credential_store,
     )
 
     flwr_home.mkdir(parents=True, exist_ok=True)
@@ -138,7 +139,7 @@ def write_control_credential(flwr_home: Path, address: str) -> Path:
     store.set(ACCESS_TOKEN_STORE_KEY % address, token.encode())
     store.set(REFRESH_TOKEN_STORE_KEY % address, b"none")  # never used: the gate answers 403
     path.chmod(0o600)
-    file_credential_store.CREDENTIAL_FILE_PATH = path
+    point_credential_store(path)
     return token_file
 
 
@@ -441,18 +442,15 @@ def gate_settings(database: str | None) -> dict[str, Any]:
 
 
 def _install_gate(settings: dict[str, Any] | None = None) -> None:
-    from deploy.flwr_compat import superlink_main as flower_main
+    from deploy.flwr_compat import wrap_superlink_app
 
-    create_app = flower_main.create_app
     settings = settings or {}
 
-    def gated_create_app(*args: Any, **kwargs: Any):
-        app = create_app(*args, **kwargs)
-        # outermost: runs before any Flower middleware
-        app.add_middleware(SiteGate, **settings)
+    def gated(app: Any) -> Any:
+        app.add_middleware(SiteGate, **settings)  # outermost: runs before Flower's middleware
         return app
 
-    flower_main.create_app = gated_create_app
+    wrap_superlink_app(gated)
 
 
 def database_arg(argv: list[str]) -> str | None:

@@ -115,6 +115,17 @@ class Aggregator:
             out["mom/" + k] = torch.from_numpy(np.array(v, copy=True))
         return out
 
+    def restore_client_dp(self, saved: dict) -> None:
+        """A resumed run's client-level DP account (``saved["client_dp"]``) continues where it
+        was, never restarts: a saved state without it (or with an unreadable one) stops the
+        resume (ValueError). Without client-level DP there is nothing to restore."""
+        if self.client_dp is None:
+            return
+        if "client_dp" not in saved:
+            raise ValueError("the run uses client-dp but its saved state has no privacy "
+                             "account: it cannot be resumed without under-counting")
+        self.client_dp.load_state_dict(saved["client_dp"])
+
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore :meth:`state_dict` (a resumed run); ValueError if it is not this method's."""
         moments: dict[str, dict] = {"m_t": {}, "v_t": {}, "momentum_vector": {}}

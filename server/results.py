@@ -180,6 +180,25 @@ class RunResults:
                              "resume its server optimiser (start a new run, or restore it)")
         return load_file(str(path))
 
+    def save_server_state(self, server_round: int, state: dict) -> dict:
+        """``server_state`` for results.json from :meth:`server.round.Coordinator.state_dict`
+        after ``server_round``: the aggregator's tensors go to their own file
+        (:meth:`save_aggregator`), the rest stays as it is."""
+        saved = dict(state)
+        if "aggregator" in saved:
+            saved["aggregator"] = self.save_aggregator(server_round, saved["aggregator"])
+        return saved
+
+    def load_server_state(self) -> dict:
+        """The saved ``server_state`` as :meth:`server.round.Coordinator.load_state_dict`
+        reads it: the aggregator's tensors loaded from their file, hash-checked (ValueError)."""
+        saved = dict(self.data.get("server_state", {}))
+        if saved.get("aggregator"):
+            saved["aggregator"] = self.load_aggregator(saved["aggregator"])
+        else:
+            saved.pop("aggregator", None)
+        return saved
+
     def add_round(self, entry: dict, state: dict[str, torch.Tensor], arch: Architecture,
                   server_state: dict) -> None:
         """Append a round (a :meth:`server.round.RoundReport.to_json` entry) and its checkpoint.

@@ -13,9 +13,11 @@ A round, in order (one exchange per site once it has confirmed the teacher):
    (:class:`server.aggregation.Aggregator`); with fewer than ``min-train-nodes`` accepted the
    round **failed** and the global student is unchanged.
 
-The report records per site what was sent and received (bytes of every message, the status
-query's included), examples, metrics, the incoming student's evaluation, and failures with
-their category; results, report, plots and resume read it.
+Messages go out and replies come back through :mod:`server.transport` (the secure round's
+through :mod:`server.secagg`, which uses the same transport). The report records per site what
+was sent and received (bytes of every message, the status query's included), examples, metrics,
+the incoming student's evaluation, and failures with their category; results, report, plots and
+resume read it.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -32,11 +34,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from moma_core.models import build_model
-from moma_protocol import wire as P
+from moma_protocol import wire
 from moma_protocol.settings import RunConfig
 from server.aggregation import Aggregator, check_update
 from server.live import LiveStatus, SitesMissing
+from server.secagg import SecureExchange
 from server.teacher_package import TeacherPackage
+from server.transport import exchange, record_nbytes, to_nodes, wait_for_nodes
 
 log = logging.getLogger("moma.server")
 
@@ -98,6 +102,35 @@ class RoundReport:
         return [f"{s.site_name}: {s.status}{f' ({s.reason})' if s.reason else ''}"
                 for s in failed]
 
+    def finish(self, secure: bool = False, aggregated: bool = True) -> bool:
+        """Complete the report once the round's replies are in, for the plain and the secure
+        round alike: the example-weighted means of the train metrics and of the incoming
+        student's evaluation, one warning per site that did not train and, for a failed round,
+        the warning that says so. ``aggregated``: the secure sum was unmasked (without it no
+        site's update counted: every trained site is marked failed). Returns whether the
+        global student is updated this round."""
+        self.train = weighted_means({**s.metrics, wire.NUM_EXAMPLES: s.num_examples}
+                                    for s in self.ok_sites)
+        self.incoming_eval = weighted_means(s.incoming_eval for s in self.sites
+                                            if s.incoming_eval)
+        for line in self.reasons():
+            log.warning("round %d: %s", self.round, line)
+        if not self.failed and aggregated:
+            return True
+        trained = len(self.ok_sites)
+        if secure:
+            for s in self.sites:  # no aggregate: no site's update counted
+                if s.status == OK:
+                    s.status, s.reason = FAILED, "secure aggregation: no aggregate"
+            log.warning("round %d failed under secure aggregation: %d of %d sites in the "
+                        "sum, min-train-nodes is %d; the global student is unchanged",
+                        self.round, trained, len(self.sites), self.min_train_nodes)
+        else:
+            log.warning("round %d failed: %d of %d sites trained, min-train-nodes is %d; the "
+                        "global student is unchanged", self.round, trained, len(self.sites),
+                        self.min_train_nodes)
+        return False
+
     def to_json(self) -> dict:
         sites = {str(s.node_id): {k: v for k, v in asdict(s).items() if k != "node_id"}
                  for s in self.sites}
@@ -111,90 +144,7 @@ class RoundReport:
                 "wall_s": self.wall_s}
 
 
-def record_nbytes(content: RecordDict) -> int:
-    """Bytes of the arrays in a message plus the size of its config/metric values."""
-    total = 0
-    for rec in content.values():
-        if isinstance(rec, ArrayRecord):
-            total += sum(len(a.data) for a in rec.values())
-        else:
-            total += sum(len(str(k)) + len(str(v)) for k, v in rec.items())
-    return total
-
-
-#: Seconds between the progress lines of a wait (sites to connect, replies to arrive).
-PROGRESS_EVERY = 30.0
-
-
-def wait_for_nodes(grid: Grid, minimum: int, timeout: float,
-                   live: LiveStatus | None = None, rnd: int = 0) -> list[int]:
-    """Connected node ids, waiting up to ``timeout`` seconds for ``minimum`` of them.
-
-    While waiting, a line at most every :data:`PROGRESS_EVERY` seconds names the registered
-    sites (``live.registered``) that are not connected and the time left; ``live`` (live.json)
-    follows every change of the connected set.
-    """
-    live = live if live is not None else LiveStatus(None)
-    deadline = time.time() + timeout
-    nodes = list(grid.get_node_ids())
-    seen: set[int] | None = None
-    last_report = -math.inf  # the first line at once, then every PROGRESS_EVERY s
-    while len(nodes) < minimum and time.time() < deadline:
-        if seen != set(nodes):
-            seen = set(nodes)
-            live.waiting(rnd, nodes, deadline)
-        if time.time() - last_report >= PROGRESS_EVERY:
-            missing = live.not_connected()
-            line = (f"waiting for sites: {len(nodes)} of {minimum} connected"
-                    + (f", not connected: {', '.join(missing)}" if missing else "")
-                    + f"; {max(deadline - time.time(), 0):.0f} s left of the round timeout")
-            log.info("%s", line)
-            live.progress(line)
-            last_report = time.time()
-        time.sleep(1.0)
-        nodes = list(grid.get_node_ids())
-    live.waiting(rnd, nodes, deadline)
-    return nodes
-
-
-def exchange(grid: Grid, messages: list[Message], timeout: float, poll: float = 0.2,
-             on_reply: Callable[[int, Message], None] | None = None,
-             name: Callable[[int], str] = str, label: str = "") -> list[tuple[int, Message]]:
-    """Send and collect replies as (destination node, reply), polling every ``poll`` s.
-
-    An error reply made by the SuperLink for a vanished node carries the SuperLink as its
-    source, so replies are matched to nodes by the id of the message they answer. A node that
-    does not answer within ``timeout`` is simply absent from the result. ``on_reply(node,
-    reply)`` is called as each reply arrives; while replies are missing a line at most every
-    :data:`PROGRESS_EVERY` seconds (prefixed ``label``) names the sites (``name(node)``) not
-    yet replied and the time left.
-    """
-    if not messages:
-        return []
-    ids = list(grid.push_messages(messages))
-    node_of = {mid: m.metadata.dst_node_id for mid, m in zip(ids, messages, strict=True)}
-    pending, out, deadline = set(ids), [], time.time() + timeout
-    last_report = time.time()
-    while pending and time.time() < deadline:
-        for reply in grid.pull_messages(list(pending)):
-            mid = reply.metadata.reply_to_message_id
-            if mid in pending:
-                pending.discard(mid)
-                out.append((node_of[mid], reply))
-                if on_reply is not None:
-                    on_reply(node_of[mid], reply)
-        if pending and time.time() - last_report >= PROGRESS_EVERY:
-            waiting = sorted(name(node_of[m]) for m in pending)
-            log.info("%swaiting for %s (%d of %d replied); %.0f s left of the round timeout",
-                     f"{label}: " if label else "", ", ".join(waiting), len(out), len(ids),
-                     max(deadline - time.time(), 0))
-            last_report = time.time()
-        if pending:
-            time.sleep(poll)
-    return out
-
-
-def weighted_means(rows: Iterable[dict[str, float]], weight_key: str = P.NUM_EXAMPLES
+def weighted_means(rows: Iterable[dict[str, float]], weight_key: str = wire.NUM_EXAMPLES
                    ) -> dict[str, float] | None:
     """Per-key means weighted by ``weight_key`` (which is summed); None without weight."""
     rows = [r for r in rows if float(r.get(weight_key, 0)) > 0]
@@ -221,13 +171,13 @@ class Coordinator:
         self.names_registered = names is not None  # True: names come from registered keys
         self.confirmed: set[int] = set()  # sites known to hold the teacher
         self.contacted: set[int] = set()  # sites that answered the first-contact query
-        self.aggregate = Aggregator(run.federation, run.privacy)
+        self.aggregator = Aggregator(run.federation, run.privacy)
         self.connected = 0  # sites connected when the last round was sampled
         self.local_keys: set[str] = set()  # what sites keep to themselves (FedBN)
         fed = run.federation
         if fed.fedbn:
             arch = run.student_architecture()
-            self.local_keys = P.local_keys(True, build_model(arch))
+            self.local_keys = wire.local_keys(True, build_model(arch))
 
     @property
     def teacher_sha(self) -> str:
@@ -235,6 +185,41 @@ class Coordinator:
 
     def name(self, node: int) -> str:
         return self.names.get(node, str(node))
+
+    # -- what a resumed run restores -------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything a resumed run restores, saved after every round: ``rng`` (the sampling
+        generator, as JSON), ``aggregator`` (the method's tensors, stateful methods only:
+        :meth:`server.aggregation.Aggregator.state_dict`) and ``client_dp`` (the client-level
+        DP account, with client-level DP only). :class:`server.results.RunResults` writes the
+        aggregator's tensors to their own file (results.json's ``server_state``)."""
+        state: dict = {"rng": rng_json(self.rng.getstate())}
+        aggregator = self.aggregator.state_dict()
+        if aggregator:
+            state["aggregator"] = aggregator
+        if self.aggregator.client_dp is not None:
+            state["client_dp"] = self.aggregator.client_dp.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict` (a resumed run); ValueError when it cannot be
+        continued (another method's state; a client-level DP run without its account)."""
+        if state.get("rng"):
+            rng = state["rng"]
+            self.rng.setstate((rng[0], tuple(rng[1]), rng[2]))
+        if "aggregator" in state:  # FedAdam's moments continue where they were
+            self.aggregator.load_state_dict(state["aggregator"])
+        self.aggregator.restore_client_dp(state)
+
+    def client_dp_spent(self, rnd: int) -> dict | None:
+        """The client-level DP account after round ``rnd`` (logged), or None without it."""
+        client_dp = self.aggregator.client_dp
+        if client_dp is None:
+            return None
+        spent = client_dp.spent()
+        log.info("round %d: client-level DP epsilon %.3f (delta %g) after %d releases",
+                 rnd, spent["epsilon"], client_dp.delta, len(client_dp.releases))
+        return spent
 
     # -- sampling and teacher status -------------------------------------------------------
     def sample(self, rnd: int = 0) -> list[int]:
@@ -266,8 +251,8 @@ class Coordinator:
 
     def _ask_teacher_status(self, nodes: list[int], sites: dict[int, SiteReport]) -> None:
         """First contact: which of ``nodes`` hold the teacher (bytes counted in ``sites``)."""
-        content = RecordDict({P.CONFIG: ConfigRecord({P.TEACHER_SHA: self.teacher_sha})})
-        msgs = [Message(content, dst_node_id=n, message_type=P.TEACHER_STATUS) for n in nodes]
+        content = RecordDict({wire.CONFIG: ConfigRecord({wire.TEACHER_SHA: self.teacher_sha})})
+        msgs = to_nodes(content, nodes, wire.TEACHER_STATUS)
         for n in nodes:
             sites[n].bytes_down += record_nbytes(content)
         timeout = min(120.0, self.run.federation.round_timeout)
@@ -275,19 +260,19 @@ class Coordinator:
                                     label="teacher status"):
             if reply.has_error():
                 log.warning("site %s: teacher status query failed: %s", self.name(node),
-                            P.error_reason(reply))
+                            wire.error_reason(reply))
                 continue
             sites[node].bytes_up += record_nbytes(reply.content)
-            problems = P.check_site_reply(reply.content, P.TEACHER_STATUS)
+            problems = wire.check_site_reply(reply.content, wire.TEACHER_STATUS)
             if problems:
                 log.warning("site %s: teacher status reply rejected: protocol: %s",
                             self.name(node), problems[0])
                 continue
             self.contacted.add(node)
-            if bool(reply.content[P.METRICS][P.HAS_TEACHER]):
+            if bool(reply.content[wire.METRICS][wire.HAS_TEACHER]):
                 self.confirmed.add(node)
-            if P.CONFIG in reply.content and not self.names_registered:
-                self.names[node] = str(reply.content[P.CONFIG][P.SITE_NAME])
+            if wire.CONFIG in reply.content and not self.names_registered:
+                self.names[node] = str(reply.content[wire.CONFIG][wire.SITE_NAME])
                 sites[node].site_name = self.names[node]
 
     # -- one round -------------------------------------------------------------------------
@@ -298,22 +283,22 @@ class Coordinator:
         if self.run.privacy.secagg != "off":
             n_eval = 0  # a secure round's replies carry only the masked update and metrics
         scorers = set(self.rng.sample(nodes, n_eval)) if n_eval < len(nodes) else set(nodes)
-        dp = self.aggregate.client_dp
+        dp = self.aggregator.client_dp
         clip = dp.round_norm() if dp is not None else None
         messages = []
         for node in nodes:
-            config = ConfigRecord({P.SERVER_ROUND: rnd, P.TEACHER_SHA: self.teacher_sha,
-                                   P.EVALUATE_FLAG: node in scorers})
+            config = ConfigRecord({wire.SERVER_ROUND: rnd, wire.TEACHER_SHA: self.teacher_sha,
+                                   wire.EVALUATE_FLAG: node in scorers})
             if clip is not None:
-                config[P.CLIPPING_NORM] = clip
-            records = {P.ARRAYS: arrays, P.CONFIG: config}
+                config[wire.CLIPPING_NORM] = clip
+            records = {wire.ARRAYS: arrays, wire.CONFIG: config}
             if self.teacher is not None and node not in self.confirmed:
                 package = self.teacher.records()
                 records.update(package)
                 sites[node].teacher_bytes = record_nbytes(RecordDict(package))
             content = RecordDict(records)
             sites[node].bytes_down += record_nbytes(content)
-            sites[node].teacher_sent = P.TEACHER in records
+            sites[node].teacher_sent = wire.TEACHER in records
             messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
         return messages
 
@@ -330,7 +315,8 @@ class Coordinator:
         if ask:
             self._ask_teacher_status(ask, sites)
         dtype = self.run.federation.transfer_dtype
-        msgs = self.train_messages(rnd, nodes, P.encode_state(P.pack_global(state, dtype)), sites)
+        arrays = wire.encode_state(wire.pack_global(state, dtype))
+        msgs = self.train_messages(rnd, nodes, arrays, sites)
         log.info("round %d: training on %d sites (teacher sent to %d)", rnd, len(nodes),
                  sum(s.teacher_sent for s in sites.values()))
         if ask:  # the first-contact query may have told a site's name
@@ -349,19 +335,10 @@ class Coordinator:
                            label=f"round {rnd}")
         updates, weights = self._check_replies(replies, state, sites)
         report = RoundReport(rnd, [sites[n] for n in nodes], self.run.federation.min_train_nodes)
-        report.train = weighted_means({**s.metrics, P.NUM_EXAMPLES: s.num_examples}
-                                      for s in report.ok_sites)
-        report.incoming_eval = weighted_means(s.incoming_eval for s in report.sites
-                                              if s.incoming_eval)
         self._live_sites(report)
-        for line in report.reasons():
-            log.warning("round %d: %s", rnd, line)
-        if report.failed:
-            log.warning("round %d failed: %d of %d sites trained, min-train-nodes is %d; the "
-                        "global student is unchanged", rnd, len(report.ok_sites), len(nodes),
-                        self.run.federation.min_train_nodes)
+        if not report.finish():
             return state, report
-        return self.aggregate(rnd, updates, weights, state, self.connected), report
+        return self.aggregator(rnd, updates, weights, state, self.connected), report
 
     def _live_sites(self, report: RoundReport) -> None:
         """live.json: every sampled site's final status of the round."""
@@ -375,8 +352,6 @@ class Coordinator:
                       ) -> tuple[dict[str, torch.Tensor], RoundReport]:
         """The round's train exchange under SecAgg+ (:mod:`server.secagg`): the new global is
         the old one plus the weighted mean change (with client-level DP, plus its noise)."""
-        from server.secagg import SecureExchange
-
         fed = self.run.federation
         keys = [k for k in state if k not in self.local_keys]
         contents = {m.metadata.dst_node_id: m.content for m in msgs}
@@ -389,9 +364,9 @@ class Coordinator:
             site.bytes_up += result.bytes_up.get(node, 0)
             if node in result.metrics:
                 metrics = dict(result.metrics[node])
-                site.num_examples = int(metrics.pop(P.NUM_EXAMPLES, 0))
+                site.num_examples = int(metrics.pop(wire.NUM_EXAMPLES, 0))
                 site.metrics, site.status = metrics, OK
-                if metrics.get(P.TEACHER_CACHED):
+                if metrics.get(wire.TEACHER_CACHED):
                     self.confirmed.add(node)
             else:
                 site.status = FAILED if result.failures.get(node) != "no reply" else NO_REPLY
@@ -399,19 +374,10 @@ class Coordinator:
                 if site.reason == "missing-teacher":
                     self.confirmed.discard(node)
         report = RoundReport(rnd, [sites[n] for n in sorted(sites)], fed.min_train_nodes)
-        report.train = weighted_means({**s.metrics, P.NUM_EXAMPLES: s.num_examples}
-                                      for s in report.ok_sites)
-        for line in report.reasons():
-            log.warning("round %d: %s", rnd, line)
-        if report.failed or result.mean is None:
-            for s in report.sites:  # no aggregate: no site's update counted
-                if s.status == OK:
-                    s.status, s.reason = FAILED, "secure aggregation: no aggregate"
-            log.warning("round %d failed under secure aggregation: %d of %d sites in the "
-                        "sum, min-train-nodes is %d; the global student is unchanged", rnd,
-                        len(result.metrics), len(sites), fed.min_train_nodes)
+        if not report.finish(secure=True, aggregated=result.mean is not None) \
+                or result.mean is None:
             return state, report
-        new = self.aggregate.secure_mean(rnd, state, result.mean, len(report.ok_sites),
+        new = self.aggregator.secure_mean(rnd, state, result.mean, len(report.ok_sites),
                                          self.connected)
         return new, report
 
@@ -422,30 +388,30 @@ class Coordinator:
         for node, reply in replies:
             site = sites[node]
             if reply.has_error():
-                site.status, site.reason = FAILED, P.error_reason(reply)
+                site.status, site.reason = FAILED, wire.error_reason(reply)
                 if site.reason == "missing-teacher":
                     self.confirmed.discard(node)
                 continue
             site.bytes_up += record_nbytes(reply.content)
-            problems = P.check_site_reply(reply.content, P.TRAIN, set(reference))
+            problems = wire.check_site_reply(reply.content, wire.TRAIN, set(reference))
             if problems:
                 site.status, site.reason = REJECTED, f"protocol: {problems[0]}"
                 continue
-            if P.EVAL_METRICS in reply.content:
-                site.incoming_eval = dict(reply.content[P.EVAL_METRICS])
+            if wire.EVAL_METRICS in reply.content:
+                site.incoming_eval = dict(reply.content[wire.EVAL_METRICS])
             try:
-                sent = P.decode_state(P.state_blob(reply.content[P.ARRAYS]))
+                sent = wire.decode_state(wire.state_blob(reply.content[wire.ARRAYS]))
             except ValueError as exc:
                 site.status, site.reason = REJECTED, f"protocol: {exc}"
                 continue
-            update = P.unpack_update(sent, reference)
-            metrics = dict(reply.content[P.METRICS])
-            site.num_examples = int(metrics.pop(P.NUM_EXAMPLES, 0))
+            update = wire.unpack_update(sent, reference)
+            metrics = dict(reply.content[wire.METRICS])
+            site.num_examples = int(metrics.pop(wire.NUM_EXAMPLES, 0))
             site.metrics = metrics
-            if metrics.get(P.TEACHER_CACHED):
+            if metrics.get(wire.TEACHER_CACHED):
                 self.confirmed.add(node)
             problem = check_update(update, reference, self.local_keys) or \
-                self.aggregate.check(update, reference)
+                self.aggregator.check(update, reference)
             if problem or site.num_examples <= 0:
                 site.status, site.reason = REJECTED, problem or "no training examples"
                 continue
@@ -461,11 +427,10 @@ class Coordinator:
 
         Returns the weighted metrics, per-site metrics (or failure), bytes down and up.
         """
-        arrays = P.pack_global(state, self.run.federation.transfer_dtype)
-        content = RecordDict({P.ARRAYS: P.encode_state(arrays),
-                              P.CONFIG: ConfigRecord({P.SERVER_ROUND: rnd})})
-        msgs = [Message(content, dst_node_id=n, message_type=MessageType.EVALUATE)
-                for n in nodes]
+        arrays = wire.pack_global(state, self.run.federation.transfer_dtype)
+        content = RecordDict({wire.ARRAYS: wire.encode_state(arrays),
+                              wire.CONFIG: ConfigRecord({wire.SERVER_ROUND: rnd})})
+        msgs = to_nodes(content, nodes, MessageType.EVALUATE)
         replies = exchange(self.grid, msgs, self.run.federation.round_timeout, name=self.name,
                            label="final evaluation")
         metrics, per_site, up = self.check_evaluations(replies)
@@ -478,16 +443,21 @@ class Coordinator:
         for node, reply in replies:
             name = self.name(node)
             if reply.has_error():
-                per_site[str(node)] = {"status": FAILED, "reason": P.error_reason(reply),
+                per_site[str(node)] = {"status": FAILED, "reason": wire.error_reason(reply),
                                        "site-name": name}
                 continue
             up += record_nbytes(reply.content)
-            problems = P.check_site_reply(reply.content, P.EVALUATE)
+            problems = wire.check_site_reply(reply.content, wire.EVALUATE)
             if problems:
                 per_site[str(node)] = {"status": REJECTED, "site-name": name,
                                        "reason": f"protocol: {problems[0]}"}
                 continue
-            per_site[str(node)] = {**dict(reply.content[P.METRICS]), "site-name": name}
+            per_site[str(node)] = {**dict(reply.content[wire.METRICS]), "site-name": name}
         rows = [{k: v for k, v in m.items() if k != "site-name"}
                 for m in per_site.values() if "status" not in m]
         return weighted_means(rows), per_site, up
+
+
+def rng_json(state: tuple) -> list:
+    """A :class:`random.Random` state as JSON (results.json's ``server_state``)."""
+    return [state[0], list(state[1]), state[2]]

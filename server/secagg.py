@@ -10,11 +10,12 @@ collected — never one site's change — and each site's metrics (which, as wit
 aggregation, leave the site in the clear).
 
 :class:`SecureExchange` runs one round. Every message passes through :class:`_CountingGrid`,
-which counts each site's bytes, records its failures by category (an error reply, or no reply
-within the round's timeout) and drops a masked vector whose shapes are not those of the sent
-tensors (a site out of step with the run) before it can spoil the sum: the protocol then treats
-that site as dropped. With fewer sites left than a site's reconstruction threshold, Flower's
-workflow halts and the round has no aggregate.
+which sends it with :func:`server.transport.exchange`, counts each site's bytes, records its
+failures by category (an error reply, or no reply within the round's timeout) and drops a
+masked vector whose shapes are not those of the sent tensors (a site out of step with the run)
+before it can spoil the sum: the protocol then treats that site as dropped. With fewer sites
+left than a site's reconstruction threshold, Flower's workflow halts and the round has no
+aggregate.
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ import numpy as np
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
-from moma_protocol import secagg as S
-from moma_protocol import wire as P
+from moma_protocol import secagg as secagg_protocol
+from moma_protocol import wire
 from moma_protocol.settings import PrivacySettings
 from server.flwr_compat import Key, Stage
+from server.transport import exchange, record_nbytes
 
 log = logging.getLogger("moma.server")
 
@@ -90,11 +92,10 @@ class _CountingGrid:
         return getattr(self.grid, name)
 
     def send_and_receive(self, messages, *, timeout: float | None = None) -> list[Message]:
-        from server.round import exchange, record_nbytes
-
         messages = list(messages)
         r = self.result
-        stages = {S.stage_of(m.content) for m in messages}  # Flower sends one stage a call
+        # Flower sends one stage a call
+        stages = {secagg_protocol.stage_of(m.content) for m in messages}
         stage = stages.pop() if len(stages) == 1 else ""
         for m in messages:
             node = m.metadata.dst_node_id
@@ -104,7 +105,7 @@ class _CountingGrid:
         for node, reply in replies:
             answered.add(node)
             if reply.has_error():
-                r.failures.setdefault(node, P.error_reason(reply))
+                r.failures.setdefault(node, wire.error_reason(reply))
                 continue
             r.bytes_up[node] = r.bytes_up.get(node, 0) + record_nbytes(reply.content)
             problem = self._problem(reply, stage)
@@ -123,13 +124,13 @@ class _CountingGrid:
         protocol's own checks (:func:`moma_protocol.secagg.check_secagg_reply`), then the
         masked vector's shapes, which must be the sent tensors' (a vector of other shapes would
         spoil the sum of every site)."""
-        problems = S.check_secagg_reply(reply.content, stage)
+        problems = secagg_protocol.check_secagg_reply(reply.content, stage)
         if problems:
             return problems[0]
         if stage == Stage.COLLECT_MASKED_VECTORS:
             from flwr.common import bytes_to_ndarray
 
-            masked = reply.content.config_records[S.CONFIGS][Key.MASKED_PARAMETERS]
+            masked = reply.content.config_records[secagg_protocol.CONFIGS][Key.MASKED_PARAMETERS]
             try:
                 shapes = [tuple(bytes_to_ndarray(b).shape) for b in masked]
             except (TypeError, ValueError):
@@ -163,14 +164,15 @@ class SecureExchange:
         sent tensors ``keys`` of shapes ``reference``; see :class:`SecureResult`."""
         from server.flwr_compat import secaggplus_context, train_on_contents
 
-        S.install_secure_masks()
+        secagg_protocol.install_secure_masks()
         result = SecureResult(None)
         nodes = sorted(contents)
         collector = _Collector(nodes)
         context = secaggplus_context(collector, server_round)
         workflow = self.workflow()
         train_on_contents(workflow, contents)
-        counting = _CountingGrid(grid, self.timeout, S.expected_shapes(reference, keys), result)
+        shapes = secagg_protocol.expected_shapes(reference, keys)
+        counting = _CountingGrid(grid, self.timeout, shapes, result)
         workflow(counting, context)  # type: ignore[arg-type]
         for proxy, fit in collector.results:
             result.metrics[proxy.node_id] = {k: float(v) for k, v in fit.metrics.items()}
@@ -180,7 +182,7 @@ class SecureExchange:
                 result.failures.setdefault(node, "secure aggregation: left out")
         if collector.mean is not None and collector.results:
             arrays = collector.mean
-            order = S.tensor_order(keys)
+            order = secagg_protocol.tensor_order(keys)
             if len(arrays) != len(order) or any(
                     tuple(a.shape) != tuple(reference[k]) for a, k in zip(arrays, order,
                                                                           strict=False)):

@@ -36,7 +36,6 @@ from moma_core.sources import SYNTHETIC, make_loader, open_eval_data
 from moma_protocol.coordinator_file import server_run_config
 from moma_protocol.settings import RunConfig
 from moma_protocol.wire import wire_state
-from server.aggregation import Aggregator
 from server.live import (
     EXIT_BAD_INPUT,
     EXIT_COMPLETED,
@@ -149,6 +148,33 @@ def run_federation(grid: Grid, run: RunConfig) -> dict:
 
 
 def _federate(grid: Grid, run: RunConfig, live: LiveStatus) -> dict:
+    """validate → build → resume → the rounds → final evaluation → finish."""
+    fed, co = run.federation, run.coordinator
+    package, teacher = _validate(run)
+    arch = run.student_architecture()
+    results = RunResults(Path(co.output_dir) / fed.run_name)
+    first = results.start(run.to_flat(), teacher.sha256 if teacher else None, co.resume)
+    coordinator = Coordinator(grid, run, teacher, _site_names(run, live), live)
+    state = _start_state(run, arch, package, results, coordinator, first)
+    eval_set = server_eval_set(co.eval_source, run, co.eval_sites)
+    board = RoundBoard(results.dir, first)
+    try:
+        for rnd in range(first, fed.num_rounds + 1):
+            state = _one_round(rnd, state, coordinator, results, board, arch, eval_set)
+        _final_evaluation(state, coordinator, results, board)
+        try:
+            final = results.finish()
+        finally:
+            results.write_report()
+    finally:
+        board.close()
+    return final
+
+
+def _validate(run: RunConfig) -> tuple[TeacherPackage | None, TeacherPackage | None]:
+    """Refuse a run that cannot start (ValueError); returns the teacher's package (also for
+    the CE baseline, which starts from it) and the teacher the sites receive (distillation
+    only)."""
     fed, co = run.federation, run.coordinator
     if not run.class_names:
         raise ValueError("run config 'classes' is empty: name the target task's classes")
@@ -162,77 +188,76 @@ def _federate(grid: Grid, run: RunConfig, live: LiveStatus) -> dict:
     check_student_model(run)
     if teacher is not None:
         check_student_fits(run, teacher.architecture)
-    arch = run.student_architecture()
-    results = RunResults(Path(co.output_dir) / fed.run_name)
-    first = results.start(run.to_flat(), teacher.sha256 if teacher else None, co.resume)
-    names = None
-    if co.site_registry:
-        names = {int(k): str(v) for k, v in json.loads(Path(co.site_registry).read_text()
-                                                       ).items()}
-        live.registered = dict(names)
-    coordinator = Coordinator(grid, run, teacher, names, live)
+    return package, teacher
+
+
+def _site_names(run: RunConfig, live: LiveStatus) -> dict[int, str] | None:
+    """The site registry's names by node id (``site-registry``), or None without one."""
+    if not run.coordinator.site_registry:
+        return None
+    names = {int(k): str(v) for k, v in json.loads(
+        Path(run.coordinator.site_registry).read_text()).items()}
+    live.registered = dict(names)
+    return names
+
+
+def _start_state(run: RunConfig, arch: Architecture, package: TeacherPackage | None,
+                 results: RunResults, coordinator: Coordinator, first: int
+                 ) -> dict[str, torch.Tensor]:
+    """The global student the first round to run starts from: a resumed run's last checkpoint
+    (the coordinator continuing from its saved state), or the round-1 student."""
     last = results.last_checkpoint() if first > 1 else None
-    if last is not None:
-        state = last
-    else:
+    if last is None:
         state, how = initial_student(run, arch, package)
         results.data["init"] = how
         log.info("round-1 student: %s", how)
-    if last is not None:
-        log.info("resuming after round %d", first - 1)
-        saved = results.data.get("server_state", {})
-        if saved.get("rng"):
-            rng = saved["rng"]
-            coordinator.rng.setstate((rng[0], tuple(rng[1]), rng[2]))
-        if saved.get("aggregator"):  # FedAdam's moments continue where they were
-            coordinator.aggregate.load_state_dict(results.load_aggregator(saved["aggregator"]))
-        restore_client_dp(coordinator.aggregate, saved)
-    eval_set = server_eval_set(co.eval_source, run, co.eval_sites)
-    board = RoundBoard(results.dir, first)
-    try:
-        for rnd in range(first, fed.num_rounds + 1):
-            start = time.time()
-            start_digest = state_digest(state)
-            state, report = coordinator.run_round(rnd, state)
-            report.start_digest, report.end_digest = start_digest, state_digest(state)
-            entry = report.to_json()
-            if eval_set is not None and not report.failed:
-                live.update(state="evaluating")
-                entry["server_eval"] = score(state, arch, eval_set)
-            entry["wall_s"] = time.time() - start
-            server_state: dict = {"rng": _rng_json(coordinator.rng.getstate())}
-            aggregator_state = coordinator.aggregate.state_dict()
-            if aggregator_state:
-                server_state["aggregator"] = results.save_aggregator(rnd, aggregator_state)
-            client_dp = coordinator.aggregate.client_dp
-            if client_dp is not None:
-                server_state["client_dp"] = client_dp.state_dict()
-                entry["client_dp"] = client_dp.spent()
-                log.info("round %d: client-level DP epsilon %.3f (delta %g) after %d releases",
-                         rnd, entry["client_dp"]["epsilon"], client_dp.delta,
-                         len(client_dp.releases))
-            results.add_round(entry, state, arch, server_state)
-            board.add_round(entry)
-            line = progress_line(entry, fed.num_rounds)
-            log.info("%s", line)
-            live.progress(line)
-        if fed.fraction_evaluate > 0 and results.data["rounds"]:
-            last_entry = results.data["rounds"][-1]
-            nodes = sorted(int(k) for k, v in last_entry["sites"].items()
-                           if v["status"] == "ok")
-            if nodes:
-                live.progress(f"final evaluation on {len(nodes)} site(s)", state="evaluating",
+        return state
+    log.info("resuming after round %d", first - 1)
+    coordinator.load_state_dict(results.load_server_state())
+    return last
+
+
+def _one_round(rnd: int, state: dict[str, torch.Tensor], coordinator: Coordinator,
+               results: RunResults, board: RoundBoard, arch: Architecture,
+               eval_set: Dataset | None) -> dict[str, torch.Tensor]:
+    """Round ``rnd``: train, score on the held-out set, save; returns the new global."""
+    live, num_rounds = coordinator.live, coordinator.run.federation.num_rounds
+    start = time.time()
+    start_digest = state_digest(state)
+    state, report = coordinator.run_round(rnd, state)
+    report.start_digest, report.end_digest = start_digest, state_digest(state)
+    entry = report.to_json()
+    if eval_set is not None and not report.failed:
+        live.update(state="evaluating")
+        entry["server_eval"] = score(state, arch, eval_set)
+    entry["wall_s"] = time.time() - start
+    server_state = results.save_server_state(rnd, coordinator.state_dict())
+    spent = coordinator.client_dp_spent(rnd)
+    if spent is not None:
+        entry["client_dp"] = spent
+    results.add_round(entry, state, arch, server_state)
+    board.add_round(entry)
+    line = progress_line(entry, num_rounds)
+    log.info("%s", line)
+    live.progress(line)
+    return state
+
+
+def _final_evaluation(state: dict[str, torch.Tensor], coordinator: Coordinator,
+                      results: RunResults, board: RoundBoard) -> None:
+    """After the last round, the sites that trained in it score the final student."""
+    fed = coordinator.run.federation
+    if fed.fraction_evaluate <= 0 or not results.data["rounds"]:
+        return
+    last_entry = results.data["rounds"][-1]
+    nodes = sorted(int(k) for k, v in last_entry["sites"].items() if v["status"] == "ok")
+    if not nodes:
+        return
+    coordinator.live.progress(f"final evaluation on {len(nodes)} site(s)", state="evaluating",
                               waiting_for=sorted(coordinator.name(n) for n in nodes))
-                metrics, per_site, down, up = coordinator.evaluate(fed.num_rounds, state, nodes)
-                results.set_final_evaluation(metrics, per_site, down, up)
-                board.add_final_evaluation(last_entry["round"], down, up)
-        try:
-            final = results.finish()
-        finally:
-            results.write_report()
-    finally:
-        board.close()
-    return final
+    metrics, per_site, down, up = coordinator.evaluate(fed.num_rounds, state, nodes)
+    results.set_final_evaluation(metrics, per_site, down, up)
+    board.add_final_evaluation(last_entry["round"], down, up)
 
 
 def progress_line(entry: dict, num_rounds: int) -> str:
@@ -314,17 +339,6 @@ def _console_logging() -> None:
     moma.setLevel(logging.INFO)
 
 
-def restore_client_dp(aggregate: Aggregator, saved: dict) -> None:
-    """A resumed run's client-level DP account continues where it was, never restarts: a
-    saved state without it (or with an unreadable one) stops the resume (ValueError)."""
-    if aggregate.client_dp is None:
-        return
-    if "client_dp" not in saved:
-        raise ValueError("the run uses client-dp but its saved state has no privacy account: "
-                         "it cannot be resumed without under-counting")
-    aggregate.client_dp.load_state_dict(saved["client_dp"])
-
-
 def score(state: dict[str, torch.Tensor], arch: Architecture, data: Dataset) -> dict:
     """Metrics of ``state`` on the coordinator's held-out ``data``."""
     model = build_model(arch)
@@ -341,6 +355,3 @@ def state_digest(state: dict[str, torch.Tensor]) -> str:
         h.update(t.numpy().tobytes())
     return h.hexdigest()
 
-
-def _rng_json(state: tuple) -> list:
-    return [state[0], list(state[1]), state[2]]

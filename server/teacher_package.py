@@ -12,7 +12,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 from moma_core.checkpoint import load_model
 from moma_core.models import Architecture
 from moma_core.signature import signature_path
-from moma_protocol import wire as P
+from moma_protocol import wire
 from moma_protocol.settings import ConfigError, RunConfig
 
 
@@ -31,10 +31,10 @@ class TeacherPackage:
     def records(self) -> dict:
         """The two records that carry the teacher to a site."""
         return {
-            P.TEACHER: ArrayRecord({P.TEACHER_FILE: Array(P.bytes_to_array(self.data))}),
-            P.TEACHER_META: ConfigRecord({
+            wire.TEACHER: ArrayRecord({wire.TEACHER_FILE: Array(wire.bytes_to_array(self.data))}),
+            wire.TEACHER_META: ConfigRecord({
                 "sidecar": json.dumps(self.sidecar),
-                **({P.TEACHER_SIGNATURE: json.dumps(self.signature)} if self.signature else {}),
+                **({wire.TEACHER_SIGNATURE: json.dumps(self.signature)} if self.signature else {}),
             }),
         }
 

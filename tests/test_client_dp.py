@@ -250,16 +250,14 @@ def test_a_site_caps_its_site_level_epsilon_under_client_dp(tmp_path):
 def test_a_resume_without_the_saved_account_is_refused():
     """The coordinator's resume: the client-level account must come back with the run (it
     would otherwise restart at ε = 0 and under-count every earlier release)."""
-    from server.server_app import restore_client_dp
-
     agg = Aggregator(FederationSettings(), _privacy("site-clipping", z=0.9))
     with pytest.raises(ValueError, match="no privacy account"):
-        restore_client_dp(agg, {"rng": []})
+        agg.restore_client_dp({"rng": []})
     with pytest.raises(ValueError, match="unreadable"):
-        restore_client_dp(agg, {"client_dp": {"releases": "x"}})
-    restore_client_dp(agg, {"client_dp": {"population": 3, "releases": [[0.9, 2], [0.9, 3]]}})
+        agg.restore_client_dp({"client_dp": {"releases": "x"}})
+    agg.restore_client_dp({"client_dp": {"population": 3, "releases": [[0.9, 2], [0.9, 3]]}})
     assert len(agg.client_dp.releases) == 2 and agg.client_dp.spent()["epsilon"] > 0
-    restore_client_dp(Aggregator(FederationSettings()), {})  # no client-dp: nothing to restore
+    Aggregator(FederationSettings()).restore_client_dp({})  # no client-dp: nothing to restore
 
 
 # -- adaptive clipping (Andrew et al. 2021) -------------------------------------------------
@@ -330,8 +328,8 @@ def test_site_clipping_sends_the_rounds_norm_and_the_site_clips_to_it(tmp_path):
     from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
     from client import site_round
-    from client.client_app import _round_fields
     from client.site_errors import ConfigError as SiteConfigError
+    from client.site_messages import round_fields as _round_fields
     from moma_protocol import wire as P
     from tests.helpers import tiny_run
     from tests.test_protocol import _wire, instruction

@@ -149,7 +149,7 @@ def test_coordinator_aggregates_fedbn_updates_keeping_global_normalisation():
     sites = {n: SiteReport(n, f"site-{n}") for n in (1, 2)}
     updates, weights = coordinator._check_replies(replies, reference, sites)
     assert [s.status for s in sites.values()] == ["ok", "ok"]
-    state = coordinator.aggregate(1, updates, weights, reference)
+    state = coordinator.aggregator(1, updates, weights, reference)
     assert set(state) == set(reference)
     for k in reference:
         expected = reference[k] if k in coordinator.local_keys else reference[k] + 1.5

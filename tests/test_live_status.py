@@ -20,7 +20,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from moma_protocol import wire as P
 from server import live as L
-from server import round as round_mod
+from server import transport
 from server.results import RunFailed
 from server.server_app import _QUIET, _quiet_flower_traceback, run_federation
 from tests.helpers import tiny_run
@@ -167,13 +167,13 @@ def test_site_statuses_arrive_as_replies_do(tmp_path, task_identity):
 
 def test_the_exchange_reports_arrivals_and_who_it_waits_for(task_identity, monkeypatch,
                                                             caplog):
-    monkeypatch.setattr(round_mod, "PROGRESS_EVERY", 0.0)
+    monkeypatch.setattr(transport, "PROGRESS_EVERY", 0.0)
     grid = ScriptedGrid({10: "ok", 11: "silent"})
     msgs = [Message(RecordDict({P.CONFIG: ConfigRecord({P.TEACHER_SHA: ""})}), dst_node_id=n,
                     message_type=P.TEACHER_STATUS) for n in (10, 11)]
     arrived = []
     with caplog.at_level(logging.INFO, logger="moma"):
-        out = round_mod.exchange(grid, msgs, 0.5, poll=0.1,  # type: ignore[arg-type]
+        out = transport.exchange(grid, msgs, 0.5, poll=0.1,  # type: ignore[arg-type]
                                  on_reply=lambda n, r: arrived.append(n), name=NAMES.get,
                                  label="round 4")
     assert [n for n, _ in out] == arrived == [10]
@@ -186,7 +186,7 @@ def test_the_exchange_reports_arrivals_and_who_it_waits_for(task_identity, monke
 def test_a_missing_site_ends_the_run_in_one_line_with_exit_code_3(tmp_path, task_identity,
                                                                    monkeypatch, caplog,
                                                                    capsys):
-    monkeypatch.setattr(round_mod, "PROGRESS_EVERY", 0.0)
+    monkeypatch.setattr(transport, "PROGRESS_EVERY", 0.0)
     run = federation_run(tmp_path, [10, 11], round_timeout=2.0)
     grid = ScriptedGrid({10: "ok"})  # hospital-b never connects
     with caplog.at_level(logging.INFO, logger="moma"), pytest.raises(L.SitesMissing) as err:

@@ -129,6 +129,47 @@ def test_each_exception_type_has_its_category(exc, category):
     assert SECRET not in _every_text(reply)
 
 
+def _declared_categories() -> dict[str, str]:
+    """``category = "…"`` in the body of every class of the product's source (by AST)."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    found = {}
+    for package in ("server", "client", "deploy", "moma_protocol", "moma_core"):
+        for path in sorted((root / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if not isinstance(node, ast.ClassDef):
+                    continue
+                for stmt in node.body:
+                    targets = stmt.targets if isinstance(stmt, ast.Assign) else \
+                        [stmt.target] if isinstance(stmt, ast.AnnAssign) else []
+                    if any(isinstance(t, ast.Name) and t.id == "category" for t in targets):
+                        value = stmt.value
+                        assert isinstance(value, ast.Constant), f"{path}: {node.name}"
+                        found[f"{path.relative_to(root)}:{node.name}"] = value.value
+    return found
+
+
+def test_every_declared_category_is_a_wire_category():
+    """The exception classes declare their category (moma_core without importing the
+    protocol); the wire's ERROR_CODES remains the authority over the names."""
+    from client.site_errors import DECLARED_HERE
+
+    declared = _declared_categories()
+    assert {"moma_core/errors.py:DataError", "moma_core/errors.py:CheckpointError",
+            "client/site_errors.py:MissingTeacher",
+            "client/site_training.py:StudentMismatch"} <= set(declared)
+    assert {k: v for k, v in declared.items() if v not in P.ERROR_CODES} == {}
+    assert set(DECLARED_HERE.values()) <= set(P.ERROR_CODES)
+
+
+def test_a_worker_failure_keeps_its_category_and_an_unknown_one_is_internal():
+    from client.site_worker import WorkerFailure
+
+    assert error_category(WorkerFailure("class-mismatch")) == "class-mismatch"
+    assert error_category(WorkerFailure("not-a-category")) == "internal-error"
+
+
 def test_codes_are_fixed_distinct_and_clear_of_flowers():
     assert set(P.ERROR_CODES) == {"data-error", "missing-teacher", "teacher-rejected",
                                   "config-error", "training-diverged", "out-of-memory",

@@ -101,8 +101,8 @@ def true_updates(monkeypatch):
     seen: dict[int, tuple[list[np.ndarray], int]] = {}
     original = secagg_site.weighted_update
 
-    def recording(msg, context, run_round):
-        reply = original(msg, context, run_round)
+    def recording(msg, context):
+        reply = original(msg, context)
         fit = compat.recorddict_to_fitres(reply.content, True)
         from flwr.common import parameters_to_ndarrays
 
@@ -268,7 +268,7 @@ def test_client_level_dp_noises_the_secure_mean(tmp_path, task_identity, true_up
     noise = np.concatenate([((new[k] - start[k]).numpy() - m).ravel()
                             for k, m in zip(S.tensor_order(start), mean, strict=True)])
     assert noise.std() == pytest.approx(0.5 * 0.05 / 3, rel=0.05)
-    assert coordinator.aggregate.client_dp.releases[-1].sites == 3
+    assert coordinator.aggregator.client_dp.releases[-1].sites == 3
 
 
 # -- the masks -----------------------------------------------------------------------------
@@ -308,8 +308,7 @@ def test_a_site_refuses_a_setup_or_unmask_that_would_expose_it(tmp_path):
     setup = dict(sample_num=4, share_num=4, clipping_range=1.0, target_range=1 << 22,
                  mod_range=1 << 32, max_weight=10000.0)
     with pytest.raises(PrivacyRefused, match="threshold"):
-        secagg_site.secure_stage(_stage_message(Stage.SETUP, threshold=2, **setup), context,
-                                 client_app.run_train)
+        secagg_site.secure_stage(_stage_message(Stage.SETUP, threshold=2, **setup), context)
     reply = client_app.train(_stage_message(Stage.SETUP, threshold=2, **setup), context)
     assert reply.has_error() and reply.error.reason == "privacy-refused"
     other = {**setup, "clipping_range": 100.0}  # not the run's: the sum would be clipped
@@ -320,7 +319,7 @@ def test_a_site_refuses_a_setup_or_unmask_that_would_expose_it(tmp_path):
     assert set(ok.content.config_records[S.CONFIGS]) == {Key.PUBLIC_KEY_1, Key.PUBLIC_KEY_2}
     with pytest.raises(PrivacyRefused, match="both alive and dropped"):
         secagg_site.secure_stage(_stage_message(Stage.UNMASK, active_nids=[1, 2, 3],
-                                                dead_nids=[3]), context, client_app.run_train)
+                                                dead_nids=[3]), context)
     assert S.check_unmask(ConfigRecord({Key.ACTIVE_NODE_ID_LIST: [1, 2],
                                         Key.DEAD_NODE_ID_LIST: [3]})) is None
 

@@ -99,6 +99,8 @@ class LedgerError(Exception):
     """The privacy ledger cannot be trusted: unreadable, corrupt, of the wrong shape, or with a
     value out of range. Never treat this as an empty ledger."""
 
+    category = "privacy-refused"  # what a site reports: its budget cannot be checked
+
 
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
     if value not in choices:
