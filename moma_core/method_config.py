@@ -101,6 +101,8 @@ class ObjectiveConfig:
 
 
 OPTIMIZERS = ("sgd", "adamw")
+#: the local batch size of a federation's sites and of moma-distill (run setting batch-size)
+BATCH_SIZE = 32
 
 
 def cosine_factor(t: float, floor: float = 1e-3) -> float:

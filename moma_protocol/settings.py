@@ -10,34 +10,43 @@ that the method layer also uses are taken from :mod:`moma_core` (``ObjectiveConf
 checks them.
 
 :meth:`RunConfig.from_flat` is strict: an unknown key is named, a value of the wrong type or out
-of range is refused with one line (:class:`ConfigError`). Site settings (data path, cache,
-device) are not here: they come from each site's node config.
+of range is refused with one line (:class:`ConfigError`). The method layer's parts (objective,
+local training) and how a setting is declared (:func:`opt`) and checked live in
+:mod:`moma_core.run_settings`, so that moma-distill reads the same fields. Site settings (data
+path, cache, device) are not here: they come from each site's node config.
 """
 
 from __future__ import annotations
 
-import difflib
-import math
-from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
 from moma_core import objective_registry
 from moma_core.method_config import (
     DP_TRAINABLE,
-    MOMA_ATTENTIONS,
     OPTIMIZERS,
     ObjectiveConfig,
     TrainConfig,
     cosine_factor,
 )
+from moma_core.run_settings import (  # the method layer's parts of the tree (no torch)
+    AUGMENTS,  # noqa: F401 (part of this module's interface)
+    ConfigError,
+    LocalTraining,
+    ObjectiveSettings,
+    _check,
+    _typed,
+    choices_of,
+    lookup,
+    opt,
+)
+from moma_core.run_settings import checked as checked_value
 
 if TYPE_CHECKING:  # the settings load no torch (a ClientApp process forwarding to its worker)
     from moma_core.models import Architecture
 
 AGGREGATIONS = ("fedavg", "fedprox", "median", "trimmed-mean", "fedadam", "fedavgm")
 TRANSFER_DTYPES = ("float32", "float16")  # see moma_protocol.wire.pack_global
-AUGMENTS = ("randaugment", "flip", "none")
 #: client-level DP (:mod:`server.client_dp`): who clips each site's update before the
 #: coordinator adds Gaussian noise to their mean
 CLIENT_DP_MODES = ("off", "server-clipping", "site-clipping")
@@ -49,70 +58,6 @@ DP_GROUP_SIZE = 16
 SECAGG_MODES = ("off", "secaggplus")
 #: client-level DP: a fixed clipping norm, or one adapted to a quantile of the update norms
 CLIENT_DP_CLIPPINGS = ("fixed", "adaptive")
-
-
-class ConfigError(ValueError):
-    """A run setting is unknown, of the wrong type or out of range."""
-
-
-def opt(default: Any, help: str, choices: tuple | Callable[[], tuple] | None = None,
-        lo: float | None = None, hi: float | None = None, lo_open: bool = False,
-        hi_open: bool = False) -> Any:
-    """A setting: its default, one line of help and its allowed values (a tuple, or a function
-    that lists them when asked: the registered objectives)."""
-    return field(default=default, metadata={"help": help, "choices": choices, "lo": lo,
-                                            "hi": hi, "lo_open": lo_open, "hi_open": hi_open})
-
-
-_OBJ, _TRAIN = ObjectiveConfig, TrainConfig
-
-
-@dataclass(frozen=True)
-class ObjectiveSettings:
-    objective: str = opt(_OBJ.kind, "moma, kd, crckd, ce (the CE-only baseline) or dp-moma "
-                         "(MoMA for DP-SGD: public-key queue, per-sample attention)",
-                         objective_registry.names)
-    queue_size: int = opt(_OBJ.queue_size, "MoMA's key queue K (see moma_core.objectives)",
-                          lo=1)
-    teacher_update: str = opt(_OBJ.teacher_update, "momentum (MoMA) or frozen teacher",
-                              ("momentum", "frozen"))
-    attention_keys: str = opt(_OBJ.attention_keys, "keys of the queue attention "
-                              "(moma-attention = reference only)", ("reference", "trained"))
-    queue_keys: str = opt(_OBJ.queue_keys, "what MoMA enqueues with moma-attention = "
-                          "reference: reference A_enq(raw keys) or keys (the positives' own "
-                          "map; keeps the NCE term from falling to 0, though at chance: "
-                          "docs/benchmarks.md); the residual attention always enqueues k",
-                          ("reference", "keys"))
-    kl_teacher: str = opt(_OBJ.kl_teacher, "MoMA's KL logits from the teacher before its "
-                          "momentum update (reference) or after it (one teacher forward)",
-                          ("before-update", "after-update"))
-    key_head_init: str = opt(_OBJ.key_head_init, "MoMA's key head g_t: copy of g_s or "
-                             "independent (the reference)", ("copy", "independent"))
-    moma_attention: str = opt(_OBJ.moma_attention, "MoMA's batch attention: residual (q = "
-                              "normalize(x + A_q(x)), A_k the momentum copy of A_q, the queue "
-                              "receives k: the NCE term carries each image's teacher key) or "
-                              "reference (the authors' three maps, bit for bit; its NCE term "
-                              "falls to 0; docs/benchmarks.md)", MOMA_ATTENTIONS)
-
-    def config(self) -> ObjectiveConfig:
-        return ObjectiveConfig(kind=self.objective, queue_size=self.queue_size,
-                               teacher_update=self.teacher_update,
-                               attention_keys=self.attention_keys,
-                               key_head_init=self.key_head_init,
-                               queue_keys=self.queue_keys, kl_teacher=self.kl_teacher,
-                               moma_attention=self.moma_attention)
-
-
-@dataclass(frozen=True)
-class LocalTraining:
-    local_epochs: int = opt(_TRAIN.epochs, "epochs of local training per round", lo=1)
-    max_steps: int = opt(0, "stop local training after this many steps (0: whole epochs)",
-                         lo=0)
-    batch_size: int = opt(32, "local batch size", lo=1, hi=4096)
-    lr: float = opt(_TRAIN.lr, "local learning rate (round 1)", lo=0, lo_open=True, hi=10)
-    lr_schedule: str = opt("cosine", "learning rate over rounds", ("cosine", "constant"))
-    optimizer: str = opt(_TRAIN.optimizer, "local optimiser", OPTIMIZERS)
-    augment: str = opt("randaugment", "training augmentation", AUGMENTS)
 
 
 @dataclass(frozen=True)
@@ -343,10 +288,7 @@ class RunConfig:
         for key, value in flat.items():
             if key in ignore:
                 continue
-            if key not in known:
-                close = difflib.get_close_matches(key, known, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise ConfigError(f"unknown run-config key {key!r}{hint}")
+            setting(key)  # unknown: named, with the closest key
             part, f = known[key]
             parts[part][f.name] = _typed(key, value, f)
         return cls(**{p: PARTS[p](**v) for p, v in parts.items()})
@@ -404,50 +346,23 @@ class RunConfig:
 
 
 # -- validation ------------------------------------------------------------------------------
-def _typed(key: str, value: Any, f: Any) -> Any:
-    kind = f.type if isinstance(f.type, str) else f.type.__name__
-    if kind == "bool":
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-        raise ConfigError(f"run-config {key}: expected true or false, got {value!r}")
-    if kind == "int":
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"run-config {key}: expected an integer, got {value!r}")
-    if kind == "float":
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"run-config {key}: expected a number, got {value!r}")
-    if not isinstance(value, str):
-        raise ConfigError(f"run-config {key}: expected text, got {value!r}")
-    return value
+def setting(key: str) -> Any:
+    """The dataclass field of run-config ``key``; an unknown key is refused (ConfigError)
+    with the closest known key."""
+    return lookup(fields_by_key(), key)
 
 
-def choices_of(f: Any) -> tuple:
-    """The allowed values of setting field ``f`` (empty: any value in its range)."""
-    choices = f.metadata.get("choices")
-    return tuple(choices() if callable(choices) else choices or ())
+def checked(key: str, value: Any) -> Any:
+    """``value`` of run-config ``key`` typed and checked on its own (type, choices, range):
+    what :meth:`RunConfig.from_flat` does for each key before the checks across settings."""
+    return checked_value(key, value, setting(key))
 
 
-def _check(key: str, value: Any, f: Any) -> None:
-    meta = f.metadata
-    choices = choices_of(f)
-    if choices and value not in choices:
-        raise ConfigError(f"run-config {key}: {value!r} is not one of "
-                          f"{', '.join(map(str, choices))}")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"run-config {key}: {value} is not a finite number")
-    lo, hi = meta.get("lo"), meta.get("hi")
-    if lo is not None and (value < lo or (meta["lo_open"] and value == lo)):
-        raise ConfigError(f"run-config {key}: {value} must be "
-                          f"{'above' if meta['lo_open'] else 'at least'} {lo}")
-    if hi is not None and (value > hi or (meta["hi_open"] and value == hi)):
-        raise ConfigError(f"run-config {key}: {value} must be "
-                          f"{'below' if meta['hi_open'] else 'at most'} {hi}")
+def fields_by_key() -> dict[str, Any]:
+    """Flat key → dataclass field of every run setting, in the tree's order."""
+    return {key: f for key, (_, f) in settings_fields().items()}
+
+
 
 
 def defaults() -> dict:

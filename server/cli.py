@@ -36,10 +36,12 @@ from deploy.lifecycle import BusyError, InstanceLock, check_port_free, kill_tagg
 from deploy.runtime import executable, exit_on_sigterm, flower_env, stop, wait_for_port
 from deploy.security_events import watch as watch_events
 from moma_core.cli.common import DefaultsHelpFormatter, run_cli
+from moma_core.cli.settings_flags import parse_run_config
 from moma_core.models import Architecture
+from moma_core.objective_registry import needs_teacher
 from moma_core.progress import console
 from moma_protocol import coordinator_file
-from moma_protocol.settings import ConfigError, RunConfig
+from moma_protocol.settings import ConfigError, RunConfig, fields_by_key
 from server import dashboard
 from server.flwr_app import run_config_arg, write_app
 from server.registration import register_sites
@@ -69,8 +71,10 @@ def parser() -> argparse.ArgumentParser:
                    help="coordinator's held-out set (path or synthetic:target)")
     p.add_argument("--eval-sites", type=int, default=1,
                    help="synthetic eval-source: number of site styles to mix")
-    p.add_argument("--run-config", default="",
-                   help="more run settings, 'key=value key2=\"text\"' (pyproject keys)")
+    p.add_argument("--run-config", default="", metavar="'KEY=VALUE …'",
+                   help="more run settings by their keys, 'key=value key2=\"text\"' (every key, "
+                        "its default and allowed values: docs/configuration.md); an option "
+                        "given too wins")
     p.add_argument("--resume", action="store_true", help="continue runs/<name>/")
     p.add_argument("--startup-timeout", type=float, default=120.0,
                    help="seconds to wait for the SuperLink to listen")
@@ -79,30 +83,37 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+#: run settings moma-server sets itself, from its options and the run folder (refused in
+#: --run-config)
+OWNED = ("run-name", "output-dir", "teacher-path", "site-registry", "resume", "simulation-sites")
+
+
 def overrides(args: argparse.Namespace, out_root: Path, teacher: Path | None,
               registry: Path | None) -> dict:
-    """The run config this command submits: its options, then ``--run-config``, and the
-    teacher's ``image-size`` unless that sets one; validated (unknown key, wrong type, out of
+    """The run config this command submits: its options, ``--run-config`` (an option given
+    explicitly wins: ``--rounds``, ``--classes``, ``--eval-source``), and the teacher's
+    ``image-size`` unless that sets one; validated (unknown key, wrong type, out of
     range, an image size not the teacher's: one line) before anything starts."""
     values: dict = {"run-name": args.name, "output-dir": str(out_root),
                     "teacher-path": str(teacher or ""), "eval-source": args.eval_source,
                     "eval-sites": args.eval_sites, "resume": args.resume,
                     "site-registry": str(registry or ""),
                     "classes": args.classes or ""}
+    extra = parse_run_config(args.run_config, fields_by_key(), "moma-server", owned=OWNED)
+    values.update(extra)
+    # an option given explicitly wins over --run-config
     if args.rounds is not None:
         values["num-rounds"] = args.rounds
-    extra = _parse_kv(args.run_config)
-    owned = sorted(set(extra) & {"run-name", "output-dir", "teacher-path", "site-registry",
-                                 "resume", "simulation-sites"})
-    if owned:
-        raise ConfigError(f"--run-config {owned[0]}: set by moma-server itself (use its option)")
-    values.update(extra)
+    if args.classes:
+        values["classes"] = args.classes
+    if args.eval_source:
+        values["eval-source"] = args.eval_source
     arch = teacher_architecture(teacher) if teacher is not None else None
     if arch is not None and "image-size" not in extra:
         values["image-size"] = arch.image_size
     run = RunConfig.from_flat(values)
     check_student_model(run)
-    if run.objective.objective != "ce" and teacher is None:
+    if needs_teacher(run.objective.objective) and teacher is None:
         raise ConfigError(f"objective {run.objective.objective!r} needs --teacher")
     if arch is not None:
         check_image_size(run, arch)
@@ -126,7 +137,7 @@ def check_image_size(run: RunConfig, teacher: Architecture) -> None:
     the teacher images of another scale than it was trained on. ``ce`` ships no teacher (it at
     most starts from its weights), so it may train at another size."""
     size = run.federation.image_size
-    if size == teacher.image_size or run.objective.objective == "ce":
+    if size == teacher.image_size or not needs_teacher(run.objective.objective):
         return
     raise ConfigError(f"run-config image-size={size}, but the teacher was trained on "
                       f"{teacher.image_size} px images: leave image-size out (the teacher's "
@@ -321,20 +332,6 @@ def run_status(env: dict) -> str:
         return max(runs, key=lambda r: r.get("pending-at", ""))["status"]
     except (json.JSONDecodeError, KeyError, ValueError):
         return f"unknown ({out.stderr.strip()[:200]})"
-
-
-def _parse_kv(text: str) -> dict:
-    import shlex
-    import tomllib
-
-    values = {}
-    for item in shlex.split(text, posix=False):
-        try:
-            values.update(tomllib.loads(item))
-        except tomllib.TOMLDecodeError:
-            raise ValueError(f"--run-config item {item!r}: write key=value, text in double "
-                             "quotes") from None
-    return values
 
 
 @run_cli

@@ -84,7 +84,8 @@ def _main(command: str):
     (["moma-client", "privacy", "--help"], None),
     (["moma-teacher", "--help"], "--model MODEL timm model name (default: efficientnet_b0)"),
     (["moma-teacher", "sign", "--help"], None),
-    (["moma-distill", "--help"], "--objective {ce,kd,moma,crckd} (default: moma)"),
+    (["moma-distill", "--help"], "alone) (default: moma)"),  # --objective {ce,kd,moma,crckd}
+    (["moma-distill", "--help"], "--batch-size BATCH_SIZE local batch size (default: 32)"),
     (["moma-eval", "--help"], "--batch-size BATCH_SIZE (default: 128)"),
     (["moma-deploy", "init", "--help"], "--port PORT (default: 9092)"),
 ])

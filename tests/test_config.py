@@ -48,15 +48,16 @@ def test_commands_take_their_run_defaults_from_the_tree():
     from server.simulate import parser as simulate_parser
 
     flat = RunConfig().to_flat()
-    sim = _defaults(simulate_parser())
+    sim = vars(simulate_parser().parse_args([]))
     for opt in RUN_KEYS:
         assert sim[opt] is None, opt
     assert _defaults(server_parser())["rounds"] is None
-    distill = _defaults(distill_parser())
+    distill = vars(distill_parser().parse_args([]))
     assert distill["queue_size"] == flat["queue-size"]
     assert distill["lr"] == flat["lr"]
     assert distill["teacher_update"] == flat["teacher-update"]
     assert distill["attention_keys"] == flat["attention-keys"]
+    assert distill["batch_size"] == flat["batch-size"]  # 32, the federation's (was 64)
 
 
 def test_generated_app_folder_holds_no_code(tmp_path):

@@ -35,20 +35,34 @@ def _shown_default(action: argparse.Action) -> bool:
     return default is not argparse.SUPPRESS and default not in ("", [])
 
 
-def add_training_args(p: argparse.ArgumentParser, epochs: int, lr: float) -> None:
+#: moma-distill's options that are run settings (generated from the settings tree's local
+#: training part, moma_core.run_settings.LocalTraining)
+TRAINING_SETTINGS = ("batch-size", "lr", "optimizer")
+DATA_SETTINGS = ("augment",)
+
+
+def add_training_args(p: argparse.ArgumentParser, epochs: int, lr: float,
+                      settings: bool = False) -> argparse._ArgumentGroup:
+    """Training options; ``settings``: batch size, learning rate and optimiser are the run
+    settings' (the caller adds them to the returned group, generated from the settings tree)."""
     p.formatter_class = DefaultsHelpFormatter  # every command with these options shows defaults
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=epochs)
-    g.add_argument("--batch-size", type=int, default=64)
-    g.add_argument("--lr", type=float, default=lr)
-    g.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
+    if not settings:
+        g.add_argument("--batch-size", type=int, default=64)
+        g.add_argument("--lr", type=float, default=lr)
+        g.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
     g.add_argument("--weight-decay", type=float, default=1e-4)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 …")
     g.add_argument("--amp", action="store_true", help="mixed precision on CUDA")
+    return g
 
 
-def add_data_args(p: argparse.ArgumentParser, source: str, n: int) -> None:
+def add_data_args(p: argparse.ArgumentParser, source: str | None, n: int,
+                  settings: bool = False) -> argparse._ArgumentGroup:
+    """Data options; ``settings``: augmentation is the run settings' (the caller adds it to the
+    returned group, generated from the settings tree)."""
     p.formatter_class = DefaultsHelpFormatter  # every command with these options shows defaults
     g = p.add_argument_group("data")
     g.add_argument("--source", default=source,
@@ -58,12 +72,15 @@ def add_data_args(p: argparse.ArgumentParser, source: str, n: int) -> None:
                    help="synthetic: simulated hospital style (default: none)")
     g.add_argument("--num-sites", type=int, default=3)
     g.add_argument("--image-size", type=int, default=64)
-    g.add_argument("--augment", choices=["randaugment", "flip", "none"], default="randaugment")
+    if not settings:
+        g.add_argument("--augment", choices=["randaugment", "flip", "none"],
+                       default="randaugment")
     g.add_argument("--stain-jitter", type=float, default=0.0, help="HED jitter strength")
     g.add_argument("--skip-bad-images", action="store_true",
                    help="skip unreadable images (counted) instead of failing")
     g.add_argument("--allow-outside-paths", action="store_true",
                    help="a CSV manifest may name images outside its folder")
+    return g
 
 
 def run_cli(main: Callable[[], int]) -> Callable[[], int]:

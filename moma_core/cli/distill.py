@@ -14,11 +14,17 @@ from pathlib import Path
 
 from moma_core import objective_registry
 from moma_core.checkpoint import load_model, save_checkpoint
-from moma_core.cli.common import add_data_args, add_training_args, run_cli
-from moma_core.method_config import MOMA_ATTENTIONS
+from moma_core.cli.common import (
+    DATA_SETTINGS,
+    TRAINING_SETTINGS,
+    DefaultsHelpFormatter,
+    add_data_args,
+    add_training_args,
+    run_cli,
+)
+from moma_core.cli.settings_flags import SettingsParser
 from moma_core.models import Architecture, build_model
 from moma_core.objectives import (
-    OBJECTIVES,
     ObjectiveConfig,
     build_objective,
     init_student_from_teacher,
@@ -26,39 +32,47 @@ from moma_core.objectives import (
 )
 from moma_core.progress import console
 from moma_core.report import plot_curves, write_json
+from moma_core.run_settings import METHOD_FIELDS
 from moma_core.seeding import seed_everything
 from moma_core.sources import open_site_data
 from moma_core.standalone import PLAIN, final_scores, fit, resolve_device, test_split_for
 from moma_core.train import TrainConfig
 
+#: the run settings moma-distill takes: the objective's, and the local training's it uses
+#: (a flag each, generated from the settings tree; also with --run-config)
+SETTINGS = ("objective", "teacher-update", "attention-keys", "queue-size", "queue-keys",
+            "kl-teacher", "key-head-init", "moma-attention")
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="moma-distill", description=__doc__.splitlines()[0])
+
+def objectives() -> tuple[str, ...]:
+    """The registered objectives one site can run alone: all but those that need the frozen
+    teacher's keys of public images (dp-moma: a federation's DP-SGD objective)."""
+    return tuple(n for n, d in objective_registry.declarations().items()
+                 if not d.needs_public_keys)
+
+
+def parser() -> SettingsParser:
+    p = SettingsParser(prog="moma-distill", description=__doc__.splitlines()[0],
+                       known=METHOD_FIELDS, fill_defaults=True,
+                       formatter_class=DefaultsHelpFormatter)
     p.add_argument("--teacher", type=Path, help="teacher .safetensors (sidecar beside it)")
-    p.add_argument("--objective", choices=list(OBJECTIVES), default=ObjectiveConfig.kind)
     p.add_argument("--model", default=None, help="student timm model (default: the teacher's)")
     p.add_argument("--init", choices=["teacher", "scratch"], default="teacher",
                    help="start the student from the teacher's weights where they match")
-    p.add_argument("--teacher-update", choices=["momentum", "frozen"], default="momentum")
-    p.add_argument("--attention-keys", choices=["reference", "trained"], default="reference")
-    p.add_argument("--queue-size", type=int, default=ObjectiveConfig.queue_size)
-    p.add_argument("--queue-keys", choices=["reference", "keys"],
-                   default=ObjectiveConfig.queue_keys,
-                   help="what MoMA enqueues (see docs/configuration.md)")
-    p.add_argument("--kl-teacher", choices=["before-update", "after-update"],
-                   default=ObjectiveConfig.kl_teacher)
-    p.add_argument("--key-head-init", choices=["copy", "independent"],
-                   default=ObjectiveConfig.key_head_init)
-    p.add_argument("--moma-attention", choices=list(MOMA_ATTENTIONS),
-                   default=ObjectiveConfig.moma_attention,
-                   help="MoMA's batch attention: reference or residual (see "
-                        "docs/configuration.md)")
+    g = p.add_argument_group("objective (run settings: docs/configuration.md)")
+    p.add_settings(SETTINGS, group=g, choices={"objective": objectives()},
+                   helps={"objective": f"{', '.join(objectives())} (registered objectives "
+                          "that one site can run alone)"})
     p.add_argument("--name", default=None, help="run name (default: distill-<objective>)")
     p.add_argument("--runs-dir", type=Path, default=Path("runs"))
     p.add_argument("--test-n", type=int, default=400,
                    help="synthetic: held-out test images (0: no test split)")
-    add_data_args(p, source="synthetic:target", n=800)
-    add_training_args(p, epochs=10, lr=TrainConfig.lr)
+    p.add_settings(DATA_SETTINGS, group=add_data_args(p, source="synthetic:target", n=800,
+                                                       settings=True))
+    p.add_settings(TRAINING_SETTINGS, group=add_training_args(p, epochs=10, lr=TrainConfig.lr,
+                                                               settings=True))
+    p.add_run_config(accepted=(*SETTINGS, *DATA_SETTINGS, *TRAINING_SETTINGS),
+                     only={"objective": objectives()})
     return p
 
 
