@@ -28,8 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from server import benchmark as B  # noqa: E402
-from server.benchmark_arms import Arm, run_arm  # noqa: E402
+from moma_bench import benchmark as B  # noqa: E402
+from moma_bench.arms import Arm, run_arm  # noqa: E402
 
 #: (name, dp-trainable, batch size, physical batch, optimizer, lr, clipping norm)
 GRID = (

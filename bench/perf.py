@@ -83,15 +83,17 @@ class PeakMemory:
 
 
 # -- simulated runs ----------------------------------------------------------------------------
-def simulated_run(out: Path, name: str, extra: list[str]) -> tuple[dict, float]:
-    """One in-process ``moma-simulate`` run; returns results.json and the seconds from the
-    call to the ServerApp's start (Ray and app start-up)."""
-    from server.simulate import parser, simulate
+def simulated_run(out: Path, name: str, **settings: object) -> tuple[dict, float]:
+    """One in-process ``moma-simulate --demo --no-local-baseline`` run with ``settings``
+    (:class:`~server.simulation_spec.SimulationSpec` fields); returns results.json and the
+    seconds from the call to the ServerApp's start (Ray and app start-up)."""
+    from server.simulate import simulate
+    from server.simulation_spec import SimulationSpec
 
-    args = parser().parse_args(["--demo", "--no-local-baseline", "--name", name,
-                                "--runs-dir", str(out / "runs"), *extra])
+    spec = SimulationSpec(demo=True, no_local_baseline=True, name=name, runs_dir=out / "runs",
+                          **settings)  # type: ignore[arg-type]
     start = time.time()
-    simulate(args)
+    simulate(spec)
     results = json.loads((out / "runs" / name / "results.json").read_text())
     return results, results["started"] - start
 
@@ -208,8 +210,8 @@ def long_federation(out: Path, cpus: int) -> dict:
     """P2 with 30 s or more of training per site and round (3 sites, 3200 images each, 8 local
     epochs: about 35 s per round on an idle 2-core machine)."""
     print("P2: 3 sites, 30 s or more of training each per round …", flush=True)
-    results, startup = simulated_run(out, "perf-long", ["--sites", "3", "--n", "3200",
-                                                        "--local-epochs", "8", "--rounds", "3"])
+    results, startup = simulated_run(out, "perf-long", sites=3, n=3200, local_epochs=8,
+                                     rounds=3)
     teacher = Path(results["config"]["teacher-path"])
     figures = federation_figures(results, startup, teacher.stat().st_size,
                                  student_fp32_bytes(results), cpus)
@@ -253,8 +255,8 @@ def main() -> int:
 
     print("P2–P4: two simulated federations (float32, float16) …", flush=True)
     for dtype in ("float32", "float16"):
-        results, startup = simulated_run(args.out, f"perf-{dtype}",
-                                         ["--sites", "3", "--transfer-dtype", dtype])
+        results, startup = simulated_run(args.out, f"perf-{dtype}", sites=3,
+                                         transfer_dtype=dtype)
         teacher = Path(results["config"]["teacher-path"])
         figures[f"federation_{dtype}"] = federation_figures(
             results, startup, teacher.stat().st_size, student_fp32_bytes(results), cpus)
@@ -267,8 +269,7 @@ def main() -> int:
         print("P8: 100 simulated sites …", flush=True)
         with PeakMemory() as mem:
             started = time.time()
-            simulated_run(args.out, "perf-100", ["--sites", "100", "--rounds", "2", "--n", "16",
-                                                 "--local-epochs", "1"])
+            simulated_run(args.out, "perf-100", sites=100, rounds=2, n=16, local_epochs=1)
         figures["p8"] = {"sites": 100, "rounds": 2, "peak_rss_gb": mem.peak / 1e9,
                          "wall_s": time.time() - started}
     (args.out / "summary.json").write_text(json.dumps(figures, indent=2))

@@ -28,71 +28,48 @@ from pathlib import Path
 import numpy as np
 
 from deploy.app_bundle import COMPONENTS
-from moma_core.cli.common import run_cli
+from moma_core.cli.common import DefaultsHelpFormatter, run_cli
+from moma_core.cli.settings_flags import SettingsParser
 from moma_core.data.synthetic import TARGET_CLASSES
-from moma_core.method_config import DP_OBJECTIVES, MOMA_ATTENTIONS, OBJECTIVES
 from moma_core.partition import PARTITIONERS, partition
 from moma_core.progress import console
-from moma_core.train import OPTIMIZERS
-from moma_protocol.settings import (
-    AGGREGATIONS,
-    AUGMENTS,
-    TRANSFER_DTYPES,
-    ConfigError,
-    RunConfig,
-)
-from server.baseline import local_only_section
+from moma_protocol.settings import ConfigError, RunConfig, fields_by_key, settings_fields
+from server.baseline import check_baseline_privacy, local_only_section
 from server.flwr_app import write_app
 from server.results import RunResults
+from server.simulation_spec import SimulationSpec
 
 log = logging.getLogger("moma.simulate")
 
-def parser() -> argparse.ArgumentParser:
+#: run settings moma-simulate sets itself, from its own options (refused in --run-config)
+OWNED = ("run-name", "classes", "min-train-nodes", "min-available-nodes", "output-dir",
+         "teacher-path", "eval-source", "eval-sites", "resume", "site-registry",
+         "simulation-sites")
+#: run settings with a flag of their own (generated from the settings tree); every other one
+#: not in OWNED is given with --run-config
+FLAGS = ("num-rounds", "objective", "student-model", "aggregation", "fedbn", "local-epochs",
+         "batch-size", "lr", "optimizer", "augment", "queue-size", "teacher-update",
+         "moma-attention", "image-size", "transfer-dtype", "dp", "dp-noise-multiplier",
+         "dp-max-grad-norm", "client-dp", "client-dp-noise-multiplier",
+         "client-dp-clipping-norm", "secagg", "client-dp-clipping")
+#: flag names that are not the setting's key
+FLAG_NAMES = {"num-rounds": "--rounds"}
+
+
+def parser() -> SettingsParser:
     """Options; a run setting left unset takes its default from the settings tree."""
-    p = argparse.ArgumentParser(prog="moma-simulate", description=__doc__.splitlines()[0])
+    p = SettingsParser(prog="moma-simulate", description=__doc__.splitlines()[0],
+                       known=fields_by_key(), formatter_class=DefaultsHelpFormatter)
     p.add_argument("--name", default="simulation", help="run name: results in runs/<name>/")
     p.add_argument("--runs-dir", type=Path, default=Path("runs"))
     p.add_argument("--demo", action="store_true",
                    help="small CPU settings, train the teacher if missing, local-only baseline")
     p.add_argument("--teacher", type=Path, default=None, help="teacher .safetensors")
     p.add_argument("--sites", type=int, default=None, help="number of sites (default 3)")
-    p.add_argument("--rounds", type=int, default=None)
-    p.add_argument("--objective", choices=OBJECTIVES + DP_OBJECTIVES, default=None)
-    p.add_argument("--student-model", default=None)
-    p.add_argument("--aggregation", choices=AGGREGATIONS, default=None)
-    p.add_argument("--fedbn", action="store_true", default=None,
-                   help="keep normalisation layers local")
-    p.add_argument("--local-epochs", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default=None)
-    p.add_argument("--augment", choices=AUGMENTS, default=None)
-    p.add_argument("--queue-size", type=int, default=None)
-    p.add_argument("--teacher-update", choices=("momentum", "frozen"), default=None,
-                   help="MoMA's teacher: moved towards the student by momentum (the teacher's "
-                        "own architecture only) or frozen (any teacher, e.g. a larger one)")
-    p.add_argument("--moma-attention", choices=MOMA_ATTENTIONS, default=None,
-                   help="MoMA's batch attention: reference (the authors' code) or residual "
-                        "(the contrast carries each image's teacher key)")
-    p.add_argument("--image-size", type=int, default=None)
-    p.add_argument("--transfer-dtype", choices=TRANSFER_DTYPES, default=None,
-                   help="student tensors on the wire (float16: half the bytes)")
-    p.add_argument("--dp", choices=("off", "dp-sgd"), default=None,
-                   help="sample-level DP-SGD at every site (objective dp-moma, kd or ce)")
-    p.add_argument("--dp-noise-multiplier", type=float, default=None)
-    p.add_argument("--dp-max-grad-norm", type=float, default=None)
-    p.add_argument("--client-dp", choices=("off", "server-clipping", "site-clipping"),
-                   default=None, help="client-level DP of the aggregate (who clips; the "
-                   "results report the (epsilon, delta) at the site level)")
-    p.add_argument("--client-dp-noise-multiplier", type=float, default=None)
-    p.add_argument("--client-dp-clipping-norm", type=float, default=None,
-                   help="the clipping norm (adaptive: its first value)")
-    p.add_argument("--secagg", choices=("off", "secaggplus"), default=None,
-                   help="secure aggregation (Flower's SecAgg+): the coordinator learns only "
-                   "the weighted mean of the sites' updates")
-    p.add_argument("--client-dp-clipping", choices=("fixed", "adaptive"), default=None,
-                   help="client-level DP: fixed clipping norm, or adapted each round to a "
-                   "quantile of the update norms")
+    g = p.add_argument_group("run settings (docs/configuration.md; --demo: a small preset "
+                             "for the ones not given)")
+    p.add_settings(FLAGS, group=g, names=FLAG_NAMES)
+    p.add_run_config(owned=OWNED, group=g)
     p.add_argument("--n", type=int, default=None, help="synthetic: training images per site "
                                                         f"(default {SYNTHETIC_N})")
     p.add_argument("--label-skew", type=float, default=0.0,
@@ -106,7 +83,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet α (partitioner)")
     p.add_argument("--resume", action="store_true", help="continue runs/<name>/")
     p.add_argument("--no-local-baseline", action="store_true")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_settings(["seed"])
     p.add_argument("--device", default="cpu",
                    help="where simulated sites train: cpu, cuda or cuda:N")
     p.add_argument("--gpus-per-site", type=float, default=None,
@@ -119,18 +96,9 @@ SYNTHETIC_N = 800
 #: ``--demo``: a preset for a CPU laptop (a few minutes), applied where no option was given.
 DEMO = {"rounds": 5, "local_epochs": 2, "lr": 0.003, "optimizer": "adamw", "augment": "flip",
         "queue_size": 1024, "image_size": 48, "n": 240, "student_model": "test_efficientnet"}
-#: option → run-config key
-RUN_KEYS = {"rounds": "num-rounds", "objective": "objective", "student_model": "student-model",
-            "aggregation": "aggregation", "fedbn": "fedbn", "local_epochs": "local-epochs",
-            "batch_size": "batch-size", "lr": "lr", "optimizer": "optimizer",
-            "augment": "augment", "queue_size": "queue-size",
-            "teacher_update": "teacher-update", "image_size": "image-size",
-            "moma_attention": "moma-attention",
-            "seed": "seed", "transfer_dtype": "transfer-dtype", "dp": "dp",
-            "dp_noise_multiplier": "dp-noise-multiplier", "dp_max_grad_norm": "dp-max-grad-norm",
-            "client_dp": "client-dp", "client_dp_noise_multiplier": "client-dp-noise-multiplier",
-            "client_dp_clipping_norm": "client-dp-clipping-norm",
-            "client_dp_clipping": "client-dp-clipping", "secagg": "secagg"}
+#: option → run-config key: every run setting moma-simulate takes (a flag's, or --run-config's)
+RUN_KEYS = {FLAG_NAMES.get(key, f"--{key}")[2:].replace("-", "_"): key
+            for key in settings_fields() if key not in OWNED}
 
 
 def settings(args: argparse.Namespace) -> argparse.Namespace:
@@ -322,9 +290,11 @@ def _domains(path: str) -> list[str]:
     return [r["domain"] for r in rows]
 
 
-def simulate(args: argparse.Namespace) -> dict:
+def simulate(spec: SimulationSpec) -> dict:
+    """Run the simulated federation ``spec`` asks for (then, for the demo, the local-only
+    baseline); returns results.json's final."""
     started = time.perf_counter()
-    args = settings(args)
+    args = settings(options(spec))
     out_dir = (args.runs_dir / args.name).resolve()
     # validated before anything is written or trained (classes/teacher are filled in below)
     draft = run_config(args, out_dir, TARGET_CLASSES, None, None)
@@ -374,20 +344,23 @@ def simulate(args: argparse.Namespace) -> dict:
     return final
 
 
+def options(spec: SimulationSpec) -> argparse.Namespace:
+    """``spec`` as the parsed options the checks below take: the command line's defaults
+    (:func:`parser`), then every value of the spec; the run settings it gives are also
+    the ones given (``run_settings``, by key), as if by their flags."""
+    args = parser().parse_args([])
+    vars(args).update(spec.options())
+    if isinstance(getattr(args, "run_settings", None), dict):
+        args.run_settings = {**args.run_settings, **{
+            key: getattr(args, opt) for opt, key in RUN_KEYS.items()
+            if getattr(args, opt, None) is not None}}
+    return args
+
+
 def wants_local_baseline(args: argparse.Namespace) -> bool:
     """The demo's local-only baseline runs (synthetic sites, not turned off)."""
     return bool(args.demo and not args.no_local_baseline and args.data is None
                 and args.site_data is None)
-
-
-def check_baseline_privacy(run: RunConfig) -> None:
-    """Refuse (ConfigError) a local-only baseline for a private run: it would train without
-    the run's DP, and a private federation compared with a non-private baseline says nothing."""
-    p = run.privacy
-    if p.dp != "off" or p.client_dp != "off" or run.objective.objective == "dp-moma":
-        raise ConfigError("the local-only baseline trains without DP, unlike this run (dp = "
-                          f"{p.dp}, client-dp = {p.client_dp}, objective "
-                          f"{run.objective.objective}): add --no-local-baseline")
 
 
 def run_simulated(run: RunConfig, num_sites: int, client_app=None,
@@ -490,7 +463,7 @@ def main() -> int:
     logging.getLogger("moma").setLevel(logging.INFO)
     _quiet_engine_logs()
     try:
-        simulate(parser().parse_args())
+        simulate(SimulationSpec.from_args(parser().parse_args()))
     except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -173,7 +173,7 @@ def test_the_demos_local_only_baseline_is_never_that_of_a_private_run(call, teac
 
 
 def test_a_local_only_arm_refuses_a_private_run():
-    from server.benchmark_arms import train_alone
+    from server.baseline import train_alone
     from tests.helpers import tiny_run
 
     with pytest.raises(ConfigError, match="trains without DP"):

@@ -19,18 +19,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from moma_core.data.synthetic import SOURCE_CLASSES, TARGET_CLASSES
-from moma_core.models import Architecture
-from moma_protocol.wire import wire_state
-from server import benchmark as B
-from server.benchmark_arms import (
+from moma_bench import benchmark as B
+from moma_bench.arms import (
     Scenario,
     arm,
     metrics_from_confusion,
     run_local,
     setup,
-    start_student,
 )
+from moma_core.data.synthetic import SOURCE_CLASSES, TARGET_CLASSES
+from moma_core.models import Architecture
+from moma_protocol.wire import wire_state
+from server.baseline import start_student
 from server.server_app import initial_student, state_digest
 from server.teacher_package import package_teacher
 from tests.helpers import tiny_teacher
@@ -394,8 +394,8 @@ def test_the_personalised_arm_fine_tunes_each_sites_own_copy_on_its_own_data(tmp
     it was; the same call again gives the same models."""
     import copy
 
+    from moma_bench.arms import Setup, personalise
     from moma_core.models import build_model
-    from server.benchmark_arms import Setup, personalise
     from tests.helpers import synthetic_sites, tiny_run
 
     run = tiny_run(image_size=32)

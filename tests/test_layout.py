@@ -23,15 +23,26 @@ def _imports(package: str) -> dict[str, set[str]]:
 
 
 @pytest.mark.parametrize("package,forbidden", [
-    ("server", {"client"}),           # the coordinator never imports the site's code
-    ("client", {"server"}),
-    ("moma_protocol", {"server", "client", "deploy"}),  # owned by neither side
-    ("moma_core", {"server", "client", "deploy", "moma_protocol", "flwr"}),  # plain PyTorch
+    ("server", {"client", "moma_bench"}),  # the coordinator never imports the site's code
+    ("client", {"server", "moma_bench"}),
+    ("deploy", {"moma_bench"}),
+    ("moma_protocol", {"server", "client", "deploy", "moma_bench"}),  # owned by neither side
+    ("moma_core", {"server", "client", "deploy", "moma_protocol", "flwr",
+                   "moma_bench"}),  # plain PyTorch
 ])
 def test_import_rules(package, forbidden):
     bad = {m: sorted(names & forbidden) for m, names in _imports(package).items()
            if names & forbidden}
     assert bad == {}
+
+
+def test_only_the_benchmark_imports_both_sides():
+    """moma_bench (not part of the product) may import the coordinator's and the site's code;
+    no package of the product does, and none of them imports moma_bench (the rules above)."""
+    both = {pkg for pkg in (*PRODUCT, "moma_bench")
+            if {"server", "client"} <= set().union(*_imports(pkg).values())}
+    assert both <= {"moma_bench"}
+    assert "moma_bench" in both  # the rule is about a package that exists and does import both
 
 
 def test_no_environment_channel_between_simulation_and_sites():
@@ -82,10 +93,9 @@ def _internal_imports(path: Path, modules: set[str]) -> set[str]:
     return out
 
 
-def test_no_import_circles_in_moma_core():
-    """No module of moma_core imports, directly or through others, a module that imports it:
-    no import is deferred into a function to dodge a circle (deferred imports count too)."""
-    paths = sorted((ROOT / "moma_core").rglob("*.py"))
+def _circles(*packages: str) -> list[str]:
+    """Import circles among the modules of ``packages`` (deferred imports count too)."""
+    paths = sorted(p for package in packages for p in (ROOT / package).rglob("*.py"))
     modules = {_module_name(p) for p in paths}
     graph = {_module_name(p): _internal_imports(p, modules) - {_module_name(p)} for p in paths}
     circles, state = [], dict.fromkeys(graph, 0)  # 0 new, 1 on the current path, 2 done
@@ -102,7 +112,57 @@ def test_no_import_circles_in_moma_core():
     for module in sorted(graph):
         if state[module] == 0:
             walk(module, [module])
-    assert circles == []
+    return circles
+
+
+def _import_graph(package: str) -> dict[str, set[str]]:
+    paths = sorted((ROOT / package).rglob("*.py"))
+    modules = {_module_name(p) for p in paths}
+    return {_module_name(p): _internal_imports(p, modules) - {_module_name(p)} for p in paths}
+
+
+def _circles(graph: dict[str, set[str]]) -> list[str]:
+    circles, state = [], dict.fromkeys(graph, 0)  # 0 new, 1 on the current path, 2 done
+
+    def walk(module: str, trail: list[str]) -> None:
+        state[module] = 1
+        for target in sorted(graph[module]):
+            if state[target] == 1:
+                circles.append(" -> ".join(trail[trail.index(target):] + [target]))
+            elif state[target] == 0:
+                walk(target, trail + [target])
+        state[module] = 2
+
+    for module in sorted(graph):
+        if state[module] == 0:
+            walk(module, [module])
+    return circles
+
+
+@pytest.mark.parametrize("package", ["moma_core", "server", "client"])
+def test_no_import_circles(package):
+    """No module of ``package`` imports, directly or through others, a module that imports it:
+    no import is deferred into a function to dodge a circle (deferred imports count too). A
+    round reads top to bottom: server.round calls down into server.transport and
+    server.secagg; client.client_app and client.secagg_site both call down into
+    client.site_messages; client.site_errors imports neither the worker nor the training."""
+    assert _circles(_import_graph(package)) == []
+
+
+@pytest.mark.parametrize("module,never", [
+    ("server.secagg", {"server.round", "server.server_app"}),
+    ("server.transport", {"server.round", "server.secagg", "server.server_app"}),
+    ("client.secagg_site", {"client.client_app"}),
+    ("client.site_messages", {"client.client_app", "client.secagg_site"}),
+    ("client.site_errors", {"client.site_worker", "client.site_training", "client.site_round",
+                            "client.client_app"}),
+])
+def test_lower_modules_never_call_back_up(module, never):
+    assert _import_graph(module.split(".")[0])[module] & never == set()
+
+
+def test_the_circle_check_finds_a_circle():
+    assert _circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a -> b -> c -> a"]
 
 
 # -- Flower's internals only through the compat modules ----------------------------------------
@@ -115,11 +175,9 @@ FLWR_PUBLIC = ("flwr", "flwr.app", "flwr.clientapp", "flwr.serverapp", "flwr.ser
                "flwr.simulation", "flwr.client", "flwr.client.mod", "flwr.server",
                "flwr.server.workflow", "flwr.common")
 PRODUCT = ("server", "client", "deploy", "moma_protocol", "moma_core")
-#: Flower globals still replaced outside a compat module (the names come from deploy.flwr_compat,
-#: which checks them): the SuperLink launcher's gate and credential store, to be moved into
-#: deploy/flwr_compat.py as functions. No other may be added.
-KNOWN_PATCHES = {"deploy/superlink.py": ["file_credential_store.CREDENTIAL_FILE_PATH = …",
-                                         "flower_main.create_app = …"]}
+#: Flower globals replaced outside a compat module (none: the SuperLink launcher's gate and
+#: credential store are replaced by functions of deploy/flwr_compat.py). No other may be added.
+KNOWN_PATCHES: dict[str, list[str]] = {}
 
 
 def _flwr_all(module: str) -> set[str]:

@@ -1,7 +1,8 @@
 """The arms of ``moma-bench accuracy``: how each one trains, and how each is scored.
 
-Every arm of one scenario and seed is built from the same ``moma-simulate`` options (the
-simulation's own :func:`server.simulate.settings`, :func:`~server.simulate.site_configs` and
+Every arm of one scenario and seed is built from the same ``moma-simulate`` settings (a
+:class:`~server.simulation_spec.SimulationSpec`, checked and turned into sites and run settings
+by the simulation's own :func:`server.simulate.settings`, :func:`~server.simulate.site_configs` and
 :func:`~server.simulate.run_config`), so all arms see the same sites, the same data, the same
 run settings and the same seeds; only the objective, the aggregation and FedBN differ.
 
@@ -14,7 +15,8 @@ run settings and the same seeds; only the objective, the aggregation and FedBN d
   training splits of all sites: plain moma_core, :func:`moma_core.train.train_local` round by
   round with the federation's :meth:`RunConfig.train_config` (learning rate over rounds, local
   epochs), the round seeds a site derives (:func:`moma_core.seeding.derive_seed`) and the
-  objective's state carried between rounds, as a site keeps it. Both start from the same
+  objective's state carried between rounds, as a site keeps it (:func:`server.baseline.train_alone`,
+  also ``moma-simulate --demo``'s local-only baseline). Both start from the same
   round-1 student as the federation (``initial_student``); the SHA-256 of that start is recorded
   and is the federated runs' ``rounds[0].start_digest``.
 
@@ -43,18 +45,19 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import ConcatDataset, Dataset
 
+from client.site_config import site_settings
 from moma_core import objective_registry
 from moma_core.checkpoint import load_model
 from moma_core.evaluate import evaluate
 from moma_core.metrics import classification_metrics
-from moma_core.models import build_model
-from moma_core.objectives import ObjectiveConfig, build_objective, same_task, training_set
+from moma_core.objectives import ObjectiveConfig, build_objective, same_task
 from moma_core.seeding import derive_seed, seed_everything
 from moma_core.sources import SYNTHETIC, SiteData, make_loader, open_site_data
 from moma_core.train import train_local
 from moma_protocol.settings import RunConfig
-from server.server_app import initial_student, state_digest
-from server.teacher_package import package_teacher
+from server import simulate as sim
+from server.baseline import train_alone
+from server.simulation_spec import SimulationSpec
 
 METRICS = ("accuracy", "macro_f1", "kappa")
 TERMS = ("train-nce", "train-kl", "train-ce", "train-nce-shuffled", "train-retrieval")
@@ -170,7 +173,9 @@ class Scenario:
 
     name: str
     teacher: Path
-    sim_args: tuple[str, ...]
+    #: the scenario's ``moma-simulate`` settings (data, sites, training), in the order they are
+    #: recorded: (:class:`~server.simulation_spec.SimulationSpec` field, value) pairs
+    simulation: tuple[tuple[str, object], ...]
     eval_n: int | None = None  # synthetic: held-out images per site (None: the val split)
     task: str = ""  # "same" | "different": whether the teacher knows the sites' classes
     teacher_source: str = ""  # what the teacher is trained on when missing ("": given)
@@ -181,6 +186,20 @@ class Scenario:
     def teacher_is_other_model(self, student_model: str) -> bool:
         """The teacher is another architecture than the student (MoMA frozen, no CRCKD)."""
         return self.teacher_model not in ("", student_model)
+
+    def spec(self, **arm_fields: object) -> SimulationSpec:
+        """The simulation of one arm: the scenario's settings and the arm's own."""
+        return SimulationSpec(**dict(self.simulation), **arm_fields)  # type: ignore[arg-type]
+
+    @property
+    def sim_args(self) -> tuple[str, ...]:
+        """The scenario's settings as ``moma-simulate`` options: the record in each arm's
+        fingerprint and in summary.json (``simulate_options``), never parsed."""
+        out: list[str] = []
+        for key, value in self.simulation:
+            values = value if isinstance(value, tuple | list) else (value,)
+            out += [f"--{key.replace('_', '-')}", *map(str, values)]
+        return tuple(out)
 
 
 @dataclass
@@ -195,13 +214,11 @@ class Setup:
 
 def setup(scenario: Scenario, arm_: Arm, seed: int, runs_dir: Path) -> Setup:
     """The arm's ``moma-simulate`` options, sites and run settings (nothing is trained)."""
-    from server import simulate as sim
-
-    argv = [*scenario.sim_args, "--name", arm_.name, "--runs-dir", str(runs_dir),
-            "--seed", str(seed), "--objective", arm_.objective,
-            "--aggregation", arm_.aggregation, "--teacher", str(scenario.teacher),
-            "--no-local-baseline", *(["--fedbn"] if arm_.fedbn else [])]
-    args = sim.settings(sim.parser().parse_args(argv))
+    spec = scenario.spec(name=arm_.name, runs_dir=runs_dir, seed=seed,
+                         objective=arm_.objective, aggregation=arm_.aggregation,
+                         teacher=scenario.teacher, no_local_baseline=True,
+                         fedbn=True if arm_.fedbn else None)
+    args = sim.settings(sim.options(spec))
     out_dir = (args.runs_dir / args.name).resolve()
     sites, classes = sim.site_configs(args, out_dir, seed)
     if args.classes and args.site_data is None:
@@ -277,10 +294,8 @@ def run_arm(arm_: Arm, scenario: Scenario, seed: int, folder: Path, log: Path) -
 
 def run_federated(s: Setup) -> dict:
     """The product's federation (ServerApp + ClientApp, Flower's simulation engine)."""
-    from server.simulate import run_simulated
-
     (s.out_dir / "sites.json").write_text(json.dumps(s.sites, indent=2))
-    run_simulated(s.run, s.args.sites)
+    sim.run_simulated(s.run, s.args.sites)
     results = json.loads((s.out_dir / "results.json").read_text())
     rounds = results["rounds"]
     last = Path(rounds[-1]["checkpoint"])
@@ -330,15 +345,6 @@ def personalise(models: list[nn.Module], s: Setup, epochs: int) -> list[nn.Modul
     return out
 
 
-def start_student(run: RunConfig, teacher: Path | None) -> tuple[nn.Module, str, str]:
-    """The federation's round-1 student as a model, how it was made and its SHA-256."""
-    arch = run.student_architecture()
-    state, how = initial_student(run, arch, package_teacher(teacher) if teacher else None)
-    model = build_model(arch)
-    model.load_state_dict(state, strict=False)  # BN step counters are not in the wire state
-    return model, how, state_digest(state)
-
-
 def run_local(s: Setup, teacher: Path, pooled: bool) -> dict:
     """Each site alone (``pooled`` false) or one student on all sites' training data."""
     datas = [open_site(site, s.run) for site in s.sites]
@@ -360,41 +366,6 @@ def run_local(s: Setup, teacher: Path, pooled: bool) -> dict:
             "round_status": ["ok"] * len(rounds), "steps_per_site": steps}
 
 
-def train_alone(run: RunConfig, train: Dataset, name: str, teacher: Path | None
-                ) -> tuple[nn.Module, str, str, list[dict], int]:
-    """Rounds of :func:`train_local` on one training set, as a site trains them, unaveraged.
-
-    Returns the model, how it started, the start's SHA-256, per-round loss terms and steps.
-    """
-    fed, tr = run.federation, run.training
-    from server.simulate import check_baseline_privacy
-
-    check_baseline_privacy(run)  # trained without DP: never the baseline of a private run
-    student, how, digest = start_student(run, teacher)
-    t_model, t_arch = (None, None)
-    if objective_registry.needs_teacher(run.objective.objective):
-        if teacher is None:
-            raise ValueError(f"objective {run.objective.objective!r} needs a teacher")
-        t_model, t_arch, _ = load_model(teacher)
-    objective, history, steps = None, [], 0
-    for rnd in range(1, fed.num_rounds + 1):
-        seed = derive_seed(fed.seed, name, rnd)
-        if objective is None:  # built once: its state (momentum teacher, queue) carries over
-            seed_everything(seed)
-            objective = build_objective(
-                run.objective_config(), student, t_model,
-                same_task(t_arch.classes, run.class_names) if t_arch else None,
-                n_data=len(train), batch_size=tr.batch_size)
-        cfg = replace(run.train_config(rnd), seed=seed)
-        loader = make_loader(training_set(objective, train), tr.batch_size, train=True,
-                             seed=seed)
-        result = train_local(student, objective, loader, cfg)
-        steps += int(result.metrics["steps"])
-        history.append({**{f"train-{k}": v for k, v in result.metrics.items()},
-                        "num-examples": result.num_examples})
-    return student, how, digest, history, steps
-
-
 def _weighted_terms(entries: list[dict]) -> dict:
     total = sum(e["num-examples"] for e in entries)
     return {k: (sum(e[k] * e["num-examples"] for e in entries) / total
@@ -412,16 +383,16 @@ def _kl_on(arm_: Arm, run: RunConfig, teacher: Path) -> bool:
 
 # -- data and scoring -------------------------------------------------------------------------
 def open_site(site: dict, run: RunConfig, val_fraction: float = 0.25) -> SiteData:
-    """A simulated site's data, opened as the site opens it (client.site_training.site_data)."""
-    probs = site.get("class-probs")
+    """A simulated site's data, opened as the site opens it (client.site_training.site_data):
+    its node config read by the site's own parser (:func:`client.site_config.site_settings`);
+    ``val_fraction`` of it held out."""
+    s = site_settings(site)
     return open_site_data(
-        str(site["data-path"]), image_size=run.federation.image_size,
-        augment=run.training.augment, seed=int(site.get("data-seed", 0)),
-        n=int(site.get("n", 800)), site_index=site.get("site-index"),
-        num_sites=int(site.get("num-sites", 1)),
-        class_probs=[float(p) for p in str(probs).split(",")] if probs else None,
+        s.data_path, image_size=run.federation.image_size, augment=run.training.augment,
+        seed=s.data_seed, n=s.n, site_index=s.site_index, num_sites=s.num_sites,
+        class_probs=list(s.class_probs) if s.class_probs else None,
         val_fraction=val_fraction, classes=list(run.class_names) or None,
-        allow_outside_paths=str(site.get("allow-outside-paths", "false")).lower() == "true")
+        allow_outside_paths=s.allow_outside_paths)
 
 
 def held_out_sets(run: RunConfig, sites: list[dict], eval_n: int | None

@@ -1,6 +1,6 @@
 """``moma-bench accuracy``: local-only, federated and centralised training compared, same budget.
 
-Arms (:mod:`server.benchmark_arms`): local-only per site · FedAvg CE-only · FedAvg + KD ·
+Arms (:mod:`moma_bench.arms`): local-only per site · FedAvg CE-only · FedAvg + KD ·
 FedAvg + CRCKD · FedAvg + MoMA · MoMA with FedProx · MoMA with FedBN · centralised MoMA on the
 pooled data of all sites — with the same seeds, the same sites and data, the same round-1
 student (the teacher's weights where the architectures match) and the same local epochs per
@@ -30,13 +30,7 @@ from dataclasses import replace
 from datetime import date
 from pathlib import Path
 
-from moma_core.cli.common import run_cli
-from moma_core.data.synthetic import TASKS
-from moma_core.method_config import OPTIMIZERS
-from moma_core.partition import PARTITIONERS
-from moma_core.report import markdown_table, plot_curves, write_json
-from moma_protocol.settings import AUGMENTS, ConfigError
-from server.benchmark_arms import (
+from moma_bench.arms import (
     ARM_NAMES,
     METRICS,
     MOMA_ARMS,
@@ -48,6 +42,12 @@ from server.benchmark_arms import (
     run_arm,
     setup,
 )
+from moma_core.cli.common import run_cli
+from moma_core.data.synthetic import TASKS
+from moma_core.method_config import OPTIMIZERS
+from moma_core.partition import PARTITIONERS
+from moma_core.report import markdown_table, plot_curves, write_json
+from moma_protocol.settings import AUGMENTS, ConfigError
 
 #: ``--quick``: a few minutes per scenario on a CPU (one seed allowed).
 QUICK = {"sites": [3], "seeds": [0], "rounds": 3, "local_epochs": 1, "n": 200,
@@ -203,26 +203,27 @@ def check_options(args: argparse.Namespace) -> argparse.Namespace:
 
 def scenarios(args: argparse.Namespace) -> list[Scenario]:
     """The scenarios to run, each with its teacher's path (trained later if missing)."""
-    train = ["--rounds", args.rounds, "--local-epochs", args.local_epochs, "--image-size",
-             args.image_size, "--student-model", args.model, "--batch-size", args.batch_size,
-             "--lr", args.lr, "--optimizer", args.optimizer, "--augment", args.augment,
-             "--queue-size", args.queue_size]
+    train = (("rounds", args.rounds), ("local_epochs", args.local_epochs),
+             ("image_size", args.image_size), ("student_model", args.model),
+             ("batch_size", args.batch_size), ("lr", args.lr), ("optimizer", args.optimizer),
+             ("augment", args.augment), ("queue_size", args.queue_size))
     if args.site_data is not None or args.data is not None:
+        data: tuple[tuple[str, object], ...]
         if args.site_data is not None:
-            data, name = ["--site-data", *args.site_data], f"site-data-{len(args.site_data)}sites"
+            data = (("site_data", tuple(args.site_data)),)
+            name = f"site-data-{len(args.site_data)}sites"
         else:
-            data = ["--data", args.data, "--partitioner", args.partitioner, "--alpha",
-                    args.alpha, "--sites", args.sites[0]]
+            data = (("data", args.data), ("partitioner", args.partitioner),
+                    ("alpha", args.alpha), ("sites", args.sites[0]))
             name = f"data-{args.partitioner}-{args.sites[0]}sites"
-        data += ["--classes", args.classes] if args.classes else []
+        data += (("classes", args.classes),) if args.classes else ()
         teacher = args.teacher or teacher_path(args, "different")
-        return [Scenario(name, teacher, tuple(map(str, data + train)),
+        return [Scenario(name, teacher, data + train,
                          teacher_source="" if args.teacher else TASK_SOURCE["different"],
                          teacher_model=args.teacher_model)]
     return [Scenario(f"{task}-task-{k}sites", teacher_path(args, task),
-                     tuple(map(str, ["--sites", k, "--n", args.n, "--label-skew",
-                                     args.label_skew, *train])), args.eval_n, task,
-                     TASK_SOURCE[task], args.teacher_model)
+                     (("sites", k), ("n", args.n), ("label_skew", args.label_skew), *train),
+                     args.eval_n, task, TASK_SOURCE[task], args.teacher_model)
             for task in args.tasks for k in args.sites]
 
 
