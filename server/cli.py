@@ -13,7 +13,9 @@ authentication only with ``--insecure`` (local trials).
 The run's ``image-size`` is the teacher's (its sidecar's ``architecture.image_size``) unless
 ``--run-config`` sets it; a distilling run set to another size than the teacher's is refused
 (the teacher would see images of another scale than it was trained on). Only ``ce``, which
-ships no teacher and at most starts from its weights, may train at another size.
+ships no teacher and at most starts from its weights, may train at another size. Likewise the
+run's ``student-model`` is the teacher's model unless ``--run-config`` names another (MoMA's
+momentum teacher follows a student of its own architecture).
 
 Writes ``runs/<name>/`` (results.json, checkpoints, curves, report) and stops everything it
 started when the run ends or it is killed; a busy port or a run folder in use by another
@@ -92,8 +94,9 @@ def overrides(args: argparse.Namespace, out_root: Path, teacher: Path | None,
               registry: Path | None) -> dict:
     """The run config this command submits: its options, ``--run-config`` (an option given
     explicitly wins: ``--rounds``, ``--classes``, ``--eval-source``), and the teacher's
-    ``image-size`` unless that sets one; validated (unknown key, wrong type, out of
-    range, an image size not the teacher's: one line) before anything starts."""
+    ``image-size`` and model (``student-model``) unless that sets them; validated (unknown
+    key, wrong type, out of range, an image size not the teacher's: one line) before anything
+    starts."""
     values: dict = {"run-name": args.name, "output-dir": str(out_root),
                     "teacher-path": str(teacher or ""), "eval-source": args.eval_source,
                     "eval-sites": args.eval_sites, "resume": args.resume,
@@ -111,6 +114,9 @@ def overrides(args: argparse.Namespace, out_root: Path, teacher: Path | None,
     arch = teacher_architecture(teacher) if teacher is not None else None
     if arch is not None and "image-size" not in extra:
         values["image-size"] = arch.image_size
+    if arch is not None and "student-model" not in extra:
+        # the student is the teacher's architecture (MoMA's momentum teacher follows it)
+        values["student-model"] = arch.model_name
     run = RunConfig.from_flat(values)
     check_student_model(run)
     if needs_teacher(run.objective.objective) and teacher is None:

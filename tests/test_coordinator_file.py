@@ -59,3 +59,29 @@ def test_a_bad_coordinator_file_is_refused_in_one_line(tmp_path, content, needle
 def test_only_coordinator_keys_are_written(tmp_path):
     with pytest.raises(ConfigError, match="'lr' is not a coordinator setting"):
         cf.write(tmp_path / "c.json", {"lr": 0.1})
+
+
+def test_the_student_is_the_teachers_architecture_unless_the_run_config_names_one(tmp_path):
+    """docs/deploy.md's steps train an efficientnet_b0 teacher and start moma-server without a
+    student-model: the run takes the teacher's model (MoMA's momentum teacher needs it), as it
+    takes its image size; a student named in --run-config is kept (and checked)."""
+    import torch
+
+    from moma_core.checkpoint import save_checkpoint
+    from moma_core.models import Architecture, build_model
+
+    arch = Architecture("resnet10t", ("a", "b"), 32)
+    teacher = tmp_path / "t.safetensors"
+    save_checkpoint(teacher, build_model(arch).state_dict(), arch)
+    torch.manual_seed(0)
+
+    def submitted(*extra):
+        args = parser().parse_args(["--insecure", "--classes", "x,y", *extra])
+        return overrides(args, tmp_path / "runs", teacher, None)
+
+    assert submitted()["student-model"] == "resnet10t"
+    assert submitted()["image-size"] == 32
+    kept = submitted("--run-config", 'student-model="test_efficientnet" teacher-update="frozen"')
+    assert kept["student-model"] == "test_efficientnet"
+    # (a student the momentum teacher cannot follow is refused before anything starts:
+    # tests/test_coordinator_refusals.py)
