@@ -182,7 +182,10 @@
     const done = st.rounds;
     const src = globalSource(done);
     const last = [...done].reverse().find((r) => r[src]);
-    setText("latest-round", last ? last.round : "–");
+    // without a coordinator held-out set, a round's student is scored by the sites at the
+    // start of the next round: the latest scored round trails the last completed one
+    setText("latest-round", last ? last.round
+      : (done.length ? "– (sites score each student at the start of the next round)" : "–"));
     const cards = [];
     const m = last ? last[src] : {};
     for (const [k, label] of [["accuracy", "accuracy"], ["macro_f1", "macro-F1"], ["kappa", "kappa"]]) {
