@@ -34,33 +34,60 @@ import threading
 import time
 import tomllib
 from pathlib import Path
+from typing import Any
 
 from client.app_guard import LOG_ENV, write_launcher
-from client.site_config import default_ledger_path
+from client.site_config import SITE_FIELDS, WHERE, default_ledger_path
 from client.supernode import run_supernode
 from deploy.lifecycle import BusyError, InstanceLock, check_port_free, kill_tagged, spawn
 from deploy.runtime import executable, exit_on_sigterm, flower_env, stop
 from moma_core.cli.common import DefaultsHelpFormatter, run_cli
+from moma_core.cli.settings_flags import SettingsParser
 from moma_core.progress import console
 from moma_core.sources import open_site_data
 
+#: flag names kept from before moma-client's site flags were generated from the site settings
+FLAG_NAMES = {"data-path": "--data"}
+#: moma-client's defaults where they are not the node config's: without --num-sites a
+#: synthetic site is one of 3 styles; the name, the data, the cache and the ledger come from
+#: the kit (:func:`resolve`) unless given
+CLIENT_DEFAULTS: dict[str, Any] = {"num-sites": 3, "site-name": None, "data-path": None,
+                                   "cache-dir": None, "ledger": None}
+#: help texts of the flags whose default comes from the kit
+CLIENT_HELPS = {
+    "data-path": "ImageFolder dir, .csv manifest, .npz, or synthetic:target (default: the "
+                 "kit's site.toml 'data')",
+    "cache-dir": "teacher cache and private site state, never sent (default: the kit's "
+                 "site.toml 'cache-dir')",
+    "site-name": "--insecure only: with a kit the name is the registered one",
+    "ledger": "this site's privacy ledger file, kept outside the cache folder so that wiping "
+              "the cache does not reset the budget (default: the kit's site.toml 'ledger', "
+              "else $XDG_STATE_HOME/moma-fl/privacy-ledger.json, ~/.local/state/... without "
+              "XDG_STATE_HOME); an old ledger in <cache-dir>/privacy/ is migrated into it",
+}
+#: the site settings with a flag, by group (teacher-signer: the kit's)
+SITE_FLAGS = ("data-path", "cache-dir", "site-name", "device")
+SYNTHETIC_FLAGS = ("site-index", "num-sites", "n", "class-probs", "data-seed")
+DATA_FLAGS = ("skip-bad-images", "allow-outside-paths")
+POLICY_FLAGS = ("require-dp", "require-client-dp", "max-epsilon", "max-client-epsilon",
+                "max-delta", "ledger")
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="moma-client", description=__doc__.splitlines()[0],
-                                epilog="moma-client privacy: this site's privacy ledger "
-                                       "(moma-client privacy --help)",
-                                formatter_class=DefaultsHelpFormatter)
+
+def _add_site_flags(p: SettingsParser, keys: tuple[str, ...], group: Any = None) -> None:
+    """Flags for the site settings ``keys``, generated from :class:`SiteSettings`."""
+    defaults = {k: CLIENT_DEFAULTS.get(k, SITE_FIELDS[k].default) for k in keys}
+    p.add_settings(keys, group=group, names=FLAG_NAMES, helps=CLIENT_HELPS, defaults=defaults)
+
+
+def parser() -> SettingsParser:
+    p = SettingsParser(prog="moma-client", description=__doc__.splitlines()[0],
+                       epilog="moma-client privacy: this site's privacy ledger "
+                              "(moma-client privacy --help)",
+                       known=SITE_FIELDS, where=WHERE, formatter_class=DefaultsHelpFormatter)
     p.add_argument("--kit", type=Path,
                    help="this site's kit from the coordinator (moma-deploy): TLS + site auth")
     p.add_argument("--server", help="coordinator address host:port (default: the kit's)")
-    p.add_argument("--data", help="ImageFolder dir, .csv manifest, .npz, or synthetic:target "
-                                  "(default: the kit's site.toml 'data')")
-    p.add_argument("--cache-dir", type=Path,
-                   help="teacher cache and private site state, never sent (default: the "
-                        "kit's site.toml 'cache-dir')")
-    p.add_argument("--site-name", default=None,
-                   help="--insecure only: with a kit the name is the registered one")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 …")
+    _add_site_flags(p, SITE_FLAGS)
     p.add_argument("--insecure", action="store_true",
                    help="plaintext, no site authentication, unsigned teachers (local trials)")
     p.add_argument("--clientappio-port", type=int, default=9094,
@@ -72,45 +99,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-wait-time", type=float, default=None,
                    help="give up (exit 2) after this many seconds of reconnection attempts "
                         "(default: no limit)")
-    g = p.add_argument_group("synthetic data")
-    g.add_argument("--site-index", type=int, default=None,
-                   help="simulated hospital style (default: none)")
-    g.add_argument("--num-sites", type=int, default=3, help="number of simulated styles")
-    g.add_argument("--n", type=int, default=800, help="training images")
-    p.add_argument("--skip-bad-images", action="store_true",
-                   help="skip images that cannot be decoded (counted) instead of failing")
-    p.add_argument("--allow-outside-paths", action="store_true",
-                   help="a CSV manifest may name images outside its folder")
+    _add_site_flags(p, SYNTHETIC_FLAGS, p.add_argument_group("synthetic data"))
+    _add_site_flags(p, DATA_FLAGS)
     p.add_argument("--check-only", action="store_true",
                    help="decode every image as training will, report, and exit")
-    g = p.add_argument_group("privacy policy (wins over the coordinator's run settings)")
-    g.add_argument("--require-dp", action="store_true",
-                   help="train only in runs with DP-SGD (dp = dp-sgd); others are refused "
-                        "with 'privacy-refused'")
-    g.add_argument("--require-client-dp", action="store_true",
-                   help="train only in runs with client-level DP of the aggregate "
-                        "(client-dp); others are refused with 'privacy-refused'")
-    g.add_argument("--max-epsilon", type=float, default=0.0,
-                   help="this site's DP-SGD ε budget over all runs (its privacy ledger), for "
-                        "every unit it protects: the patch-level ε (all DP-SGD rounds, "
-                        "patient-level ones included) and the patient-level ε both stay within "
-                        "it; a round that would exceed it is refused with 'privacy-budget' "
-                        "(default 0: no cap)")
-    g.add_argument("--max-client-epsilon", type=float, default=0.0,
-                   help="this site's site-level ε budget under client-level DP (client-dp), "
-                        "over all runs (its privacy ledger); a round that would exceed it is "
-                        "refused with 'privacy-budget' (default 0: no cap)")
-    g.add_argument("--max-delta", type=float, default=0.0,
-                   help="the largest DP-SGD δ this site accepts: the ledger reports ε at the "
-                        "run's δ, and a larger δ makes ε look smaller; a run above it is "
-                        "refused with 'privacy-refused' (default 0: 1/(10 × training "
-                        "examples))")
-    g.add_argument("--ledger", type=Path, default=None,
-                   help="this site's privacy ledger file, kept outside the cache folder so "
-                        "that wiping the cache does not reset the budget (default: the kit's "
-                        "site.toml 'ledger', else $XDG_STATE_HOME/moma-fl/privacy-ledger.json, "
-                        "~/.local/state/... without XDG_STATE_HOME); an old ledger in "
-                        "<cache-dir>/privacy/ is migrated into it")
+    _add_site_flags(p, POLICY_FLAGS, p.add_argument_group(
+        "privacy policy (wins over the coordinator's run settings)"))
     p.add_argument("--exit-after-study", action="store_true",
                    help="end (exit 0) when the coordinator ends its study, instead of staying "
                         "up and connecting again for the next one")
@@ -148,15 +142,6 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
                          "moma-deploy), or --insecure for a plaintext local trial")
     if not args.data:
         raise ValueError("no data: give --data (or 'data' in the kit's site.toml)")
-    if not (args.max_epsilon >= 0 and args.max_epsilon != float("inf")):
-        raise ValueError(f"--max-epsilon {args.max_epsilon}: give a finite number ≥ 0 "
-                         "(0: no cap)")
-    if not (args.max_client_epsilon >= 0 and args.max_client_epsilon != float("inf")):
-        raise ValueError(f"--max-client-epsilon {args.max_client_epsilon}: give a finite "
-                         "number ≥ 0 (0: no cap)")
-    if not 0 <= args.max_delta < 1:
-        raise ValueError(f"--max-delta {args.max_delta}: give a number in [0, 1) "
-                         "(0: 1/(10 × training examples))")
     if args.cache_dir is None:
         raise ValueError("no cache folder: give --cache-dir (or 'cache-dir' in site.toml)")
     if str(args.device).startswith("cuda"):  # refused here, not by every round of the run
@@ -170,30 +155,40 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def node_config(args: argparse.Namespace) -> str:
-    data = args.data if args.data.startswith("synthetic:") else str(Path(args.data).resolve())
-    values = {"data-path": data, "cache-dir": str(args.cache_dir.resolve()),
-              "device": args.device, "site-name": args.site_name or args.cache_dir.name,
-              "num-sites": args.num_sites, "n": args.n,
-              "skip-bad-images": "true" if args.skip_bad_images else "false",
-              "allow-outside-paths": "true" if args.allow_outside_paths else "false",
-              "require-dp": "true" if args.require_dp else "false",
-              "require-client-dp": "true" if args.require_client_dp else "false",
-              "max-epsilon": float(args.max_epsilon), "max-delta": float(args.max_delta),
-              "max-client-epsilon": float(args.max_client_epsilon),
-              "ledger": str(args.ledger.resolve())}
+    """The SuperNode's node config: every site setting with a value, from the flags (checked
+    by :class:`SiteSettings` as the site will read them, :func:`site_settings`), the kit and
+    :func:`resolve`."""
+    dests = {key: _dest(FLAG_NAMES.get(key, f"--{key}")) for key in SITE_FIELDS}
+    values: dict[str, Any] = {key: getattr(args, dest, None) for key, dest in dests.items()}
+    if not args.data.startswith("synthetic:"):
+        values["data-path"] = Path(args.data)  # an absolute path, as every path given
+    values["site-name"] = args.site_name or args.cache_dir.name
     if args.kit_info is not None:
-        values["teacher-signer"] = str(args.kit_info.teacher_signer.resolve())
-    if args.site_index is not None:
-        values["site-index"] = args.site_index
+        values["teacher-signer"] = args.kit_info.teacher_signer
     if getattr(args, "worker_socket", None):
         values["site-worker"] = str(args.worker_socket)
-    return " ".join(f'{k}="{v}"' if isinstance(v, str) else f"{k}={v}"
-                    for k, v in values.items())
+    return " ".join(f"{k}={_toml(v)}" for k, v in values.items() if v is not None)
+
+
+def _dest(option: str) -> str:
+    return option.lstrip("-").replace("-", "_")
+
+
+def _toml(value: Any) -> str:
+    """A node config value as flower-supernode reads it (switches as "true"/"false")."""
+    if isinstance(value, bool):
+        value = "true" if value else "false"
+    elif isinstance(value, Path):
+        value = str(value.resolve())
+    elif isinstance(value, tuple):
+        value = ",".join(map(str, value))
+    return f'"{value}"' if isinstance(value, str) else str(value)
 
 
 def check_data(args: argparse.Namespace) -> dict:
-    data = open_site_data(args.data, seed=0, n=args.n, site_index=args.site_index,
-                          num_sites=args.num_sites,
+    data = open_site_data(args.data, seed=args.data_seed, n=args.n,
+                          site_index=args.site_index, num_sites=args.num_sites,
+                          class_probs=args.class_probs,
                           on_error="skip" if args.skip_bad_images else "raise",
                           allow_outside_paths=args.allow_outside_paths)
     counts = data.counts()

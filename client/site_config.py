@@ -3,7 +3,8 @@
 Keys (``flower-supernode --node-config 'data-path="/data/kather" cache-dir="/var/moma"'``):
 ``data-path`` (ImageFolder dir, .csv, .npz, or ``synthetic:target``), ``cache-dir`` (teacher
 cache and site state), ``device`` (auto/cpu/cuda), ``site-name``; for synthetic data
-``site-index``, ``num-sites``, ``n``; ``skip-bad-images`` (true/false);
+``site-index``, ``num-sites``, ``n``, ``class-probs`` (one weight per class,
+comma-separated), ``data-seed``; ``skip-bad-images`` (true/false);
 ``allow-outside-paths`` (true/false: a CSV manifest may name images outside its folder);
 ``teacher-signer``
 (the coordinator's teacher-signing public key from the site's kit: teachers must be signed);
@@ -21,40 +22,81 @@ then entry ``partition-id`` of the run-scoped spec file named by the run config'
 ``simulation-sites`` (written by ``moma-simulate``), else synthetic site ``partition-id``. A
 real SuperNode's node config has no ``partition-id`` (``moma-client`` never sets one): the run
 config, which the coordinator chooses, can never point a real site at other data.
+
+Each key is a field of :class:`SiteSettings`, declared once with its default, help and range;
+``moma-client``'s flags are generated from the same fields, so a bad value is refused with the
+same one line (``node-config KEY: …``) whichever way it was given.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass
 from pathlib import Path
+from typing import Any
+
+from moma_core.method_config import SYNTHETIC_N
+from moma_core.run_settings import ConfigError, checked, fields_by_key, kind_of, opt
 
 
 class SiteConfigError(ValueError):
     """The node config of a site is incomplete or wrong."""
 
+    category = "config-error"
+
 
 @dataclass(frozen=True)
 class SiteSettings:
-    data_path: str
-    cache_dir: Path
-    device: str = "auto"
-    site_name: str = "site"
-    site_index: int | None = None
-    num_sites: int = 1
-    n: int = 800
-    skip_bad_images: bool = False
-    class_probs: tuple[float, ...] | None = None
-    data_seed: int = 0
-    teacher_signer: Path | None = None
-    allow_outside_paths: bool = False
-    require_dp: bool = False
-    require_client_dp: bool = False
-    max_epsilon: float = 0.0
-    max_delta: float = 0.0
-    max_client_epsilon: float = 0.0
-    ledger: Path | None = None  # the privacy ledger file; None: <cache-dir>/privacy/ledger.json
+    """A site's settings, each declared once (:func:`moma_core.run_settings.opt`: default,
+    help, range): :func:`site_settings` reads them from the node config and ``moma-client``'s
+    flags are generated from them (:mod:`client.cli`), both checked by the same
+    :func:`moma_core.run_settings.checked` (one line, ``node-config KEY: …``)."""
+
+    data_path: str = opt(MISSING, "ImageFolder dir, .csv manifest, .npz, or synthetic:target")
+    cache_dir: Path = opt(MISSING, "teacher cache and private site state, never sent")
+    device: str = opt("auto", "auto, cpu, cuda, cuda:1 …")
+    site_name: str = opt("site", "the site's name (default: site-<site-index>)")
+    site_index: int | None = opt(None, "synthetic data: simulated hospital style (default: "
+                                 "none)")
+    num_sites: int = opt(1, "synthetic data: number of simulated styles")
+    n: int = opt(SYNTHETIC_N, "synthetic data: training images")
+    skip_bad_images: bool = opt(False, "skip images that cannot be decoded (counted) instead "
+                                "of failing")
+    class_probs: tuple[float, ...] | None = opt(None, "synthetic data: the class mix, one "
+                                                "weight per class, comma-separated (default: "
+                                                "balanced)")
+    data_seed: int = opt(0, "synthetic data: seed of the images (and of a derived val split)")
+    teacher_signer: Path | None = opt(None, "the coordinator's teacher-signing public key (the "
+                                      "site's kit): teachers must be signed")
+    allow_outside_paths: bool = opt(False, "a CSV manifest may name images outside its folder")
+    require_dp: bool = opt(False, "train only in runs with DP-SGD (dp = dp-sgd); others are "
+                           "refused with 'privacy-refused'")
+    require_client_dp: bool = opt(False, "train only in runs with client-level DP of the "
+                                  "aggregate (client-dp); others are refused with "
+                                  "'privacy-refused'")
+    max_epsilon: float = opt(0.0, "this site's DP-SGD ε budget over all runs (its privacy "
+                             "ledger), for every unit it protects: the patch-level ε (all "
+                             "DP-SGD rounds, patient-level ones included) and the "
+                             "patient-level ε both stay within it; a round that would exceed "
+                             "it is refused with 'privacy-budget' (0: no cap)", lo=0)
+    max_delta: float = opt(0.0, "the largest DP-SGD δ this site accepts: the ledger reports ε "
+                           "at the run's δ, and a larger δ makes ε look smaller; a run above "
+                           "it is refused with 'privacy-refused' (0: 1/(10 × training "
+                           "examples))", lo=0, hi=1, hi_open=True)
+    max_client_epsilon: float = opt(0.0, "this site's site-level ε budget under client-level "
+                                    "DP (client-dp), over all runs (its privacy ledger); a "
+                                    "round that would exceed it is refused with "
+                                    "'privacy-budget' (0: no cap)", lo=0)
+    #: the privacy ledger file; None: <cache-dir>/privacy/ledger.json
+    ledger: Path | None = opt(None, "this site's privacy ledger file (default: "
+                              "<cache-dir>/privacy/ledger.json)")
+
+
+#: node-config key → field of every site setting (the keys of the module docstring)
+SITE_FIELDS = fields_by_key(SiteSettings)
+#: what a refusal of a site setting names, by node config or by moma-client's flag
+WHERE = "node-config"
 
 
 def default_ledger_path() -> Path:
@@ -65,6 +107,25 @@ def default_ledger_path() -> Path:
     state = os.environ.get("XDG_STATE_HOME", "")
     base = Path(state) if os.path.isabs(state) else Path.home() / ".local" / "state"
     return base / "moma-fl" / "privacy-ledger.json"
+
+
+def site_value(key: str, value: Any) -> Any:
+    """A node config's ``value`` of site setting ``key``, typed and checked by the tree
+    (:class:`SiteConfigError`, one line: the same as moma-client's flag gives). Numbers may be
+    written as text (``max-delta="1e-4"``); empty text is no value (a switch's: off)."""
+    f = SITE_FIELDS[key]
+    kind, optional = kind_of(f)
+    if isinstance(value, str):
+        if value == "" and (optional or f.default is MISSING or kind == "bool"):
+            return None
+        try:
+            value = {"int": int, "float": float}[kind](value)
+        except (KeyError, ValueError):
+            pass  # text where text is meant, or not a number: the tree says which
+    try:
+        return checked(key, value, f, WHERE)
+    except ConfigError as exc:
+        raise SiteConfigError(str(exc)) from None
 
 
 def site_settings(node_config: dict, simulation_sites: str = "") -> SiteSettings:
@@ -81,49 +142,15 @@ def site_settings(node_config: dict, simulation_sites: str = "") -> SiteSettings
     if missing:
         raise SiteConfigError(f"node config lacks {', '.join(missing)}: start the SuperNode "
                               "with --node-config 'data-path=\"…\" cache-dir=\"…\"'")
-    probs = cfg.get("class-probs")
-    return SiteSettings(
-        data_path=str(cfg["data-path"]),
-        cache_dir=Path(str(cfg["cache-dir"])).expanduser(),
-        device=str(cfg.get("device", "auto")),
-        site_name=str(cfg.get("site-name", f"site-{cfg.get('site-index', 0)}")),
-        site_index=None if cfg.get("site-index") in (None, "") else int(cfg["site-index"]),
-        num_sites=int(cfg.get("num-sites", 1)),
-        n=int(cfg.get("n", 800)),
-        skip_bad_images=str(cfg.get("skip-bad-images", "false")).lower() == "true",
-        class_probs=tuple(float(p) for p in str(probs).split(",")) if probs else None,
-        data_seed=int(cfg.get("data-seed", 0)),
-        teacher_signer=Path(str(cfg["teacher-signer"])) if cfg.get("teacher-signer") else None,
-        allow_outside_paths=str(cfg.get("allow-outside-paths", "false")).lower() == "true",
-        require_dp=str(cfg.get("require-dp", "false")).lower() == "true",
-        require_client_dp=str(cfg.get("require-client-dp", "false")).lower() == "true",
-        max_epsilon=_max_epsilon(cfg.get("max-epsilon", 0.0)),
-        max_delta=_max_delta(cfg.get("max-delta", 0.0)),
-        max_client_epsilon=_max_epsilon(cfg.get("max-client-epsilon", 0.0),
-                                        "max-client-epsilon"),
-        ledger=Path(str(cfg["ledger"])).expanduser() if cfg.get("ledger") else None,
-    )
-
-
-def _max_epsilon(value: object, key: str = "max-epsilon") -> float:
-    try:
-        eps = float(value)
-    except (TypeError, ValueError):
-        raise SiteConfigError(f"{key} {value!r} is not a number") from None
-    if not eps >= 0 or eps == float("inf"):
-        raise SiteConfigError(f"{key} {value!r}: give a finite number ≥ 0 (0: no cap)")
-    return eps
-
-
-def _max_delta(value: object) -> float:
-    try:
-        delta = float(value)
-    except (TypeError, ValueError):
-        raise SiteConfigError(f"max-delta {value!r} is not a number") from None
-    if not 0 <= delta < 1:
-        raise SiteConfigError(f"max-delta {value!r}: give a number in [0, 1) "
-                              "(0: 1/(10 x the site's training examples))")
-    return delta
+    values = {f.name: site_value(key, cfg[key]) for key, f in SITE_FIELDS.items()
+              if key in cfg and cfg[key] is not None}
+    values = {k: v for k, v in values.items() if v is not None}
+    if "site_name" not in values:
+        values["site_name"] = f"site-{cfg.get('site-index', 0)}"
+    for name in ("cache_dir", "ledger"):
+        if name in values:
+            values[name] = values[name].expanduser()
+    return SiteSettings(**values)
 
 
 def _simulated_site(partition: int, num_partitions: int, spec: str) -> dict:

@@ -14,8 +14,6 @@ import sys
 
 from flwr.app import Message
 
-from client.site_config import SiteConfigError
-from moma_protocol.settings import ConfigError as RunConfigError
 from moma_protocol.wire import ERROR_CODES, category_reply
 
 
@@ -43,13 +41,6 @@ class PrivacyBudgetExceeded(RuntimeError):
     category = "privacy-budget"
 
 
-#: exception classes whose modules declare no category (the settings' own errors)
-DECLARED_HERE: dict[type[BaseException], str] = {
-    SiteConfigError: "config-error",
-    RunConfigError: "config-error",
-}
-
-
 def error_category(exc: BaseException) -> str:
     """The category an exception is reported as: by its type, never by its text.
 
@@ -63,9 +54,6 @@ def error_category(exc: BaseException) -> str:
             torch is not None and isinstance(exc, torch.OutOfMemoryError)):
         return "out-of-memory"
     category = getattr(exc, "category", None)
-    if category is None:
-        category = next((DECLARED_HERE[cls] for cls in type(exc).__mro__
-                         if cls in DECLARED_HERE), None)
     return category if isinstance(category, str) and category in ERROR_CODES \
         else "internal-error"
 

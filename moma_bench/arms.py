@@ -49,6 +49,7 @@ from client.site_config import site_settings
 from moma_core import objective_registry
 from moma_core.checkpoint import load_model
 from moma_core.evaluate import evaluate
+from moma_core.method_config import SYNTHETIC_N
 from moma_core.metrics import classification_metrics
 from moma_core.objectives import ObjectiveConfig, build_objective, same_task
 from moma_core.seeding import derive_seed, seed_everything
@@ -406,7 +407,7 @@ def held_out_sets(run: RunConfig, sites: list[dict], eval_n: int | None
     out = []
     for i, site in enumerate(sites):
         synthetic = str(site["data-path"]).startswith(SYNTHETIC)
-        frac = eval_n / int(site.get("n", 800)) if synthetic and eval_n else 0.25
+        frac = eval_n / int(site.get("n", SYNTHETIC_N)) if synthetic and eval_n else 0.25
         out.append((str(site.get("site-name", f"site-{i}")), open_site(site, run, frac).val))
     return out
 

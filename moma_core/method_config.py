@@ -25,6 +25,9 @@ DP_OBJECTIVES = tuple(n for n, d in objective_registry.declarations().items()
 DP_TRAINABLE = ("all", "last-stage", "head")
 #: MoMA's batch attention variants (``ObjectiveConfig.moma_attention``)
 MOMA_ATTENTIONS = ("reference", "residual")
+#: training images of a synthetic site when none is given (its validation split is a quarter
+#: of it): the commands' --n, a site's ``n`` and the demo teacher's source task
+SYNTHETIC_N = 800
 
 
 @dataclass

@@ -15,6 +15,7 @@ import difflib
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from moma_core import objective_registry
@@ -32,12 +33,15 @@ AUGMENTS = ("randaugment", "flip", "none")
 class ConfigError(ValueError):
     """A run setting is unknown, of the wrong type or out of range."""
 
+    category = "config-error"
+
 
 def opt(default: Any, help: str, choices: tuple | Callable[[], tuple] | None = None,
         lo: float | None = None, hi: float | None = None, lo_open: bool = False,
         hi_open: bool = False) -> Any:
     """A setting: its default, one line of help and its allowed values (a tuple, or a function
-    that lists them when asked: the registered objectives)."""
+    that lists them when asked: the registered objectives). ``default`` ``MISSING``: a
+    setting that must be given (a site's data path)."""
     return field(default=default, metadata={"help": help, "choices": choices, "lo": lo,
                                             "hi": hi, "lo_open": lo_open, "hi_open": hi_open})
 
@@ -118,35 +122,54 @@ def lookup(known: Mapping[str, Any], key: str) -> Any:
     return known[key]
 
 
-def checked(key: str, value: Any, f: Any) -> Any:
+def checked(key: str, value: Any, f: Any, where: str = "run-config") -> Any:
     """``value`` of setting ``key`` (field ``f``) typed and checked on its own: type, allowed
     values, range (what RunConfig.from_flat does for each key before its checks across
-    settings)."""
-    value = _typed(key, value, f)
-    _check(key, value, f)
+    settings). ``where``: the settings' name in the one line of a refusal (``node-config``:
+    a site's settings, :class:`client.site_config.SiteSettings`)."""
+    value = _typed(key, value, f, where)
+    if value is not None:  # an optional setting left unset (``int | None``)
+        _check(key, value, f, where)
     return value
 
 
-def _typed(key: str, value: Any, f: Any) -> Any:
+def kind_of(f: Any) -> tuple[str, bool]:
+    """The type of setting field ``f`` as written (``int``, ``Path``, ``tuple[float, ...]``)
+    and whether it may be None (``int | None``)."""
     kind = f.type if isinstance(f.type, str) else f.type.__name__
+    return kind.removesuffix(" | None"), kind.endswith(" | None")
+
+
+def _typed(key: str, value: Any, f: Any, where: str = "run-config") -> Any:
+    kind, optional = kind_of(f)
+    if optional and value is None:
+        return None
     if kind == "bool":
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"
-        raise ConfigError(f"run-config {key}: expected true or false, got {value!r}")
+        raise ConfigError(f"{where} {key}: expected true or false, got {value!r}")
     if kind == "int":
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        raise ConfigError(f"run-config {key}: expected an integer, got {value!r}")
+        raise ConfigError(f"{where} {key}: expected an integer, got {value!r}")
     if kind == "float":
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
-        raise ConfigError(f"run-config {key}: expected a number, got {value!r}")
+        raise ConfigError(f"{where} {key}: expected a number, got {value!r}")
+    if kind == "Path":
+        return Path(str(value))
+    if kind == "tuple[float, ...]":  # comma-separated numbers: "0.4,0.3,0.2,0.1"
+        try:
+            return tuple(float(p) for p in str(value).split(","))
+        except ValueError:
+            raise ConfigError(f"{where} {key}: expected comma-separated numbers, "
+                              f"got {value!r}") from None
     if not isinstance(value, str):
-        raise ConfigError(f"run-config {key}: expected text, got {value!r}")
+        raise ConfigError(f"{where} {key}: expected text, got {value!r}")
     return value
 
 
@@ -156,18 +179,18 @@ def choices_of(f: Any) -> tuple:
     return tuple(choices() if callable(choices) else choices or ())
 
 
-def _check(key: str, value: Any, f: Any) -> None:
+def _check(key: str, value: Any, f: Any, where: str = "run-config") -> None:
     meta = f.metadata
     choices = choices_of(f)
     if choices and value not in choices:
-        raise ConfigError(f"run-config {key}: {value!r} is not one of "
+        raise ConfigError(f"{where} {key}: {value!r} is not one of "
                           f"{', '.join(map(str, choices))}")
     if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"run-config {key}: {value} is not a finite number")
+        raise ConfigError(f"{where} {key}: {value} is not a finite number")
     lo, hi = meta.get("lo"), meta.get("hi")
     if lo is not None and (value < lo or (meta["lo_open"] and value == lo)):
-        raise ConfigError(f"run-config {key}: {value} must be "
+        raise ConfigError(f"{where} {key}: {value} must be "
                           f"{'above' if meta['lo_open'] else 'at least'} {lo}")
     if hi is not None and (value > hi or (meta["hi_open"] and value == hi)):
-        raise ConfigError(f"run-config {key}: {value} must be "
+        raise ConfigError(f"{where} {key}: {value} must be "
                           f"{'below' if meta['hi_open'] else 'at most'} {hi}")

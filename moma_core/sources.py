@@ -26,6 +26,7 @@ from moma_core.data.datasets import (
 )
 from moma_core.data.synthetic import TASKS, SiteStyle, generate, site_styles
 from moma_core.data.transforms import build_transform
+from moma_core.method_config import SYNTHETIC_N
 
 SYNTHETIC = "synthetic:"
 
@@ -72,7 +73,7 @@ def synthetic_style(site_index: int | None, num_sites: int, seed: int = 0) -> Si
 
 
 def open_site_data(source: str, image_size: int = 64, augment: str = "randaugment",
-                   stain_jitter: float = 0.0, seed: int = 0, n: int = 800,
+                   stain_jitter: float = 0.0, seed: int = 0, n: int = SYNTHETIC_N,
                    site_index: int | None = None, num_sites: int = 1,
                    class_probs: Sequence[float] | None = None, val_fraction: float = 0.25,
                    on_error: str = "raise", classes: Sequence[str] | None = None,

@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 from moma_core import objective_registry
 from moma_core.checkpoint import load_model
 from moma_core.evaluate import evaluate
+from moma_core.method_config import SYNTHETIC_N
 from moma_core.models import build_model
 from moma_core.objectives import build_objective, same_task, training_set
 from moma_core.report import markdown_table, write_json
@@ -93,7 +94,7 @@ def synthetic_train_set(site: dict, run: RunConfig) -> Dataset:
     return open_site_data(
         str(site["data-path"]), image_size=run.federation.image_size,
         augment=run.training.augment, seed=int(site.get("data-seed", 0)),
-        n=int(site.get("n", 800)), site_index=site.get("site-index"),
+        n=int(site.get("n", SYNTHETIC_N)), site_index=site.get("site-index"),
         num_sites=int(site.get("num-sites", 1)),
         class_probs=[float(p) for p in str(probs).split(",")] if probs else None,
         classes=list(run.class_names) or None).train

@@ -31,6 +31,7 @@ from deploy.app_bundle import COMPONENTS
 from moma_core.cli.common import DefaultsHelpFormatter, run_cli
 from moma_core.cli.settings_flags import SettingsParser
 from moma_core.data.synthetic import TARGET_CLASSES
+from moma_core.method_config import SYNTHETIC_N
 from moma_core.partition import PARTITIONERS, partition
 from moma_core.progress import console
 from moma_protocol.settings import ConfigError, RunConfig, fields_by_key, settings_fields
@@ -92,7 +93,6 @@ def parser() -> SettingsParser:
     return p
 
 
-SYNTHETIC_N = 800
 #: ``--demo``: a preset for a CPU laptop (a few minutes), applied where no option was given.
 DEMO = {"rounds": 5, "local_epochs": 2, "lr": 0.003, "optimizer": "adamw", "augment": "flip",
         "queue_size": 1024, "image_size": 48, "n": 240, "student_model": "test_efficientnet"}
@@ -167,7 +167,7 @@ def ensure_teacher(args: argparse.Namespace, run: RunConfig) -> Path:
 
     console.print("training the demo teacher on the synthetic source task …")
     targs = teacher_parser().parse_args([])
-    vars(targs).update(model=fed.student_model, out=path, n=800, epochs=6,
+    vars(targs).update(model=fed.student_model, out=path, n=SYNTHETIC_N, epochs=6,
                        image_size=fed.image_size, lr=0.003, optimizer="adamw", augment="flip",
                        batch_size=32, seed=fed.seed, device="cpu")
     train_teacher(targs)

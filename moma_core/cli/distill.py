@@ -23,6 +23,7 @@ from moma_core.cli.common import (
     run_cli,
 )
 from moma_core.cli.settings_flags import SettingsParser
+from moma_core.method_config import SYNTHETIC_N
 from moma_core.models import Architecture, build_model
 from moma_core.objectives import (
     ObjectiveConfig,
@@ -67,8 +68,8 @@ def parser() -> SettingsParser:
     p.add_argument("--runs-dir", type=Path, default=Path("runs"))
     p.add_argument("--test-n", type=int, default=400,
                    help="synthetic: held-out test images (0: no test split)")
-    p.add_settings(DATA_SETTINGS, group=add_data_args(p, source="synthetic:target", n=800,
-                                                       settings=True))
+    data = add_data_args(p, source="synthetic:target", n=SYNTHETIC_N, settings=True)
+    p.add_settings(DATA_SETTINGS, group=data)
     p.add_settings(TRAINING_SETTINGS, group=add_training_args(p, epochs=10, lr=TrainConfig.lr,
                                                                settings=True))
     p.add_run_config(accepted=(*SETTINGS, *DATA_SETTINGS, *TRAINING_SETTINGS),

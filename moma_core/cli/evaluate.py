@@ -22,6 +22,7 @@ from moma_core.cli.common import add_data_args, run_cli
 from moma_core.data.datasets import DataError
 from moma_core.data.transforms import build_transform
 from moma_core.evaluate import class_index_map, evaluate, metrics_line
+from moma_core.method_config import SYNTHETIC_N
 from moma_core.report import markdown_table, write_json
 from moma_core.sources import SYNTHETIC, Transformed, make_loader, open_site_data
 from moma_core.standalone import has_test_split, open_test_split, resolve_device
@@ -47,7 +48,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0,
                    help="the training run's seed: synthetic data and a derived val split")
     p.add_argument("--test-n", type=int, default=400, help="synthetic: test images")
-    add_data_args(p, source=None, n=800)
+    add_data_args(p, source=None, n=SYNTHETIC_N)
     p.set_defaults(image_size=None)  # the checkpoint's input size unless given
     return p
 

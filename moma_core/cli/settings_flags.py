@@ -10,7 +10,8 @@ defaults. Each value is typed and checked by the tree (:func:`moma_core.run_sett
 so a wrong value is refused with the tree's one line, whichever way it was given; checks across
 settings stay :class:`~moma_protocol.settings.RunConfig`'s. The settings a parser knows are
 given to it (``known``: key → field): the whole tree for the federation's commands, the method
-layer's parts (:data:`moma_core.run_settings.METHOD_FIELDS`) for moma-distill.
+layer's parts (:data:`moma_core.run_settings.METHOD_FIELDS`) for moma-distill, a site's settings
+(``where="node-config"``: :class:`client.site_config.SiteSettings`) for moma-client.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ import argparse
 import shlex
 import tomllib
 from collections.abc import Iterable, Mapping
+from dataclasses import MISSING
+from pathlib import Path
 from typing import Any
 
-from moma_core.run_settings import ConfigError, checked, choices_of, lookup
+from moma_core.run_settings import ConfigError, checked, choices_of, kind_of, lookup
 
 #: the namespace attribute holding the run settings a command was given (flag or --run-config)
 GIVEN = "run_settings"
@@ -59,7 +62,7 @@ def parse_run_config(text: str, known: Mapping[str, Any], command: str = "this c
 
 def default_text(value: Any) -> str:
     """A setting's default as ``--help`` shows it (TOML spelling; empty: nothing shown)."""
-    if value is False or value == "" or value is None:
+    if value is False or value == "" or value is None or value is MISSING:
         return ""
     if value is True:
         return "true"
@@ -81,10 +84,11 @@ class SettingsParser(argparse.ArgumentParser):
     """
 
     def __init__(self, *args: Any, known: Mapping[str, Any], fill_defaults: bool = False,
-                 **kwargs: Any) -> None:
+                 where: str = "run-config", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.known = dict(known)
         self.fill_defaults = fill_defaults
+        self.where = where  # the settings' name in a refusal (run-config, node-config)
         self.setting_dests: dict[str, str] = {}  # key -> namespace attribute
         self.accepted: tuple[str, ...] = ()
         self.owned: tuple[str, ...] = ()
@@ -93,27 +97,32 @@ class SettingsParser(argparse.ArgumentParser):
     def add_settings(self, keys: Iterable[str], group: Any = None,
                      names: Mapping[str, str] | None = None,
                      choices: Mapping[str, tuple] | None = None,
-                     helps: Mapping[str, str] | None = None) -> None:
+                     helps: Mapping[str, str] | None = None,
+                     defaults: Mapping[str, Any] | None = None) -> None:
         """A flag for each setting in ``keys``: ``--key`` (``names``: another flag name kept
         from before, e.g. ``--rounds`` for num-rounds), the field's type and allowed values
         (``choices``: fewer, for a command that cannot run them all), its help (``helps``:
-        another text) and the tree's default in ``--help``. Booleans get ``--key/--no-key``."""
+        another text) and the tree's default in ``--help``. Booleans get ``--key/--no-key``.
+        ``defaults``: the flag's own default instead of the tree's (shown, and checked as a
+        given value; None: the flag has none, the command resolves it, e.g. from a kit)."""
         names, choices, helps = names or {}, choices or {}, helps or {}
+        defaults = defaults or {}
         target = group if group is not None else self
         for key in keys:
             f = lookup(self.known, key)
             option = names.get(key, f"--{key}")
             dest = _dest(option)
             text = (helps.get(key) or f.metadata["help"]).replace("%", "%%")
-            shown = default_text(f.default)
+            default = defaults.get(key)
+            shown = default_text(defaults[key] if key in defaults else f.default)
             if shown:
                 text += f" (default: {shown})"
-            kind = f.type if isinstance(f.type, str) else f.type.__name__
-            kwargs: dict[str, Any] = {"dest": dest, "default": None, "help": text}
+            kind, _ = kind_of(f)
+            kwargs: dict[str, Any] = {"dest": dest, "default": default, "help": text}
             if kind == "bool":
                 kwargs["action"] = argparse.BooleanOptionalAction
             else:
-                kwargs["type"] = {"int": int, "float": float}.get(kind, str)
+                kwargs["type"] = {"int": int, "float": float, "Path": Path}.get(kind, str)
                 allowed = tuple(choices.get(key) or choices_of(f))
                 if allowed:
                     kwargs["choices"] = allowed
@@ -154,14 +163,14 @@ class SettingsParser(argparse.ArgumentParser):
             dest = self.dest_of(key)
             flag = getattr(ns, dest, None)
             f = self.known[key]
-            value = checked(key, flag, f) if flag is not None else given.get(key)
+            value = checked(key, flag, f, self.where) if flag is not None else given.get(key)
             if value is not None:
                 allowed = self.only.get(key)
                 if allowed and value not in allowed:
-                    raise ConfigError(f"run-config {key}: {value!r} is not one of "
+                    raise ConfigError(f"{self.where} {key}: {value!r} is not one of "
                                       f"{', '.join(map(str, allowed))} ({self.prog})")
                 out[key] = value
-            elif self.fill_defaults:
+            elif self.fill_defaults and f.default is not MISSING:
                 value = f.default
             setattr(ns, dest, value)
         setattr(ns, GIVEN, out)
