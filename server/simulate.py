@@ -32,11 +32,13 @@ from moma_core.cli.common import DefaultsHelpFormatter, run_cli
 from moma_core.cli.settings_flags import SettingsParser
 from moma_core.data.synthetic import TARGET_CLASSES
 from moma_core.method_config import SYNTHETIC_N
+from moma_core.objective_registry import needs_teacher
 from moma_core.partition import PARTITIONERS, partition
 from moma_core.progress import console
 from moma_protocol.settings import ConfigError, RunConfig, fields_by_key, settings_fields
 from server.baseline import check_baseline_privacy, local_only_section
 from server.flwr_app import write_app
+from server.live import RunEnded
 from server.results import RunResults
 from server.simulation_spec import SimulationSpec
 
@@ -307,7 +309,7 @@ def simulate(spec: SimulationSpec) -> dict:
     if args.demo and not args.resume and out_dir.exists():
         console.print(f"replacing the previous demo run {out_dir}")
         shutil.rmtree(out_dir)
-    distils = draft.objective.objective != "ce"
+    distils = needs_teacher(draft.objective.objective)
     # the CE baseline too starts from the teacher when one is given (it is not shipped)
     teacher = ensure_teacher(args, draft) if distils or args.teacher is not None or \
         args.demo else None
@@ -464,6 +466,10 @@ def main() -> int:
     _quiet_engine_logs()
     try:
         simulate(SimulationSpec.from_args(parser().parse_args()))
+    except RunEnded as exc:  # sites missing (3), no round trained (4): docs/deploy.md
+        if not getattr(exc, "moma_reported", False):  # the ServerApp's own line said it
+            print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
     except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import uuid
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from moma_protocol import wire as P
 from server import live as L
 from server import transport
+from server.live import SitesMissing
 from server.results import RunFailed
 from server.server_app import _QUIET, _quiet_flower_traceback, run_federation
 from tests.helpers import tiny_run
@@ -321,3 +323,23 @@ def test_waiting_names_the_registered_sites_not_connected(tmp_path):
     assert isinstance(data["updated"], float) and data["round_started"] is not None
     status.waiting(1, [1, 2], 1e12)
     assert json.loads((tmp_path / "live.json").read_text())["waiting_for"] == []
+
+
+@pytest.mark.parametrize("exc,code", [
+    (lambda: SitesMissing("only 1 site(s) connected after 5 s; not connected: site-b"), 3),
+    (lambda: RunFailed("no round trained a student: round 1: a failed (class-mismatch)"), 4),
+])
+def test_moma_simulate_ends_with_the_runs_exit_code_and_one_line(monkeypatch, capsys, exc,
+                                                                 code):
+    """moma-simulate exits as moma-server does (3: sites missing, 4: no round trained), with
+    one error line: none of its own when the ServerApp already reported the end."""
+    from server import simulate
+
+    error = exc()
+    monkeypatch.setattr(simulate, "simulate", lambda spec: (_ for _ in ()).throw(error))
+    monkeypatch.setattr(sys, "argv", ["moma-simulate", "--runs-dir", "/nonexistent"])
+    assert simulate.main() == code
+    assert capsys.readouterr().err.count("error:") == 1
+    error.moma_reported = True  # the ServerApp's line was logged: no second one
+    assert simulate.main() == code
+    assert "error:" not in capsys.readouterr().err
