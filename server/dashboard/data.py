@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import sqlite3
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -325,15 +326,41 @@ def _security(folder: Path, limit: int = 200) -> list[dict]:
     return events
 
 
+_SUMMARIES: dict[Path, tuple[tuple[int, int], tuple[dict, list[dict], dict[str, dict]]]] = {}
+_SUMMARIES_LOCK = threading.Lock()
+
+
+def _summarised_results(path: Path) -> tuple[dict, list[dict], dict[str, dict]]:
+    """results.json and its per-round and per-site summaries, read again only when the file
+    changed (its modification time or size): every open page polls every 2 s, and a long run's
+    results file takes most of a poll to read and summarise."""
+    try:
+        st = path.stat()
+        key = (st.st_mtime_ns, st.st_size)
+    except OSError:
+        key = None
+    with _SUMMARIES_LOCK:
+        hit = _SUMMARIES.get(path)
+    if key is not None and hit is not None and hit[0] == key:
+        return hit[1]
+    results = read_json(path)
+    results = results if isinstance(results, dict) else {}
+    rounds, sites = _rounds(results)
+    if key is not None and results:
+        with _SUMMARIES_LOCK:
+            if len(_SUMMARIES) >= 16:
+                _SUMMARIES.pop(next(iter(_SUMMARIES)))
+            _SUMMARIES[path] = (key, (results, rounds, sites))
+    return results, rounds, sites
+
+
 def run_state(folder: Path, federation: Path | None = None) -> dict:
     """Everything the page shows about the run in ``folder``."""
     folder = Path(folder)
-    results = read_json(folder / "results.json")
-    results = results if isinstance(results, dict) else {}
+    results, rounds, sites = _summarised_results(folder / "results.json")
     live_raw = read_json(folder / "live.json")
     live = _live(live_raw)
     config = results.get("config") if isinstance(results.get("config"), dict) else {}
-    rounds, sites = _rounds(results)
     classes = [c for c in _text(config.get("classes")).split(",") if c]
     state = _state(folder, results, live_raw if isinstance(live_raw, dict) else None)
     if live is None:  # no live.json: the round in progress is the one after the last written
