@@ -381,3 +381,23 @@ def test_a_stalled_tls_client_does_not_block_others(tmp_path, federation):
             assert result == [200]
         finally:
             stalled.close()
+
+
+def test_results_are_summarised_again_only_when_the_file_changed(tmp_path, monkeypatch):
+    """Every open page polls every 2 s: an unchanged results.json is not read again, a
+    changed one is."""
+    from server.dashboard import data
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    path = folder / "results.json"
+    path.write_text(json.dumps({"config": {"classes": "a,b"}, "rounds": []}))
+    calls = []
+    real = data._rounds
+    monkeypatch.setattr(data, "_rounds", lambda results: calls.append(1) or real(results))
+    data.run_state(folder)
+    data.run_state(folder)
+    assert len(calls) == 1
+    path.write_text(json.dumps({"config": {"classes": "a,b,c"}, "rounds": []}))
+    assert data.run_state(folder)["classes"] == ["a", "b", "c"]
+    assert len(calls) == 2
