@@ -101,6 +101,10 @@ GPU_PYTHON = {"python_version": "3.12", "python_full_version": "3.12.3", "os_nam
               "implementation_name": "cpython", "platform_python_implementation": "CPython"}
 
 
+#: moma-fl's own dependencies that the GPU machine's Python lacks, besides flwr
+CARRIED = ("opacus", "tensorboard")
+
+
 def wheel_closure(roots: list[str]) -> dict[str, str]:
     """Name → version (``""``: not installed here) of ``roots`` and everything they need on
     the GPU machine's Python, read from this environment's installed metadata, less
@@ -156,13 +160,14 @@ def prepare_wheels(folder: Path) -> list[str]:
     from importlib.metadata import version
 
     folder.mkdir(parents=True, exist_ok=True)
-    opacus = f"opacus=={version('opacus')}"
+    carried = [f"{name}=={version(name)}" for name in CARRIED]
     lines = ["# bench/gpu_check.sh prepare: what the GPU path needs beyond the GPU machine's",
              "# Python, installed there with pip install --no-index --find-links <this folder>.",
-             "# flwr's requirements less uv (flwr itself goes in with --no-deps), and opacus.",
-             *flwr_requirements(), opacus]
+             "# flwr's requirements less uv (flwr itself goes in with --no-deps), opacus and",
+             "# tensorboard (the coordinator writes its event files).",
+             *flwr_requirements(), *carried]
     (folder / "requirements-gpu.txt").write_text("\n".join(lines) + "\n")
-    pins = wheel_closure(["flwr", "opacus", "setuptools", "wheel"])
+    pins = wheel_closure(["flwr", *CARRIED, "setuptools", "wheel"])
     return sorted(f"{n}=={v}" if v else n for n, v in pins.items())
 
 

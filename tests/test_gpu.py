@@ -377,7 +377,7 @@ def test_the_gpu_check_refuses_a_python_without_torch(tmp_path):
         "error: /bin/false cannot import torch: set PYTHON to the GPU machine's Python with torch"]
 
 
-def test_the_wheel_list_carries_flwr_and_opacus_but_not_torch_or_uv(tmp_path):
+def test_the_wheel_list_carries_flwr_opacus_and_tensorboard_but_not_torch_or_uv(tmp_path):
     """What bench/gpu_check.sh prepare downloads (read from this environment, no network)."""
     saved = list(sys.path)
     sys.path.insert(0, str(ROOT / "bench"))
@@ -387,13 +387,14 @@ def test_the_wheel_list_carries_flwr_and_opacus_but_not_torch_or_uv(tmp_path):
         sys.path[:] = saved  # gpu_check puts bench/ on the path for its own imports
     pins = gpu_check.prepare_wheels(tmp_path)
     names = {p.split("==")[0].lower().replace("_", "-") for p in pins}
-    assert {"flwr", "opacus", "cryptography", "setuptools", "wheel"} <= names
+    assert {"flwr", "opacus", "tensorboard", "cryptography", "setuptools", "wheel"} <= names
     assert not names & {"uv", "torch", "numpy", "scipy", "ray"}
     from packaging.requirements import Requirement
 
     lines = (tmp_path / "requirements-gpu.txt").read_text().splitlines()
     wanted = {Requirement(line).name for line in lines if not line.startswith("#")}
-    assert {"opacus", "cryptography", "uvicorn"} <= wanted and not wanted & {"uv", "flwr"}
+    assert {"opacus", "tensorboard", "cryptography", "uvicorn"} <= wanted
+    assert not wanted & {"uv", "flwr"}
 
 
 @pytest.mark.slow
