@@ -75,3 +75,14 @@ def call(monkeypatch, capsys):
         return CommandResult(code, out.out, out.err)
 
     return run
+
+
+@pytest.fixture
+def task_identity():
+    """Messages made outside a Flower process need Flower's task identity."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved

@@ -53,3 +53,39 @@ def site_with_teacher(root: Path):
     sidecar = json.loads(sidecar_path(teacher).read_text())
     TeacherCache(settings.cache_dir).store(teacher.read_bytes(), sidecar, sidecar["sha256"])
     return settings, sidecar["sha256"]
+
+
+class InProcessGrid:
+    """A Flower grid whose sites answer in this process, at once: a subclass gives the node
+    ids (``get_node_ids``) and ``answer(node, msg)``, the reply to a message (None: the site
+    does not answer). Message ids and the replies' source and reply-to are set as Flower sets
+    them. Messages made outside a Flower process need the ``task_identity`` fixture."""
+
+    def __init__(self) -> None:
+        self.replies: dict = {}
+
+    def get_node_ids(self) -> list[int]:
+        raise NotImplementedError
+
+    def answer(self, node: int, msg):
+        raise NotImplementedError
+
+    def push_messages(self, messages) -> list[str]:
+        import uuid
+
+        ids = []
+        for msg in messages:
+            mid = uuid.uuid4().hex
+            msg.metadata.__dict__["_message_id"] = mid
+            ids.append(mid)
+            node = msg.metadata.dst_node_id
+            reply = self.answer(node, msg)
+            if reply is None:
+                continue
+            reply.metadata.__dict__["_src_node_id"] = node
+            reply.metadata.__dict__["_reply_to_message_id"] = mid
+            self.replies[mid] = reply
+        return ids
+
+    def pull_messages(self, ids) -> list:
+        return [self.replies.pop(i) for i in list(ids) if i in self.replies]

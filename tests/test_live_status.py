@@ -12,12 +12,10 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import uuid
 from pathlib import Path
 
 import pytest
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from moma_protocol import wire as P
 from server import live as L
@@ -25,12 +23,12 @@ from server import transport
 from server.live import SitesMissing
 from server.results import RunFailed
 from server.server_app import _QUIET, _quiet_flower_traceback, run_federation
-from tests.helpers import tiny_run
+from tests.helpers import InProcessGrid, tiny_run
 
 NAMES = {10: "hospital-a", 11: "hospital-b", 12: "hospital-c"}
 
 
-class ScriptedGrid:
+class ScriptedGrid(InProcessGrid):
     """Sites that answer at once: ``behaviour[node]`` is ``"ok"`` (the received student,
     shifted, with ``metrics[node]``), an error category (an error reply) or ``"silent"``.
     ``live_path``: live.json, read back at every train message (what a dashboard would see
@@ -38,34 +36,24 @@ class ScriptedGrid:
 
     def __init__(self, behaviour: dict[int, str], metrics: dict[int, dict] | None = None,
                  live_path: Path | None = None) -> None:
+        super().__init__()
         self.behaviour, self.metrics = behaviour, metrics or {}
-        self.replies: dict[str, Message] = {}
         self.live_path = live_path
         self.seen_live: list[dict] = []
 
     def get_node_ids(self) -> list[int]:
         return list(self.behaviour)
 
-    def push_messages(self, messages) -> list[str]:
-        ids = []
-        for msg in messages:
-            mid = uuid.uuid4().hex
-            msg.metadata.__dict__["_message_id"] = mid
-            ids.append(mid)
-            node, kind = msg.metadata.dst_node_id, msg.metadata.message_type
-            if kind == P.TRAIN and self.live_path is not None and self.live_path.is_file():
-                self.seen_live.append(json.loads(self.live_path.read_text()))
-            how = self.behaviour[node]
-            if how == "silent":
-                continue
-            if how != "ok" and kind == P.TRAIN:
-                reply = P.category_reply(msg, how)
-            else:
-                reply = Message(self._content(node, msg), reply_to=msg)
-            reply.metadata.__dict__["_src_node_id"] = node
-            reply.metadata.__dict__["_reply_to_message_id"] = mid
-            self.replies[mid] = reply
-        return ids
+    def answer(self, node: int, msg: Message) -> Message | None:
+        kind = msg.metadata.message_type
+        if kind == P.TRAIN and self.live_path is not None and self.live_path.is_file():
+            self.seen_live.append(json.loads(self.live_path.read_text()))
+        how = self.behaviour[node]
+        if how == "silent":
+            return None
+        if how != "ok" and kind == P.TRAIN:
+            return P.category_reply(msg, how)
+        return Message(self._content(node, msg), reply_to=msg)
 
     def _content(self, node: int, msg: Message) -> RecordDict:
         m = self.metrics.get(node, {})
@@ -86,17 +74,6 @@ class ScriptedGrid:
         return RecordDict({P.ARRAYS: P.encode_state(sent), P.METRICS: MetricRecord(metrics),
                            P.EVAL_METRICS: MetricRecord(scores)})
 
-    def pull_messages(self, ids) -> list[Message]:
-        return [self.replies.pop(i) for i in list(ids) if i in self.replies]
-
-
-@pytest.fixture
-def task_identity():
-    """Messages made outside a Flower process need Flower's task identity."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 
 
 def federation_run(tmp_path: Path, nodes: list[int], **overrides):

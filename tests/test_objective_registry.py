@@ -12,14 +12,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from flwr.app import Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from torch import nn
 
 import client.client_app as site_app
@@ -29,7 +27,7 @@ from moma_core.models import features_and_logits
 from moma_core.objectives import BuildInputs, TeacherObjective, build_objective
 from moma_protocol import wire as P
 from moma_protocol.settings import ConfigError
-from tests.helpers import synthetic_sites, tiny_run, tiny_teacher
+from tests.helpers import InProcessGrid, synthetic_sites, tiny_run, tiny_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = "feature-l2"
@@ -69,15 +67,6 @@ def toy():
     R.register(FeatureL2)
     yield FeatureL2
     R.unregister(TOY)
-
-
-@pytest.fixture
-def task_identity():
-    """Messages made outside a Flower process need Flower's task identity."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 
 
 # -- the registry ----------------------------------------------------------------------------
@@ -177,7 +166,7 @@ def test_settings_and_protocol_list_objectives_without_torch():
 
 
 # -- a federated round with the toy objective -----------------------------------------------
-class SiteGrid:
+class SiteGrid(InProcessGrid):
     """A Flower grid whose sites are this process: each message goes to the real ClientApp
     handler of its type (``client.client_app``) with the site's node config."""
 
@@ -185,32 +174,21 @@ class SiteGrid:
                 P.TEACHER_STATUS: site_app.teacher_status}
 
     def __init__(self, nodes: dict[int, dict], run_config: dict) -> None:
+        super().__init__()
         self.nodes, self.run_config = nodes, run_config
-        self.replies: dict[str, Message] = {}
         self.train_metrics: list[dict] = []
 
     def get_node_ids(self) -> list[int]:
         return list(self.nodes)
 
-    def push_messages(self, messages) -> list[str]:
-        ids = []
-        for msg in messages:
-            mid = uuid.uuid4().hex
-            msg.metadata.__dict__["_message_id"] = mid
-            ids.append(mid)
-            node, kind = msg.metadata.dst_node_id, msg.metadata.message_type
-            ctx = Context(run_id=1, node_id=node, node_config=self.nodes[node],
-                          state=RecordDict(), run_config=self.run_config)
-            reply = self.HANDLERS[kind](msg, ctx)
-            if kind == P.TRAIN and not reply.has_error():
-                self.train_metrics.append(dict(reply.content[P.METRICS]))
-            reply.metadata.__dict__["_src_node_id"] = node
-            reply.metadata.__dict__["_reply_to_message_id"] = mid
-            self.replies[mid] = reply
-        return ids
-
-    def pull_messages(self, ids) -> list[Message]:
-        return [self.replies.pop(i) for i in list(ids) if i in self.replies]
+    def answer(self, node: int, msg: Message) -> Message:
+        kind = msg.metadata.message_type
+        ctx = Context(run_id=1, node_id=node, node_config=self.nodes[node],
+                      state=RecordDict(), run_config=self.run_config)
+        reply = self.HANDLERS[kind](msg, ctx)
+        if kind == P.TRAIN and not reply.has_error():
+            self.train_metrics.append(dict(reply.content[P.METRICS]))
+        return reply
 
 
 def test_a_registered_toy_objective_runs_a_federated_round(toy, tmp_path, task_identity):

@@ -13,7 +13,7 @@ import pytest
 from moma_core import report as report_mod
 from server.results import RunResults
 from server.server_app import run_federation
-from tests.test_live_status import ScriptedGrid, federation_run, task_identity  # noqa: F401
+from tests.test_live_status import ScriptedGrid, federation_run
 
 CLASSES = "benign,grade_1,grade_2,grade_3"
 

@@ -9,7 +9,6 @@ what the coordinator receives next to what each site computed."""
 from __future__ import annotations
 
 import copy
-import uuid
 from collections import defaultdict
 
 import numpy as np
@@ -17,7 +16,6 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import Key, Stage
-from flwr.supercore.task_identity import TaskIdentity
 
 from client import client_app, secagg_site
 from client.site_errors import PrivacyRefused
@@ -26,22 +24,22 @@ from moma_protocol import secagg as S
 from moma_protocol import wire as P
 from moma_protocol.settings import ConfigError
 from server.round import Coordinator
-from tests.helpers import synthetic_sites, tiny_run
+from tests.helpers import InProcessGrid, synthetic_sites, tiny_run
 
 HANDLERS = {P.TRAIN: client_app.train, P.TEACHER_STATUS: client_app.teacher_status,
             P.EVALUATE: client_app.evaluate}
 
 
-class SiteGrid:
+class SiteGrid(InProcessGrid):
     """A grid whose sites are this process's ClientApp handlers (see module docstring).
 
     ``silent`` maps a node to the SecAgg+ stage from which on it no longer answers (a site
     that dropped out); ``masked`` keeps every masked vector the coordinator received."""
 
     def __init__(self, nodes: dict[int, dict], run_config: dict) -> None:
+        super().__init__()
         self.contexts = {n: Context(run_id=1, node_id=n, node_config=cfg, state=RecordDict(),
                                     run_config=run_config) for n, cfg in nodes.items()}
-        self.replies: dict[str, Message] = {}
         self.silent: dict[int, str] = {}
         self.masked: dict[int, list[np.ndarray]] = {}
         self.stages: dict[int, list[str]] = defaultdict(list)
@@ -50,47 +48,26 @@ class SiteGrid:
     def get_node_ids(self) -> list[int]:
         return list(self.contexts)
 
-    def push_messages(self, messages) -> list[str]:
-        ids = []
-        for msg in messages:
-            mid = uuid.uuid4().hex
-            msg.metadata.__dict__["_message_id"] = mid
-            ids.append(mid)
-            node = msg.metadata.dst_node_id
-            stage = S.stage_of(msg.content) if S.is_secagg(msg.content) else None
-            if stage:
-                self.stages[node].append(stage)
-            stages = list(Stage.all())
-            if node in self.silent and stage is not None and \
-                    stages.index(stage) >= stages.index(self.silent[node]):
-                continue  # dropped out: no reply
-            # a site gets its own copy, as over the network (Flower's stages share contents)
-            reply = HANDLERS[msg.metadata.message_type](copy.deepcopy(msg), self.contexts[node])
-            reply.metadata.__dict__["_src_node_id"] = node
-            reply.metadata.__dict__["_reply_to_message_id"] = mid
-            if stage == Stage.COLLECT_MASKED_VECTORS and node in self.tamper:
-                self.tamper[node](reply.content)  # a site that lies, after its own checks
-            if stage == Stage.COLLECT_MASKED_VECTORS and not reply.has_error() and \
-                    Key.MASKED_PARAMETERS in reply.content.config_records[S.CONFIGS]:
-                from flwr.common import bytes_to_ndarray
+    def answer(self, node: int, msg: Message) -> Message | None:
+        stage = S.stage_of(msg.content) if S.is_secagg(msg.content) else None
+        if stage:
+            self.stages[node].append(stage)
+        stages = list(Stage.all())
+        if node in self.silent and stage is not None and \
+                stages.index(stage) >= stages.index(self.silent[node]):
+            return None  # dropped out: no reply
+        # a site gets its own copy, as over the network (Flower's stages share contents)
+        reply = HANDLERS[msg.metadata.message_type](copy.deepcopy(msg), self.contexts[node])
+        if stage == Stage.COLLECT_MASKED_VECTORS and node in self.tamper:
+            self.tamper[node](reply.content)  # a site that lies, after its own checks
+        if stage == Stage.COLLECT_MASKED_VECTORS and not reply.has_error() and \
+                Key.MASKED_PARAMETERS in reply.content.config_records[S.CONFIGS]:
+            from flwr.common import bytes_to_ndarray
 
-                self.masked[node] = [bytes_to_ndarray(b) for b in
-                                     reply.content.config_records[S.CONFIGS][
-                                         Key.MASKED_PARAMETERS]]
-            self.replies[mid] = reply
-        return ids
-
-    def pull_messages(self, ids) -> list[Message]:
-        return [self.replies.pop(i) for i in list(ids) if i in self.replies]
-
-
-@pytest.fixture
-def task_identity():
-    """Messages made outside a Flower process need Flower's task identity."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+            self.masked[node] = [bytes_to_ndarray(b) for b in
+                                 reply.content.config_records[S.CONFIGS][
+                                     Key.MASKED_PARAMETERS]]
+        return reply
 
 
 @pytest.fixture

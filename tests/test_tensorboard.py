@@ -11,7 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from server.server_app import run_federation
 from server.tensorboard import round_scalars
-from tests.test_live_status import ScriptedGrid, federation_run, task_identity  # noqa: F401
+from tests.test_live_status import ScriptedGrid, federation_run
 
 SITE_METRICS = {10: {"accuracy": 0.6, "dp-epsilon": 1.5, "train-ce": 1.25},
                 11: {"accuracy": 0.7, "dp-epsilon": 2.5, "train-ce": 0.75}}
