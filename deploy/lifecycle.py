@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -24,6 +25,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 OWNER_ENV = "MOMA_FL_OWNER"
@@ -198,3 +200,34 @@ def _reap(tag: str, lock_fd: int) -> None:
 
 if __name__ == "__main__":
     _reap(sys.argv[1], int(sys.argv[2]))
+
+
+def stop_groups(procs: Iterable[subprocess.Popen], grace: float = 60.0) -> None:
+    """Stop the process groups led by ``procs`` (each started with ``start_new_session``):
+    SIGTERM to every group, then SIGKILL to what is left of a group after ``grace`` seconds.
+    A group whose leader already exited is signalled too: its children may live on."""
+    procs = list(procs)
+    for proc in procs:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for proc in procs:
+        try:
+            proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+        while _group_alive(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a member of another user: still there
+        return True
+    return True

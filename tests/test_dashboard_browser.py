@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from deploy.lifecycle import stop_groups
 from deploy.runtime import free_port
 from tests.helpers import IMAGE_SIZE, TARGET_CLASSES, tiny_teacher
 
@@ -89,17 +89,7 @@ class _Processes:
         return (self.root / f"{name}.log").read_text(errors="replace")
 
     def stop_all(self) -> None:
-        for proc in self.procs.values():
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        for proc in self.procs.values():
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(30)
+        stop_groups(self.procs.values())
 
 
 @pytest.fixture

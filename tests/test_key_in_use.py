@@ -28,6 +28,7 @@ import pytest
 
 from deploy import security_events as events
 from deploy.federation import Federation
+from deploy.lifecycle import stop_groups
 from deploy.provision import fingerprint
 from deploy.superlink import ACTIVATE, DEACTIVATE, HEARTBEAT, KeyTracker, SiteGate
 
@@ -344,10 +345,4 @@ def test_a_copied_kit_is_refused_while_the_site_trains(tmp_path):
             assert [s["site_name"] for s in entry["sites"].values()] == ["site-a"], entry
         assert procs["site"].poll() is None, "the real site stopped"
     finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                os.killpg(proc.pid, 15)
-                try:
-                    proc.wait(60)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, 9)
+        stop_groups(procs.values())

@@ -128,3 +128,43 @@ def test_busy_port_is_one_line_and_exit_2_for_both_commands(call, tmp_path):
         assert errors and f"port {port}" in errors[0] and "in use" in errors[0]
         assert "Traceback" not in proc.stderr
         assert "listening" not in proc.stdout + proc.stderr
+
+
+def test_stop_groups_ends_every_process_of_each_group(tmp_path):
+    """A group whose leader already exited is still signalled (its child lives on), and a
+    process that ignores SIGTERM is killed after the grace period."""
+    import subprocess
+    import sys
+    import time
+
+    from deploy.lifecycle import stop_groups
+
+    pidfile = tmp_path / "child.pid"
+    child = ("import os, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+             f"open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(600)")
+    leader = subprocess.Popen([sys.executable, "-c",
+                               f"import subprocess, sys; subprocess.Popen([sys.executable, "
+                               f"'-c', {child!r}])"], start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (pidfile.is_file() and pidfile.read_text()):
+        assert time.monotonic() < deadline, "the child did not start"
+        time.sleep(0.2)
+    leader.wait(120)  # the leader is gone; its child ignores SIGTERM
+    pid = int(pidfile.read_text())
+    stubborn = subprocess.Popen([sys.executable, "-c", "import signal, time; "
+                                 "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"],
+                                start_new_session=True)
+    time.sleep(1)
+    stop_groups([leader, stubborn], grace=2.0)
+    assert stubborn.poll() is not None
+    deadline = time.monotonic() + 60
+    while Path(f"/proc/{pid}").exists() and "Z" not in _state(pid):
+        assert time.monotonic() < deadline, "the orphaned child of the exited leader lives on"
+        time.sleep(0.2)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0]
+    except OSError:
+        return "gone"

@@ -5,7 +5,6 @@ own submitted by whoever holds the coordinator's loopback (a malicious coordinat
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from deploy.lifecycle import stop_groups
 from deploy.runtime import flower_env, free_port, wait_for_port
 from deploy.superlink import CONTROL_TOKEN_ENV, write_control_credential
 
@@ -135,14 +135,6 @@ def test_foreign_app_is_refused_and_logged_at_the_site(tmp_path):
         assert "data-path" not in run.stdout + run.stderr
         assert site.poll() is None, "the site must keep serving after a refusal"
     finally:
-        for p in procs:
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                p.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
+        stop_groups(procs)
         log.close()
         site_log.close()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from deploy.federation import Federation
+from deploy.lifecycle import stop_groups
 from deploy.runtime import free_port
 from moma_protocol.coordinator_file import coordinator_keys
 from tests.helpers import IMAGE_SIZE, TARGET_CLASSES, tiny_teacher
@@ -106,13 +106,4 @@ def test_sites_stay_up_across_two_studies(tmp_path):
             assert "this site stays up and connects again" in said(name), \
                 site_log(name)[-3000:]
     finally:
-        for proc in sites.values():
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        for proc in sites.values():
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+        stop_groups(sites.values())
