@@ -13,6 +13,7 @@ import functools
 import logging
 import time
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -25,12 +26,13 @@ from moma_core import objective_registry
 from moma_core.checkpoint import CheckpointError
 from moma_core.errors import ClassMismatch, DataError
 from moma_core.evaluate import evaluate
+from moma_core.local_round import RoundSetup, local_round
 from moma_core.models import build_model
-from moma_core.objectives import build_objective, same_task, training_set
-from moma_core.seeding import derive_seed, seed_everything
+from moma_core.objectives import same_task
+from moma_core.seeding import derive_seed
 from moma_core.sources import SiteData, make_loader, open_site_data
 from moma_core.standalone import resolve_device
-from moma_core.train import TrainConfig, train_local
+from moma_core.train import TrainConfig
 from moma_protocol.settings import RunConfig
 from moma_protocol.wire import (
     DP_EPSILON,
@@ -39,6 +41,9 @@ from moma_protocol.wire import (
     local_keys,
     wire_state,
 )
+
+if TYPE_CHECKING:
+    from moma_core.privacy.dp_sgd import DPConfig
 
 log = logging.getLogger("moma.client")
 #: seed of dp-moma's public synthetic images (the same at every site; not a site's data)
@@ -149,25 +154,26 @@ def train_round(settings: SiteSettings, run: RunConfig, server_round: int,
     saved, local = state.load(teacher_sha)
     data = site_data(settings, fed.image_size, tr.augment, run.class_names)
     seed = derive_seed(fed.seed, settings.site_name, server_round)
-    seed_everything(seed)  # the objective's heads, attention and queue start the same way
     student = student_for(run, data, global_state, local)
     teacher, t_arch = cache.load(teacher_sha) if distils else (None, None)
     public = public_keys(teacher, teacher_sha, run) if declared.needs_public_keys else None
-    objective = build_objective(run.objective_config(), student, teacher,
-                                same_task(t_arch.classes, data.classes) if t_arch else None,
-                                n_data=len(data.train), public_keys=public,
-                                batch_size=tr.batch_size)
-    if saved is not None:
-        objective.load_state_dict(saved)
+    setup = RoundSetup(run.objective_config(), data.train, tr.batch_size, teacher,
+                       same_task(t_arch.classes, data.classes) if t_arch else None,
+                       public, device)
     cfg = replace(run.train_config(server_round), seed=seed)
-    loader = make_loader(training_set(objective, data.train), tr.batch_size, train=True,
-                         seed=seed, device=device)
-    private = dp_round(settings, run, server_round, cfg, data.train, len(loader))
-    client_dp_round(settings, run, server_round)
-    result = train_local(student, objective, loader, cfg, device,
-                         privacy=private.config if private else None)
+    private: PrivateRound | None = None
+
+    def privacy(batches: int) -> DPConfig | None:
+        """Both privacy ledgers checked and written before the round's first step."""
+        nonlocal private
+        private = dp_round(settings, run, server_round, cfg, data.train, batches)
+        client_dp_round(settings, run, server_round)
+        return private.config if private is not None else None
+
+    trained = local_round(student, setup, cfg, saved, privacy)
+    result = trained.result
     keep = local_keys(fed.fedbn, student)
-    state.save(objective.state_dict(), {k: v for k, v in result.state.items() if k in keep},
+    state.save(trained.objective_state, {k: v for k, v in result.state.items() if k in keep},
                {"teacher_sha256": teacher_sha, "round": server_round, "run": fed.run_name,
                 "site": settings.site_name})
     metrics = {f"train-{k}": float(v) for k, v in result.metrics.items()}
@@ -202,7 +208,7 @@ def public_keys(teacher: nn.Module, teacher_sha: str, run: RunConfig) -> torch.T
 
 @dataclass
 class PrivateRound:
-    config: object  # moma_core.privacy.dp_sgd.DPConfig
+    config: DPConfig
     epsilon: float  # the site's cumulative ε once this round is counted
 
 

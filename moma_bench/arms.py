@@ -49,12 +49,12 @@ from client.site_config import site_settings
 from moma_core import objective_registry
 from moma_core.checkpoint import load_model
 from moma_core.evaluate import evaluate
+from moma_core.local_round import RoundSetup, local_round
 from moma_core.method_config import SYNTHETIC_N
 from moma_core.metrics import classification_metrics
-from moma_core.objectives import ObjectiveConfig, build_objective, same_task
-from moma_core.seeding import derive_seed, seed_everything
+from moma_core.objectives import ObjectiveConfig, same_task
+from moma_core.seeding import derive_seed
 from moma_core.sources import SYNTHETIC, SiteData, make_loader, open_site_data
-from moma_core.train import train_local
 from moma_protocol.settings import RunConfig
 from server import simulate as sim
 from server.baseline import train_alone
@@ -334,14 +334,12 @@ def personalise(models: list[nn.Module], s: Setup, epochs: int) -> list[nn.Modul
     for i, (model, site) in enumerate(zip(models, s.sites, strict=True)):
         name = str(site.get("site-name", f"site-{i}"))
         seed = derive_seed(fed.seed, name, fed.num_rounds + 1)
-        seed_everything(seed)
-        objective = build_objective(ObjectiveConfig(kind="ce"), model)
-        loader = make_loader(open_site(site, s.run).train, s.run.training.batch_size,
-                             train=True, seed=seed)
         first = s.run.train_config(1)
         cfg = replace(first, epochs=epochs, max_steps=None, proximal_mu=0.0, seed=seed,
                       lr=first.lr * FINETUNE_LR_FACTOR)
-        train_local(model, objective, loader, cfg)
+        setup = RoundSetup(ObjectiveConfig(kind="ce"), open_site(site, s.run).train,
+                           s.run.training.batch_size)
+        local_round(model, setup, cfg)
         out.append(model.eval())
     return out
 

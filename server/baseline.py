@@ -1,8 +1,8 @@
 """Local-only baseline: each simulated site trains alone with the same objective and budget.
 
-The same settings, rounds and loop (:func:`moma_core.train.train_local`, a round's
-:meth:`RunConfig.train_config`) as the federation, on the site's own student, never averaged;
-the objective (momentum teacher, heads, queue) carries over between rounds as a site's state
+The same settings, rounds and round function as a site (:func:`moma_core.local_round.local_round`,
+a round's :meth:`RunConfig.train_config` and seed), on the site's own student, never averaged;
+the objective's state (momentum teacher, heads, queue) carries over between rounds as a site's
 does. Then every site's model is scored on the coordinator's held-out set, for the report.
 Only the simulation's synthetic sites are used (their node configs are the simulation's own).
 
@@ -23,13 +23,13 @@ from torch.utils.data import Dataset
 from moma_core import objective_registry
 from moma_core.checkpoint import load_model
 from moma_core.evaluate import evaluate
+from moma_core.local_round import RoundSetup, local_rounds
 from moma_core.method_config import SYNTHETIC_N
 from moma_core.models import build_model
-from moma_core.objectives import build_objective, same_task, training_set
+from moma_core.objectives import same_task
 from moma_core.report import markdown_table, write_json
-from moma_core.seeding import derive_seed, seed_everything
+from moma_core.seeding import derive_seed
 from moma_core.sources import make_loader, open_site_data
-from moma_core.train import train_local
 from moma_protocol.settings import ConfigError, RunConfig
 from server.server_app import initial_student, server_eval_set, state_digest
 from server.teacher_package import package_teacher
@@ -56,7 +56,8 @@ def start_student(run: RunConfig, teacher: Path | None) -> tuple[nn.Module, str,
 
 def train_alone(run: RunConfig, train: Dataset, name: str, teacher: Path | None
                 ) -> tuple[nn.Module, str, str, list[dict], int]:
-    """Rounds of :func:`train_local` on one training set, as a site trains them, unaveraged.
+    """The rounds a site trains (:func:`moma_core.local_round.local_rounds`, the site's own
+    round function), on one training set and never averaged.
 
     Returns the model, how it started, the start's SHA-256, per-round loss terms and steps.
     """
@@ -68,19 +69,13 @@ def train_alone(run: RunConfig, train: Dataset, name: str, teacher: Path | None
         if teacher is None:
             raise ValueError(f"objective {run.objective.objective!r} needs a teacher")
         t_model, t_arch, _ = load_model(teacher)
-    objective, history, steps = None, [], 0
-    for rnd in range(1, fed.num_rounds + 1):
-        seed = derive_seed(fed.seed, name, rnd)
-        if objective is None:  # built once: its state (momentum teacher, queue) carries over
-            seed_everything(seed)
-            objective = build_objective(
-                run.objective_config(), student, t_model,
-                same_task(t_arch.classes, run.class_names) if t_arch else None,
-                n_data=len(train), batch_size=tr.batch_size)
-        cfg = replace(run.train_config(rnd), seed=seed)
-        loader = make_loader(training_set(objective, train), tr.batch_size, train=True,
-                             seed=seed)
-        result = train_local(student, objective, loader, cfg)
+    setup = RoundSetup(run.objective_config(), train, tr.batch_size, t_model,
+                       same_task(t_arch.classes, run.class_names) if t_arch else None)
+    rounds = [replace(run.train_config(rnd), seed=derive_seed(fed.seed, name, rnd))
+              for rnd in range(1, fed.num_rounds + 1)]
+    history, steps = [], 0
+    for trained in local_rounds(student, setup, rounds):
+        result = trained.result
         steps += int(result.metrics["steps"])
         history.append({**{f"train-{k}": v for k, v in result.metrics.items()},
                         "num-examples": result.num_examples})

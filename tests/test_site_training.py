@@ -8,7 +8,7 @@ import torch
 from client.site_config import site_settings
 from client.site_errors import MissingTeacher
 from client.site_state import TeacherCache
-from client.site_training import train_round
+from client.site_training import site_data, train_round
 from moma_core.checkpoint import sidecar_path
 from moma_core.models import Architecture, build_model
 from moma_protocol.wire import TRAIN_METRICS, wire_state
@@ -131,3 +131,51 @@ def test_a_residual_moma_site_keeps_its_queue_of_image_keys_between_rounds(site)
     after = load_file(str(private))["queue.queue_ids"]
     assert (after >= 0).all() and not torch.equal(after, ids)  # round 2 went on from round 1
     assert metrics2["train-nce"] > 0
+
+
+@pytest.mark.parametrize("objective", ["moma", "crckd"])
+def test_a_site_and_the_local_only_baseline_train_the_same_rounds(tmp_path, site, objective):
+    """The local-only baseline (moma-simulate's and the benchmark's) is the site's own round
+    function, not a copy: one site's two rounds through the site's code, fed its own student
+    back, end in the very tensors the baseline's two rounds end in (MoMA's heads, attention
+    and queue, carried on the site's disk in one and in memory in the other)."""
+    from server.baseline import start_student, train_alone
+
+    settings, data, sidecar = site
+    TeacherCache(settings.cache_dir).store(data, sidecar, sidecar["sha256"])
+    run = tiny_run(objective=objective)
+    teacher = tmp_path / "teacher.safetensors"
+    state = wire_state(start_student(run, teacher)[0].state_dict())
+    for rnd in (1, 2):
+        state, _, _ = train_round(settings, run, rnd, state, sidecar["sha256"])
+    train = site_data(settings, run.federation.image_size, run.training.augment,
+                      run.class_names).train
+    alone, _, _, history, steps = train_alone(run, train, settings.site_name, teacher)
+    assert len(history) == 2 and steps == 6
+    baseline = wire_state(alone.state_dict())
+    assert set(baseline) == set(state)
+    differ = [k for k in state if not torch.equal(state[k], baseline[k])]
+    assert differ == []
+
+
+def test_a_warm_teacher_cache_trains_as_a_cold_one(site):
+    """A site process that has loaded the teacher before (a warm worker, another site's round
+    in simulation) trains a site's first round exactly as a fresh process does: the objective
+    is seeded after the student and the teacher are built, not before."""
+    import shutil
+
+    from client import site_state
+
+    settings, data, sidecar = site
+    TeacherCache(settings.cache_dir).store(data, sidecar, sidecar["sha256"])
+    run = tiny_run()
+    start = _global(run)
+    private = settings.cache_dir / "runs" / run.federation.run_name
+    outputs = []
+    for warm in (False, True):
+        if not warm:
+            site_state._LOADED.clear()  # the teacher is built from its file in this round
+        shutil.rmtree(private, ignore_errors=True)  # each time the site's first round
+        outputs.append(train_round(settings, run, 1, start, sidecar["sha256"])[0])
+    assert site_state._LOADED  # the second round took the teacher from the process's memo
+    assert all(torch.equal(outputs[0][k], outputs[1][k]) for k in outputs[0])
