@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moma_bench import benchmark as B
+from moma_bench import benchmark
 from moma_bench.arms import (
     Scenario,
     arm,
@@ -40,18 +40,18 @@ TINY = ["--quick", "--n", "24", "--eval-n", "8", "--rounds", "1"]
 
 def _main(monkeypatch, capsys, *argv: str) -> tuple[int, str, str]:
     monkeypatch.setattr(sys, "argv", ["moma-bench", *argv])
-    rc = B.main()
+    rc = benchmark.main()
     out = capsys.readouterr()
     return rc, out.out, out.err
 
 
 def _tiny(tmp_path: Path, task: str, *extra: str):
     """Checked options and the scenario of a tiny synthetic benchmark, teacher in place."""
-    args = B.check_options(B.parser().parse_args(
+    args = benchmark.check_options(benchmark.parser().parse_args(
         ["accuracy", *TINY, "--tasks", task, "--out", str(tmp_path / "out"), *extra]))
-    sc = B.scenarios(args)[0]
+    sc = benchmark.scenarios(args)[0]
     tiny_teacher(sc.teacher, TARGET_CLASSES if task == "same" else SOURCE_CLASSES)
-    return args, B.check_scenario(sc, args)
+    return args, benchmark.check_scenario(sc, args)
 
 
 # -- options ----------------------------------------------------------------------------------
@@ -119,7 +119,7 @@ def test_mean_and_sample_std_over_seeds_by_hand():
     results = [_result("fedavg-moma", 2, 0.8, 0.9, 0.7, (3.0, 0.1)),
                _result("fedavg-moma", 0, 0.6, 0.5, 0.7, (1.0, 0.5)),
                _result("fedavg-moma", 1, 0.7, 0.6, 0.8, (2.0, 0.0))]
-    agg = B.aggregate(results)
+    agg = benchmark.aggregate(results)
     assert agg["seeds"] == [0, 1, 2]
     # pooled accuracy 0.6, 0.7, 0.8: mean 0.7, sample std sqrt((0.01 + 0 + 0.01) / 2) = 0.1
     assert agg["pooled"]["accuracy"]["mean"] == pytest.approx(0.7)
@@ -135,8 +135,8 @@ def test_mean_and_sample_std_over_seeds_by_hand():
     # per-round terms: mean over seeds; a term missing in any seed is None
     assert agg["rounds"]["train-nce"] == pytest.approx([2.0, 0.2])
     assert agg["rounds"]["train-ce"] == [1.0, None]
-    assert B.fmt(agg["pooled"]["accuracy"]) == "0.700 ± 0.100"
-    assert B.fmt(B.mean_std([0.25])) == "0.250"  # one seed: no std
+    assert benchmark.fmt(agg["pooled"]["accuracy"]) == "0.700 ± 0.100"
+    assert benchmark.fmt(benchmark.mean_std([0.25])) == "0.250"  # one seed: no std
 
 
 def test_metrics_from_a_confusion_matrix_by_hand():
@@ -149,20 +149,20 @@ def test_metrics_from_a_confusion_matrix_by_hand():
 
 
 def test_summary_table_json_and_plots_from_results_on_disk(tmp_path):
-    args = B.check_options(B.parser().parse_args(
+    args = benchmark.check_options(benchmark.parser().parse_args(
         ["accuracy", "--out", str(tmp_path), "--arms", "local-only", "fedavg-ce", "fedavg-kd",
          "fedavg-moma"]))
     sc = Scenario("same-task-3sites", tmp_path / "teacher.safetensors", (), task="same")
     for seed, (moma, ce, local) in enumerate([(0.6, 0.5, 0.4), (0.7, 0.6, 0.5),
                                               (0.8, 0.7, 0.3)]):
         for name, acc in (("fedavg-moma", moma), ("fedavg-ce", ce), ("local-only", local)):
-            path = B.result_path(tmp_path, sc, seed, name)
+            path = benchmark.result_path(tmp_path, sc, seed, name)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(_result(name, seed, acc, acc, acc, (1.0, 0.0))))
-        B.result_path(tmp_path, sc, seed, "fedavg-kd").write_text(json.dumps(
+        benchmark.result_path(tmp_path, sc, seed, "fedavg-kd").write_text(json.dumps(
             {"arm": "fedavg-kd", "seed": seed, "status": "n/a", "reason": "needs same task"}))
-    summary = B.summarise(args, [sc], "moma-bench accuracy")
-    B.write_summary(tmp_path, summary)
+    summary = benchmark.summarise(args, [sc], "moma-bench accuracy")
+    benchmark.write_summary(tmp_path, summary)
     saved = json.loads((tmp_path / "summary.json").read_text())
     arms = saved["scenarios"]["same-task-3sites"]["arms"]
     assert arms["fedavg-moma"]["pooled"]["accuracy"]["mean"] == pytest.approx(0.7)
@@ -184,10 +184,10 @@ def test_summary_table_json_and_plots_from_results_on_disk(tmp_path):
     comp = saved["scenarios"]["same-task-3sites"]["comparisons"]
     local = next(c for c in comp if c["against"] == "local-only")
     assert local["goal"] == "P7" and local["accuracy"]["values"] == pytest.approx([0.2, 0.2, 0.5])
-    assert B.paired(arms["fedavg-moma"], arms["fedavg-kd"], "accuracy") is None  # n/a arm
+    assert benchmark.paired(arms["fedavg-moma"], arms["fedavg-kd"], "accuracy") is None  # n/a arm
     # a run of other arms only (no FedAvg CE, no local arm): no comparison, no crash
     only = {"fedavg-moma": arms["fedavg-moma"]}
-    assert B.comparisons(only) == []
+    assert benchmark.comparisons(only) == []
     for png in ("same-task-3sites-metrics.png", "same-task-3sites-terms.png"):
         assert (tmp_path / "plots" / png).stat().st_size > 1000
 
@@ -197,7 +197,7 @@ def test_rerun_keeps_finished_arms_and_force_redoes_them(tmp_path, monkeypatch, 
     argv = ["accuracy", *TINY, "--tasks", "same", "--arms", "local-only", "--out",
             str(tmp_path / "out")]
     args, sc = _tiny(tmp_path, "same")
-    path = B.result_path(args.out, sc, 0, "local-only")
+    path = benchmark.result_path(args.out, sc, 0, "local-only")
 
     rc, out, _ = _main(monkeypatch, capsys, *argv)
     assert rc == 0 and "seed 0 local-only (at " in out and "pooled accuracy" in out
@@ -289,16 +289,16 @@ def test_local_and_centralised_arms_start_from_the_federated_round_1_student(tmp
 
 def test_a_larger_teacher_is_trained_as_asked_and_every_arm_starts_from_one_random_student(
         tmp_path):
-    args = B.check_options(B.parser().parse_args(
+    args = benchmark.check_options(benchmark.parser().parse_args(
         ["accuracy", *TINY, "--tasks", "same", "--teacher-model", "resnet10t", "--teacher-n",
          "16", "--teacher-epochs", "1", "--out", str(tmp_path / "out")]))
-    sc = B.scenarios(args)[0]
+    sc = benchmark.scenarios(args)[0]
     assert "resnet10t" in sc.teacher.name
-    B.ensure_teacher(args, sc)  # trains for real (16 images, one epoch)
+    benchmark.ensure_teacher(args, sc)  # trains for real (16 images, one epoch)
     from moma_core.checkpoint import read_sidecar
 
     assert read_sidecar(sc.teacher)["architecture"]["model_name"] == "resnet10t"
-    sc = B.check_scenario(sc, args)
+    sc = benchmark.check_scenario(sc, args)
     assert sc.task == "same"
     fed = setup(sc, arm("fedavg-moma"), 0, tmp_path / "fed")
     arch = Architecture(fed.run.federation.student_model, fed.run.class_names,

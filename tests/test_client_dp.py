@@ -183,7 +183,7 @@ def test_a_site_clips_its_own_update_under_site_clipping(tmp_path):
     """The same site round without and with ``site-clipping``: the plain update is far beyond
     a small C, the clipped one is within it, in the same direction."""
     from client import site_round
-    from moma_protocol import wire as P
+    from moma_protocol import wire
     from tests.helpers import tiny_run
     from tests.test_protocol import _wire
 
@@ -194,8 +194,8 @@ def test_a_site_clips_its_own_update_under_site_clipping(tmp_path):
     sent = {}
     for mode in ("off", "site-clipping"):
         run = tiny_run(objective="ce", lr=0.05, client_dp=mode, client_dp_clipping_norm=0.05)
-        blob, _, _ = site_round.train(node, run.to_flat(), fields, None, P.encode_blob(start))
-        sent[mode] = P.decode_state(blob)
+        blob, _, _ = site_round.train(node, run.to_flat(), fields, None, wire.encode_blob(start))
+        sent[mode] = wire.decode_state(blob)
     plain, clipped = sent["off"], sent["site-clipping"]
     assert update_norm(plain, start) > 0.5
     assert update_norm(clipped, start) == pytest.approx(0.05, rel=1e-3)
@@ -230,7 +230,7 @@ def test_a_site_caps_its_site_level_epsilon_under_client_dp(tmp_path):
     from client import site_round
     from client.site_errors import PrivacyBudgetExceeded, error_category
     from moma_core.privacy.ledger import PrivacyLedger
-    from moma_protocol import wire as P
+    from moma_protocol import wire
     from tests.helpers import tiny_run
     from tests.test_protocol import _wire
 
@@ -239,11 +239,11 @@ def test_a_site_caps_its_site_level_epsilon_under_client_dp(tmp_path):
     node = {"data-path": "synthetic:target", "cache-dir": str(tmp_path / "c"), "n": 32,
             "device": "cpu", "site-name": "a", "max-client-epsilon": 0.5}
     with pytest.raises(PrivacyBudgetExceeded) as err:
-        site_round.train(node, run, fields, None, P.encode_blob(_wire()))
+        site_round.train(node, run, fields, None, wire.encode_blob(_wire()))
     assert error_category(err.value) == "privacy-budget" and str(err.value) == "would-exceed"
     assert PrivacyLedger(tmp_path / "c").entries() == []
     node["max-client-epsilon"] = 100.0
-    site_round.train(node, run, fields, None, P.encode_blob(_wire()))
+    site_round.train(node, run, fields, None, wire.encode_blob(_wire()))
     assert [e.unit for e in PrivacyLedger(tmp_path / "c").entries()] == ["site"]
 
 
@@ -330,7 +330,7 @@ def test_site_clipping_sends_the_rounds_norm_and_the_site_clips_to_it(tmp_path):
     from client import site_round
     from client.site_errors import ConfigError as SiteConfigError
     from client.site_messages import round_fields as _round_fields
-    from moma_protocol import wire as P
+    from moma_protocol import wire
     from tests.helpers import tiny_run
     from tests.test_protocol import _wire, instruction
 
@@ -342,11 +342,11 @@ def test_site_clipping_sends_the_rounds_norm_and_the_site_clips_to_it(tmp_path):
                       _adaptive("server-clipping", 0.5, 1.0, 1.0)).client_dp.round_norm() is None
 
     def message(norm):
-        config = {P.SERVER_ROUND: 1, P.TEACHER_SHA: "", P.EVALUATE_FLAG: False}
+        config = {wire.SERVER_ROUND: 1, wire.TEACHER_SHA: "", wire.EVALUATE_FLAG: False}
         if norm is not None:
-            config[P.CLIPPING_NORM] = norm
-        return instruction(P.TRAIN, RecordDict({P.ARRAYS: ArrayRecord(),
-                                                P.CONFIG: ConfigRecord(config)}))
+            config[wire.CLIPPING_NORM] = norm
+        return instruction(wire.TRAIN, RecordDict({wire.ARRAYS: ArrayRecord(),
+                                                   wire.CONFIG: ConfigRecord(config)}))
 
     assert _round_fields(message(None)).clipping_norm == 0.0
     fields = _round_fields(message(0.02))
@@ -359,8 +359,8 @@ def test_site_clipping_sends_the_rounds_norm_and_the_site_clips_to_it(tmp_path):
     run = tiny_run(objective="ce", lr=0.05, client_dp="site-clipping",
                    client_dp_clipping="adaptive", client_dp_clipping_norm=1.0,
                    client_dp_noise_multiplier=0.5, client_dp_count_stddev=1.0)
-    blob, _, _ = site_round.train(node, run.to_flat(), fields, None, P.encode_blob(start))
-    assert update_norm(P.decode_state(blob), start) == pytest.approx(0.02, rel=1e-3)
+    blob, _, _ = site_round.train(node, run.to_flat(), fields, None, wire.encode_blob(start))
+    assert update_norm(wire.decode_state(blob), start) == pytest.approx(0.02, rel=1e-3)
 
 
 def test_a_resumed_adaptive_run_continues_from_the_adapted_norm():

@@ -10,7 +10,7 @@ import stat
 
 import pytest
 
-from moma_protocol import coordinator_file as cf
+from moma_protocol import coordinator_file
 from moma_protocol.settings import ConfigError, RunConfig
 from server.cli import overrides, parser
 from server.flwr_app import run_config_arg
@@ -23,23 +23,25 @@ def test_the_submitted_run_config_carries_no_coordinator_setting(tmp_path):
                                 "--run-config", "objective=\"ce\""])
     values = overrides(args, tmp_path / "runs", None, tmp_path / "sites.json")
     values["teacher-path"] = str(teacher)
-    submitted, own = cf.split(values)
+    submitted, own = coordinator_file.split(values)
     text = run_config_arg(submitted)
     assert str(tmp_path) not in text, text
     assert {"teacher-path", "output-dir", "site-registry", "eval-source"} <= set(own)
-    assert not set(submitted) & cf.coordinator_keys()
+    assert not set(submitted) & coordinator_file.coordinator_keys()
     assert "classes" in submitted and "run-name" in submitted  # the sites' settings stay
 
 
 def test_the_server_app_reads_the_coordinator_file_over_its_run_config(tmp_path):
-    path = cf.write(tmp_path / "coordinator.json",
-                    {"teacher-path": "/srv/t.safetensors", "output-dir": "/srv/runs"})
+    path = coordinator_file.write(tmp_path / "coordinator.json",
+                                  {"teacher-path": "/srv/t.safetensors",
+                                   "output-dir": "/srv/runs"})
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    flat = cf.server_run_config({"lr": 0.1, "teacher-path": ""}, {cf.COORDINATOR_ENV: str(path)})
+    flat = coordinator_file.server_run_config({"lr": 0.1, "teacher-path": ""},
+                                              {coordinator_file.COORDINATOR_ENV: str(path)})
     run = RunConfig.from_flat(flat)
     assert run.coordinator.teacher_path == "/srv/t.safetensors" and run.training.lr == 0.1
     # without the variable (a simulation): the run config as it is
-    assert cf.server_run_config({"teacher-path": "x"}, {}) == {"teacher-path": "x"}
+    assert coordinator_file.server_run_config({"teacher-path": "x"}, {}) == {"teacher-path": "x"}
 
 
 @pytest.mark.parametrize("content,needle", [
@@ -51,14 +53,15 @@ def test_a_bad_coordinator_file_is_refused_in_one_line(tmp_path, content, needle
     path = tmp_path / "coordinator.json"
     path.write_text(content)
     with pytest.raises(ConfigError, match=needle):
-        cf.server_run_config({}, {cf.COORDINATOR_ENV: str(path)})
+        coordinator_file.server_run_config({}, {coordinator_file.COORDINATOR_ENV: str(path)})
     with pytest.raises(ConfigError, match="unreadable"):
-        cf.server_run_config({}, {cf.COORDINATOR_ENV: str(tmp_path / "missing.json")})
+        coordinator_file.server_run_config(
+            {}, {coordinator_file.COORDINATOR_ENV: str(tmp_path / "missing.json")})
 
 
 def test_only_coordinator_keys_are_written(tmp_path):
     with pytest.raises(ConfigError, match="'lr' is not a coordinator setting"):
-        cf.write(tmp_path / "c.json", {"lr": 0.1})
+        coordinator_file.write(tmp_path / "c.json", {"lr": 0.1})
 
 
 def test_the_student_is_the_teachers_architecture_unless_the_run_config_names_one(tmp_path):

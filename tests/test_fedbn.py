@@ -8,7 +8,7 @@ from flwr.app import MetricRecord, RecordDict
 from client.site_state import SiteState
 from client.site_training import site_data, student_for, train_round
 from moma_core.models import Architecture, build_model, norm_state_keys
-from moma_protocol import wire as P
+from moma_protocol import wire
 from server.aggregation import Aggregator, check_update
 from tests.helpers import IMAGE_SIZE, site_with_teacher, tiny_run
 
@@ -24,7 +24,7 @@ def _student(run):
 
 
 def local_keys(run, student):
-    return P.local_keys(run.federation.fedbn, student)
+    return wire.local_keys(run.federation.fedbn, student)
 
 
 def aggregate(updates, weights, method, reference):
@@ -36,7 +36,7 @@ def run_fed(method):
 
 
 def _global(run):
-    return P.wire_state(_student(run).state_dict())
+    return wire.wire_state(_student(run).state_dict())
 
 
 def test_local_keys_are_the_normalisation_layers_only_under_fedbn():
@@ -60,9 +60,9 @@ def test_fedbn_site_sends_no_normalisation_tensors_and_keeps_them(site):
     key = next(k for k in sorted(kept) if k.endswith("running_mean"))
     assert not torch.equal(local[key], start[key])  # trained here, stored here
     # the reply passes the site's and the coordinator's checks
-    reply = RecordDict({P.ARRAYS: P.encode_state(sent),
-                        P.METRICS: MetricRecord({**metrics, P.NUM_EXAMPLES: n})})
-    assert P.check_site_reply(reply, P.TRAIN, set(start)) == []
+    reply = RecordDict({wire.ARRAYS: wire.encode_state(sent),
+                        wire.METRICS: MetricRecord({**metrics, wire.NUM_EXAMPLES: n})})
+    assert wire.check_site_reply(reply, wire.TRAIN, set(start)) == []
     assert check_update(sent, start, local_keys(run, _student(run))) is None
     # next round: the site's own normalisation layers, the global rest
     data = site_data(settings, run.federation.image_size, run.training.augment)
@@ -138,13 +138,13 @@ def test_coordinator_aggregates_fedbn_updates_keeping_global_normalisation():
     assert coordinator.local_keys == local_keys(run, _student(run))
     meta = Metadata(run_id=1, message_id="m", src_node_id=0, dst_node_id=1,
                     reply_to_message_id="", group_id="", created_at=time.time(), ttl=60.0,
-                    message_type=P.TRAIN)
+                    message_type=wire.TRAIN)
     sent = Message(RecordDict(), metadata=meta)
     replies = []
     for node in (1, 2):
         update = {k: v + node for k, v in reference.items() if k not in coordinator.local_keys}
-        content = RecordDict({P.ARRAYS: P.encode_state(update),
-                              P.METRICS: MetricRecord({P.NUM_EXAMPLES: 10})})
+        content = RecordDict({wire.ARRAYS: wire.encode_state(update),
+                              wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 10})})
         replies.append((node, Message(content, reply_to=sent)))
     sites = {n: SiteReport(n, f"site-{n}") for n in (1, 2)}
     updates, weights = coordinator._check_replies(replies, reference, sites)

@@ -17,9 +17,8 @@ from pathlib import Path
 import pytest
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
-from moma_protocol import wire as P
-from server import live as L
-from server import transport
+from moma_protocol import wire
+from server import live, transport
 from server.live import SitesMissing
 from server.results import RunFailed
 from server.server_app import _QUIET, _quiet_flower_traceback, run_federation
@@ -46,33 +45,34 @@ class ScriptedGrid(InProcessGrid):
 
     def answer(self, node: int, msg: Message) -> Message | None:
         kind = msg.metadata.message_type
-        if kind == P.TRAIN and self.live_path is not None and self.live_path.is_file():
+        if kind == wire.TRAIN and self.live_path is not None and self.live_path.is_file():
             self.seen_live.append(json.loads(self.live_path.read_text()))
         how = self.behaviour[node]
         if how == "silent":
             return None
-        if how != "ok" and kind == P.TRAIN:
-            return P.category_reply(msg, how)
+        if how != "ok" and kind == wire.TRAIN:
+            return wire.category_reply(msg, how)
         return Message(self._content(node, msg), reply_to=msg)
 
     def _content(self, node: int, msg: Message) -> RecordDict:
         m = self.metrics.get(node, {})
         kind = msg.metadata.message_type
-        if kind == P.TEACHER_STATUS:
-            return RecordDict({P.METRICS: MetricRecord({P.HAS_TEACHER: 1}),
-                               P.CONFIG: ConfigRecord({P.SITE_NAME: NAMES[node]})})
+        if kind == wire.TEACHER_STATUS:
+            return RecordDict({wire.METRICS: MetricRecord({wire.HAS_TEACHER: 1}),
+                               wire.CONFIG: ConfigRecord({wire.SITE_NAME: NAMES[node]})})
         scores = {"accuracy": m.get("accuracy", 0.5), "macro-f1": 0.4, "kappa": 0.3,
-                  "loss": 1.0, P.NUM_EXAMPLES: 20}
-        if kind == P.EVALUATE:
-            return RecordDict({P.METRICS: MetricRecord(scores)})
-        state = P.decode_state(P.state_blob(msg.content[P.ARRAYS]))
+                  "loss": 1.0, wire.NUM_EXAMPLES: 20}
+        if kind == wire.EVALUATE:
+            return RecordDict({wire.METRICS: MetricRecord(scores)})
+        state = wire.decode_state(wire.state_blob(msg.content[wire.ARRAYS]))
         sent = {k: v + 0.001 * (node - 9) for k, v in state.items()}
-        metrics = {P.NUM_EXAMPLES: 20 + node, "train-ce": 1.0 + node / 100,
+        metrics = {wire.NUM_EXAMPLES: 20 + node, "train-ce": 1.0 + node / 100,
                    "train-kl": 0.0, "train-nce": 2.0, "train-nce-shuffled": 2.5,
-                   "train-retrieval": 0.25, P.TEACHER_CACHED: 1,
+                   "train-retrieval": 0.25, wire.TEACHER_CACHED: 1,
                    **{k: v for k, v in m.items() if k != "accuracy"}}
-        return RecordDict({P.ARRAYS: P.encode_state(sent), P.METRICS: MetricRecord(metrics),
-                           P.EVAL_METRICS: MetricRecord(scores)})
+        return RecordDict({wire.ARRAYS: wire.encode_state(sent),
+                           wire.METRICS: MetricRecord(metrics),
+                           wire.EVAL_METRICS: MetricRecord(scores)})
 
 
 
@@ -148,8 +148,8 @@ def test_the_exchange_reports_arrivals_and_who_it_waits_for(task_identity, monke
                                                             caplog):
     monkeypatch.setattr(transport, "PROGRESS_EVERY", 0.0)
     grid = ScriptedGrid({10: "ok", 11: "silent"})
-    msgs = [Message(RecordDict({P.CONFIG: ConfigRecord({P.TEACHER_SHA: ""})}), dst_node_id=n,
-                    message_type=P.TEACHER_STATUS) for n in (10, 11)]
+    msgs = [Message(RecordDict({wire.CONFIG: ConfigRecord({wire.TEACHER_SHA: ""})}), dst_node_id=n,
+                    message_type=wire.TEACHER_STATUS) for n in (10, 11)]
     arrived = []
     with caplog.at_level(logging.INFO, logger="moma"):
         out = transport.exchange(grid, msgs, 0.5, poll=0.1,  # type: ignore[arg-type]
@@ -168,7 +168,7 @@ def test_a_missing_site_ends_the_run_in_one_line_with_exit_code_3(tmp_path, task
     monkeypatch.setattr(transport, "PROGRESS_EVERY", 0.0)
     run = federation_run(tmp_path, [10, 11], round_timeout=2.0)
     grid = ScriptedGrid({10: "ok"})  # hospital-b never connects
-    with caplog.at_level(logging.INFO, logger="moma"), pytest.raises(L.SitesMissing) as err:
+    with caplog.at_level(logging.INFO, logger="moma"), pytest.raises(live.SitesMissing) as err:
         run_federation(grid, run)  # type: ignore[arg-type]
     assert "not connected: hospital-b" in str(err.value) and "hospital-a" not in str(err.value)
     waiting = [r.getMessage() for r in caplog.records if r.getMessage().startswith("waiting")]
@@ -178,7 +178,7 @@ def test_a_missing_site_ends_the_run_in_one_line_with_exit_code_3(tmp_path, task
     assert len(errors) == 1 and "not connected: hospital-b" in errors[0].getMessage()
     end = live_json(tmp_path)
     assert end["state"] == "failed" and end["end"]["status"] == "failed"
-    assert end["end"]["exit_code"] == L.EXIT_SITES_MISSING == 3
+    assert end["end"]["exit_code"] == live.EXIT_SITES_MISSING == 3
     assert "not connected: hospital-b" in end["end"]["reason"]
     assert end["waiting_for"] == ["hospital-b"] and end["connected"] == 1
 
@@ -217,7 +217,7 @@ def test_flowers_traceback_of_a_reported_end_is_dropped(caplog):
     fails: Flower saw the exception)."""
     from flwr.common.logger import log as flwr_log
 
-    exc = L.SitesMissing("only 1 site(s) connected")
+    exc = live.SitesMissing("only 1 site(s) connected")
     other = RuntimeError("unexpected")
     _quiet_flower_traceback(exc)
     try:
@@ -251,11 +251,11 @@ def test_an_unexpected_error_is_recorded_with_exit_code_1(tmp_path, task_identit
 
 
 def test_a_live_json_of_an_earlier_run_is_not_this_runs_end(tmp_path, capsys):
-    status = L.LiveStatus(tmp_path / "live.json", "x")
-    status.end("failed", "only 1 site(s) connected", L.EXIT_SITES_MISSING)
-    assert L.read_end(tmp_path / "live.json")["exit_code"] == 3
+    status = live.LiveStatus(tmp_path / "live.json", "x")
+    status.end("failed", "only 1 site(s) connected", live.EXIT_SITES_MISSING)
+    assert live.read_end(tmp_path / "live.json")["exit_code"] == 3
     later = json.loads((tmp_path / "live.json").read_text())["updated"] + 1
-    assert L.read_end(tmp_path / "live.json", since=later) is None
+    assert live.read_end(tmp_path / "live.json", since=later) is None
 
     from server.cli import run_outcome
 
@@ -293,7 +293,7 @@ def test_completed_run_prints_the_summary_not_a_dict(tmp_path, task_identity, ca
 
 def test_waiting_names_the_registered_sites_not_connected(tmp_path):
     """While waiting, ``waiting_for`` is the registered sites that are not connected."""
-    status = L.LiveStatus(tmp_path / "live.json", "x", 3, 60.0, 2, {1: "a", 2: "b"})
+    status = live.LiveStatus(tmp_path / "live.json", "x", 3, 60.0, 2, {1: "a", 2: "b"})
     status.waiting(1, [1], 1e12)
     data = json.loads((tmp_path / "live.json").read_text())
     assert KEYS <= set(data) and data["waiting_for"] == ["b"] and data["state"] == "waiting"

@@ -21,11 +21,11 @@ from flwr.app import Context, Message, RecordDict
 from torch import nn
 
 import client.client_app as site_app
-from moma_core import objective_registry as R
+from moma_core import objective_registry
 from moma_core.method_config import DP_OBJECTIVES, OBJECTIVES, ObjectiveConfig
 from moma_core.models import features_and_logits
 from moma_core.objectives import BuildInputs, TeacherObjective, build_objective
-from moma_protocol import wire as P
+from moma_protocol import wire
 from moma_protocol.settings import ConfigError
 from tests.helpers import InProcessGrid, synthetic_sites, tiny_run, tiny_teacher
 
@@ -64,66 +64,70 @@ class FeatureL2(TeacherObjective):
 
 @pytest.fixture
 def toy():
-    R.register(FeatureL2)
+    objective_registry.register(FeatureL2)
     yield FeatureL2
-    R.unregister(TOY)
+    objective_registry.unregister(TOY)
 
 
 # -- the registry ----------------------------------------------------------------------------
 def test_the_built_in_objectives_in_their_order():
-    assert R.names() == ("ce", "kd", "moma", "crckd", "dp-moma")
+    assert objective_registry.names() == ("ce", "kd", "moma", "crckd", "dp-moma")
     assert OBJECTIVES == ("ce", "kd", "moma", "crckd") and DP_OBJECTIVES == ("dp-moma",)
-    assert R.dp_names() == ("ce", "kd", "dp-moma")
-    assert [n for n in R.names() if R.needs_teacher(n)] == ["kd", "moma", "crckd", "dp-moma"]
+    assert objective_registry.dp_names() == ("ce", "kd", "dp-moma")
+    assert [n for n in objective_registry.names()
+            if objective_registry.needs_teacher(n)] == ["kd", "moma", "crckd", "dp-moma"]
 
 
 def test_declarations_read_from_the_source_are_the_classes():
     """The registry lists the built-in objectives without importing them (no torch); what it
     read must be what each class declares."""
-    for name in R.names():
-        cls = R.get(name)
-        assert cls.name == name and R.declaration_of(cls) == R.declaration(name)
+    for name in objective_registry.names():
+        cls = objective_registry.get(name)
+        assert cls.name == name
+        assert objective_registry.declaration_of(cls) == objective_registry.declaration(name)
 
 
 def test_an_unknown_name_is_refused_with_the_closest_names():
-    with pytest.raises(R.RegistryError, match="unknown objective 'mmoa'; did you mean 'moma'"):
-        R.get("mmoa")
+    with pytest.raises(objective_registry.RegistryError,
+                       match="unknown objective 'mmoa'; did you mean 'moma'"):
+        objective_registry.get("mmoa")
     with pytest.raises(ValueError, match="unknown objective 'nothing-like-it' \\(registered"):
-        R.declaration("nothing-like-it")
+        objective_registry.declaration("nothing-like-it")
     with pytest.raises(ValueError, match="unknown objective"):
         ObjectiveConfig(kind="mmoa")
 
 
 def _like_toy(class_name: str, **declared) -> type:
     """A subclass of the toy declaring everything again, ``declared`` changed."""
-    body = {k: getattr(FeatureL2, k) for k in R.DECLARED} | declared
+    body = {k: getattr(FeatureL2, k) for k in objective_registry.DECLARED} | declared
     return type(class_name, (FeatureL2,), body)
 
 
 def test_a_taken_name_is_refused(toy):
-    with pytest.raises(R.RegistryError, match="'moma' is already"):
-        R.register(_like_toy("Impostor", name="moma"))
-    with pytest.raises(R.RegistryError, match=f"'{TOY}' is already registered by"):
-        R.register(_like_toy("Twin"))
-    assert R.get(TOY) is FeatureL2
-    R.register(FeatureL2)  # the same class again (its module re-imported): kept
-    with pytest.raises(R.RegistryError, match="built in"):
-        R.unregister("moma")
+    with pytest.raises(objective_registry.RegistryError, match="'moma' is already"):
+        objective_registry.register(_like_toy("Impostor", name="moma"))
+    with pytest.raises(objective_registry.RegistryError, match=f"'{TOY}' is already registered by"):
+        objective_registry.register(_like_toy("Twin"))
+    assert objective_registry.get(TOY) is FeatureL2
+    objective_registry.register(FeatureL2)  # the same class again (its module re-imported): kept
+    with pytest.raises(objective_registry.RegistryError, match="built in"):
+        objective_registry.unregister("moma")
 
 
 def test_a_class_must_declare_everything_in_its_own_body():
     class Partial(FeatureL2):
         name = "partial"
 
-    with pytest.raises(R.RegistryError, match="does not declare order, needs_teacher"):
-        R.register(Partial)
-    assert "partial" not in R.names()
+    with pytest.raises(objective_registry.RegistryError,
+                       match="does not declare order, needs_teacher"):
+        objective_registry.register(Partial)
+    assert "partial" not in objective_registry.names()
 
 
 def test_a_registered_objective_reaches_settings_protocol_and_builder(toy):
-    assert R.names()[-1] == TOY and TOY in R.dp_names()
-    assert "train-feature-l2" in P.TRAIN_METRICS and "train-feature-l2" in P.METRIC_NAMES
-    assert "train-other" not in P.TRAIN_METRICS  # the allow-list still refuses the unknown
+    assert objective_registry.names()[-1] == TOY and TOY in objective_registry.dp_names()
+    assert "train-feature-l2" in wire.TRAIN_METRICS and "train-feature-l2" in wire.METRIC_NAMES
+    assert "train-other" not in wire.TRAIN_METRICS  # the allow-list still refuses the unknown
     run = tiny_run(objective=TOY, dp="dp-sgd")  # DP-SGD can run it: it says so
     assert run.objective_config().kind == TOY
     torch.manual_seed(0)
@@ -139,13 +143,14 @@ def test_a_registered_objective_reaches_settings_protocol_and_builder(toy):
 
 
 def test_unregistered_the_toy_is_gone_everywhere(toy):
-    R.unregister(TOY)
+    objective_registry.unregister(TOY)
     try:
-        assert TOY not in R.names() and "train-feature-l2" not in P.TRAIN_METRICS
+        assert TOY not in objective_registry.names()
+        assert "train-feature-l2" not in wire.TRAIN_METRICS
         with pytest.raises(ConfigError, match="is not one of ce, kd, moma, crckd, dp-moma"):
             tiny_run(objective=TOY)
     finally:
-        R.register(FeatureL2)
+        objective_registry.register(FeatureL2)
 
 
 def test_a_dp_sgd_run_needs_an_objective_that_declares_it():
@@ -156,8 +161,8 @@ def test_a_dp_sgd_run_needs_an_objective_that_declares_it():
 def test_settings_and_protocol_list_objectives_without_torch():
     script = ("import sys\n"
               "from moma_protocol import settings, wire\n"
-              "from moma_core import objective_registry as R\n"
-              "assert R.names() and 'train-nce' in wire.TRAIN_METRICS\n"
+              "from moma_core import objective_registry\n"
+              "assert objective_registry.names() and 'train-nce' in wire.TRAIN_METRICS\n"
               "settings.RunConfig.from_flat({'objective': 'crckd'})\n"
               "assert 'torch' not in sys.modules, 'the registry loaded torch'\n")
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
@@ -170,8 +175,8 @@ class SiteGrid(InProcessGrid):
     """A Flower grid whose sites are this process: each message goes to the real ClientApp
     handler of its type (``client.client_app``) with the site's node config."""
 
-    HANDLERS = {P.TRAIN: site_app.train, P.EVALUATE: site_app.evaluate,
-                P.TEACHER_STATUS: site_app.teacher_status}
+    HANDLERS = {wire.TRAIN: site_app.train, wire.EVALUATE: site_app.evaluate,
+                wire.TEACHER_STATUS: site_app.teacher_status}
 
     def __init__(self, nodes: dict[int, dict], run_config: dict) -> None:
         super().__init__()
@@ -186,8 +191,8 @@ class SiteGrid(InProcessGrid):
         ctx = Context(run_id=1, node_id=node, node_config=self.nodes[node],
                       state=RecordDict(), run_config=self.run_config)
         reply = self.HANDLERS[kind](msg, ctx)
-        if kind == P.TRAIN and not reply.has_error():
-            self.train_metrics.append(dict(reply.content[P.METRICS]))
+        if kind == wire.TRAIN and not reply.has_error():
+            self.train_metrics.append(dict(reply.content[wire.METRICS]))
         return reply
 
 

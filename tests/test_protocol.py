@@ -38,13 +38,13 @@ from moma_core.data.synthetic import TARGET_CLASSES
 from moma_core.errors import ClassMismatch
 from moma_core.models import Architecture, build_model
 from moma_core.train import TrainingDiverged
-from moma_protocol import wire as P
+from moma_protocol import wire
 from tests.helpers import IMAGE_SIZE, tiny_run
 
 SECRET = "/abs/path/to/patient-0042/slide-17.jpg"
 
 
-def instruction(kind: str = P.TRAIN, content: RecordDict | None = None) -> Message:
+def instruction(kind: str = wire.TRAIN, content: RecordDict | None = None) -> Message:
     """A message as a site receives it (outside a running federation)."""
     meta = Metadata(run_id=1, message_id="m-1", src_node_id=0, dst_node_id=7,
                     reply_to_message_id="", group_id="", created_at=time.time(), ttl=3600.0,
@@ -81,13 +81,13 @@ def _every_text(reply: Message) -> str:
 def _wire(model_classes=TARGET_CLASSES) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     model = build_model(Architecture("test_efficientnet", tuple(model_classes), IMAGE_SIZE))
-    return P.wire_state(model.state_dict())
+    return wire.wire_state(model.state_dict())
 
 
 def _train_reply(**metrics) -> RecordDict:
     values = {"train-loss": 1.2, "train-ce": 1.0, "train-kl": 0.1, "train-nce": 0.1,
-              "train-steps": 3.0, "train-time-s": 2.5, P.NUM_EXAMPLES: 48, **metrics}
-    return RecordDict({P.ARRAYS: P.encode_state(_wire()), P.METRICS: MetricRecord(values)})
+              "train-steps": 3.0, "train-time-s": 2.5, wire.NUM_EXAMPLES: 48, **metrics}
+    return RecordDict({wire.ARRAYS: wire.encode_state(_wire()), wire.METRICS: MetricRecord(values)})
 
 
 # -- error replies ---------------------------------------------------------------------------
@@ -100,11 +100,11 @@ def test_error_reply_carries_the_category_only():
     except DataError as exc:
         reply = error_reply(instruction(), exc)
     assert reply.has_error() and not reply.has_content()
-    assert (reply.error.code, reply.error.reason) == (P.ERROR_CODES["data-error"], "data-error")
+    assert (reply.error.code, reply.error.reason) == (wire.ERROR_CODES["data-error"], "data-error")
     text = _every_text(reply)
     for private in (SECRET, "patient-0042", "cannot read image", "Truncated"):
         assert private not in text
-    assert P.check_error_reply(reply) == []
+    assert wire.check_error_reply(reply) == []
 
 
 @pytest.mark.parametrize("exc,category", [
@@ -125,7 +125,7 @@ def test_error_reply_carries_the_category_only():
 def test_each_exception_type_has_its_category(exc, category):
     assert error_category(exc) == category
     reply = error_reply(instruction(), exc)
-    assert reply.error.reason == category and reply.error.code == P.ERROR_CODES[category]
+    assert reply.error.reason == category and reply.error.code == wire.ERROR_CODES[category]
     assert SECRET not in _every_text(reply)
 
 
@@ -159,7 +159,7 @@ def test_every_declared_category_is_a_wire_category():
             "client/site_training.py:StudentMismatch",
             "client/site_config.py:SiteConfigError",  # the settings' own errors too
             "moma_core/run_settings.py:ConfigError"} <= set(declared)
-    assert {k: v for k, v in declared.items() if v not in P.ERROR_CODES} == {}
+    assert {k: v for k, v in declared.items() if v not in wire.ERROR_CODES} == {}
 
 
 def test_a_worker_failure_keeps_its_category_and_an_unknown_one_is_internal():
@@ -170,11 +170,11 @@ def test_a_worker_failure_keeps_its_category_and_an_unknown_one_is_internal():
 
 
 def test_codes_are_fixed_distinct_and_clear_of_flowers():
-    assert set(P.ERROR_CODES) == {"data-error", "missing-teacher", "teacher-rejected",
-                                  "config-error", "training-diverged", "out-of-memory",
-                                  "internal-error", "privacy-refused", "privacy-budget",
-                                  "class-mismatch"}
-    codes = list(P.ERROR_CODES.values())
+    assert set(wire.ERROR_CODES) == {"data-error", "missing-teacher", "teacher-rejected",
+                                     "config-error", "training-diverged", "out-of-memory",
+                                     "internal-error", "privacy-refused", "privacy-budget",
+                                     "class-mismatch"}
+    codes = list(wire.ERROR_CODES.values())
     assert len(set(codes)) == len(codes) and min(codes) >= 100
 
 
@@ -187,84 +187,86 @@ def test_codes_are_fixed_distinct_and_clear_of_flowers():
 ])
 def test_free_text_error_replies_fail_the_check(error):
     reply = Message(error, reply_to=instruction())
-    assert P.check_error_reply(reply)
-    assert P.error_reason(reply) == P.UNKNOWN_ERROR
+    assert wire.check_error_reply(reply)
+    assert wire.error_reason(reply) == wire.UNKNOWN_ERROR
 
 
 # -- normal replies --------------------------------------------------------------------------
 def test_honest_replies_pass():
     expected = set(_wire())
-    assert P.check_site_reply(_train_reply(), P.TRAIN, expected) == []
-    assert P.check_site_reply(_train_reply()) == []
-    evaluation = RecordDict({P.METRICS: MetricRecord(
-        {"loss": 0.9, "accuracy": 0.5, "macro-f1": 0.4, "kappa": 0.3, P.NUM_EXAMPLES: 12})})
-    assert P.check_site_reply(evaluation, P.EVALUATE) == []
-    status = RecordDict({P.METRICS: MetricRecord({P.HAS_TEACHER: 1}),
-                         P.CONFIG: ConfigRecord({P.SITE_NAME: "hospital-a.site_2"})})
-    assert P.check_site_reply(status, P.TEACHER_STATUS) == []
+    assert wire.check_site_reply(_train_reply(), wire.TRAIN, expected) == []
+    assert wire.check_site_reply(_train_reply()) == []
+    evaluation = RecordDict({wire.METRICS: MetricRecord(
+        {"loss": 0.9, "accuracy": 0.5, "macro-f1": 0.4, "kappa": 0.3, wire.NUM_EXAMPLES: 12})})
+    assert wire.check_site_reply(evaluation, wire.EVALUATE) == []
+    status = RecordDict({wire.METRICS: MetricRecord({wire.HAS_TEACHER: 1}),
+                         wire.CONFIG: ConfigRecord({wire.SITE_NAME: "hospital-a.site_2"})})
+    assert wire.check_site_reply(status, wire.TEACHER_STATUS) == []
 
 
 def test_fedbn_reply_without_normalisation_tensors_passes():
-    wire = _wire()
-    kept = {k for k in wire if "bn" in k or "norm" in k}
+    state = _wire()
+    kept = {k for k in state if "bn" in k or "norm" in k}
     assert kept
-    content = RecordDict({P.ARRAYS: P.encode_state({k: v for k, v in wire.items()
-                                                 if k not in kept}),
-                          P.METRICS: MetricRecord({P.NUM_EXAMPLES: 48})})
-    assert P.check_site_reply(content, P.TRAIN, set(wire)) == []
+    content = RecordDict({wire.ARRAYS: wire.encode_state({k: v for k, v in state.items()
+                                                    if k not in kept}),
+                          wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 48})})
+    assert wire.check_site_reply(content, wire.TRAIN, set(state)) == []
 
 
 def test_per_sample_values_fail():
     per_sample = {f"score-{i}": float(i) for i in range(3392)}
-    problems = P.check_site_reply(_train_reply(**per_sample), P.TRAIN, set(_wire()))
+    problems = wire.check_site_reply(_train_reply(**per_sample), wire.TRAIN, set(_wire()))
     assert "too many metric values" in problems
     assert "metric name outside the allow-list" in problems
     # even under allowed names: a list of per-sample values is neither scalar nor small
     content = _train_reply(**{"train-loss": [0.5] * 3392})
-    problems = P.check_site_reply(content, P.TRAIN, set(_wire()))
+    problems = wire.check_site_reply(content, wire.TRAIN, set(_wire()))
     assert "non-scalar metric value" in problems and "too many metric values" in problems
 
 
 @pytest.mark.parametrize("name", ["logit-17", "feature-3", "pixel-0-0", "recall-2", "Accuracy",
                                   SECRET])
 def test_metric_names_outside_the_allow_list_fail(name):
-    assert P.check_site_reply(_train_reply(**{name: 0.5})) == [
+    assert wire.check_site_reply(_train_reply(**{name: 0.5})) == [
         "metric name outside the allow-list"]
 
 
 def test_metric_names_are_checked_per_reply_type():
-    evaluation = RecordDict({P.METRICS: MetricRecord({"train-loss": 0.1, P.NUM_EXAMPLES: 3})})
-    assert P.check_site_reply(evaluation, P.EVALUATE)
-    assert "missing required metric" in P.check_site_reply(
-        RecordDict({P.METRICS: MetricRecord({"accuracy": 0.5})}), P.EVALUATE)
+    evaluation = RecordDict({wire.METRICS: MetricRecord({"train-loss": 0.1, wire.NUM_EXAMPLES: 3})})
+    assert wire.check_site_reply(evaluation, wire.EVALUATE)
+    assert "missing required metric" in wire.check_site_reply(
+        RecordDict({wire.METRICS: MetricRecord({"accuracy": 0.5})}), wire.EVALUATE)
 
 
 @pytest.mark.parametrize("name", [SECRET, "../etc", "site a", "", "x" * 65, "-site",
                                   "C:\\data\\site"])
 def test_a_path_or_free_text_as_site_name_fails(name):
-    status = RecordDict({P.METRICS: MetricRecord({P.HAS_TEACHER: 0}),
-                         P.CONFIG: ConfigRecord({P.SITE_NAME: name})})
-    assert P.check_site_reply(status, P.TEACHER_STATUS) == ["site name is not a short identifier"]
+    status = RecordDict({wire.METRICS: MetricRecord({wire.HAS_TEACHER: 0}),
+                         wire.CONFIG: ConfigRecord({wire.SITE_NAME: name})})
+    assert wire.check_site_reply(status, wire.TEACHER_STATUS) == [
+        "site name is not a short identifier"]
 
 
 def test_other_config_values_fail():
-    status = RecordDict({P.METRICS: MetricRecord({P.HAS_TEACHER: 0}),
-                         P.CONFIG: ConfigRecord({P.SITE_NAME: "a", "data-path": SECRET})})
-    assert "config value outside the allow-list" in P.check_site_reply(status, P.TEACHER_STATUS)
+    status = RecordDict({wire.METRICS: MetricRecord({wire.HAS_TEACHER: 0}),
+                         wire.CONFIG: ConfigRecord({wire.SITE_NAME: "a", "data-path": SECRET})})
+    assert "config value outside the allow-list" in wire.check_site_reply(status,
+                                                                          wire.TEACHER_STATUS)
     train = _train_reply()
-    train[P.CONFIG] = ConfigRecord({P.SITE_NAME: "a"})
-    assert "unknown record key" in P.check_site_reply(train, P.TRAIN, set(_wire()))
+    train[wire.CONFIG] = ConfigRecord({wire.SITE_NAME: "a"})
+    assert "unknown record key" in wire.check_site_reply(train, wire.TRAIN, set(_wire()))
 
 
 def test_extra_record_key_fails():
     content = _train_reply()
-    content["features"] = P.encode_state({"features": torch.zeros(48, 512)})
-    assert P.check_site_reply(content, P.TRAIN, set(_wire())) == ["unknown record key"]
-    assert P.check_site_reply(content) == ["unknown record key"]
+    content["features"] = wire.encode_state({"features": torch.zeros(48, 512)})
+    assert wire.check_site_reply(content, wire.TRAIN, set(_wire())) == ["unknown record key"]
+    assert wire.check_site_reply(content) == ["unknown record key"]
 
 
 def test_non_scalar_metric_fails():
-    problems = P.check_site_reply(_train_reply(**{"train-loss": [0.4, 0.6]}))
+    problems = wire.check_site_reply(_train_reply(**{"train-loss": [0.4, 0.6]}))
     assert problems == ["non-scalar metric value"]
 
 
@@ -272,43 +274,44 @@ def test_arrays_outside_the_model_state_fail():
     content = _train_reply()
     arrays = dict(_wire())
     arrays["queue.queue"] = torch.zeros(64, 16)
-    content[P.ARRAYS] = P.encode_state(arrays)
-    assert P.check_site_reply(content, P.TRAIN, set(_wire())) == [
+    content[wire.ARRAYS] = wire.encode_state(arrays)
+    assert wire.check_site_reply(content, wire.TRAIN, set(_wire())) == [
         "array name outside the model state"]
-    content[P.ARRAYS] = P.encode_state({k: (v * 255).to(torch.uint8) for k, v in _wire().items()})
-    assert P.check_site_reply(content, P.TRAIN, set(_wire())) == [
+    content[wire.ARRAYS] = wire.encode_state({k: (v * 255).to(torch.uint8)
+                                              for k, v in _wire().items()})
+    assert wire.check_site_reply(content, wire.TRAIN, set(_wire())) == [
         "array that is not a floating-point tensor"]
-    evaluation = RecordDict({P.METRICS: MetricRecord({P.NUM_EXAMPLES: 1}),
-                             P.ARRAYS: P.encode_state(_wire())})
-    assert P.check_site_reply(evaluation, P.EVALUATE) == ["unknown record key"]
+    evaluation = RecordDict({wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 1}),
+                             wire.ARRAYS: wire.encode_state(_wire())})
+    assert wire.check_site_reply(evaluation, wire.EVALUATE) == ["unknown record key"]
 
 
 def test_student_files_that_are_not_one_safetensors_file_fail():
     """The student travels as one safetensors file; anything else in ``arrays`` is refused
     before it is parsed further (and its data is never loaded by pickle or code)."""
     content = _train_reply()
-    content[P.ARRAYS] = ArrayRecord(_wire())  # tensors one by one: not the protocol
-    assert P.check_site_reply(content, P.TRAIN, set(_wire())) == [
+    content[wire.ARRAYS] = ArrayRecord(_wire())  # tensors one by one: not the protocol
+    assert wire.check_site_reply(content, wire.TRAIN, set(_wire())) == [
         "arrays other than the student file"]
-    blob = P.encode_blob(_wire())
+    blob = wire.encode_blob(_wire())
     for bad in (blob[:5], b"\xff" * 8 + blob[8:], (10).to_bytes(8, "little") + b"{not json}",
                 len(b'{"a": 1}').to_bytes(8, "little") + b'{"a": 1}'):
-        content[P.ARRAYS] = P.blob_record(bad)
-        assert P.check_site_reply(content, P.TRAIN, set(_wire())) == [
+        content[wire.ARRAYS] = wire.blob_record(bad)
+        assert wire.check_site_reply(content, wire.TRAIN, set(_wire())) == [
             "student file is not a safetensors file"], bad[:20]
-    content[P.ARRAYS] = ArrayRecord({P.STUDENT_FILE: Array(np.zeros((2, 2), np.uint8))})
-    assert P.check_site_reply(content, P.TRAIN, set(_wire())) == [
+    content[wire.ARRAYS] = ArrayRecord({wire.STUDENT_FILE: Array(np.zeros((2, 2), np.uint8))})
+    assert wire.check_site_reply(content, wire.TRAIN, set(_wire())) == [
         "student file is not a 1-D uint8 array"]
     # a well-formed header over data that is cut short: passes the header check, and the
     # coordinator's decoding rejects it
     with pytest.raises(ValueError):
-        P.decode_state(blob[:-100])
+        wire.decode_state(blob[:-100])
 
 
 def test_metric_names_cover_what_the_site_computes():
     assert {"train-loss", "train-steps", "train-time-s", "accuracy", "macro-f1", "kappa",
-            "loss", P.NUM_EXAMPLES, P.HAS_TEACHER} <= P.METRIC_NAMES
-    assert not any(n.startswith(("recall", "logit", "feature")) for n in P.METRIC_NAMES)
+            "loss", wire.NUM_EXAMPLES, wire.HAS_TEACHER} <= wire.METRIC_NAMES
+    assert not any(n.startswith(("recall", "logit", "feature")) for n in wire.METRIC_NAMES)
 
 
 # -- the site's ClientApp handlers -----------------------------------------------------------
@@ -322,8 +325,9 @@ def test_site_data_error_is_logged_at_the_site_and_answered_by_category(tmp_path
     node = {"data-path": str(tmp_path / "slides"), "cache-dir": str(tmp_path / "cache"),
             "site-name": "site-a", "device": "cpu"}
     run = tiny_run(run_name="bad-data")
-    msg = instruction(P.EVALUATE, RecordDict({P.ARRAYS: P.encode_state(_wire()),
-                                              P.CONFIG: ConfigRecord({P.SERVER_ROUND: 1})}))
+    msg = instruction(wire.EVALUATE,
+                      RecordDict({wire.ARRAYS: wire.encode_state(_wire()),
+                                  wire.CONFIG: ConfigRecord({wire.SERVER_ROUND: 1})}))
     with caplog.at_level(logging.ERROR, logger="moma.client"):
         reply = site_app.evaluate(msg, _context(node, run.to_flat()))
     assert reply.has_error() and reply.error.reason == "data-error"
@@ -334,8 +338,9 @@ def test_site_data_error_is_logged_at_the_site_and_answered_by_category(tmp_path
 
 
 def test_unusable_config_is_a_config_error():
-    msg = instruction(P.EVALUATE, RecordDict({P.ARRAYS: P.encode_state(_wire()),
-                                              P.CONFIG: ConfigRecord({P.SERVER_ROUND: 1})}))
+    msg = instruction(wire.EVALUATE,
+                      RecordDict({wire.ARRAYS: wire.encode_state(_wire()),
+                                  wire.CONFIG: ConfigRecord({wire.SERVER_ROUND: 1})}))
     reply = site_app.evaluate(msg, _context({"data-path": SECRET, "cache-dir": "/tmp/x"},
                                             {"num-rounds": 0}))
     assert reply.error.reason == "config-error" and SECRET not in _every_text(reply)
@@ -350,8 +355,9 @@ def test_site_withholds_a_reply_outside_the_protocol(monkeypatch, tmp_path, capl
     import client.site_training
 
     monkeypatch.setattr(client.site_training, "evaluate_round", leaky_evaluate)
-    msg = instruction(P.EVALUATE, RecordDict({P.ARRAYS: P.encode_state(_wire()),
-                                              P.CONFIG: ConfigRecord({P.SERVER_ROUND: 1})}))
+    msg = instruction(wire.EVALUATE,
+                      RecordDict({wire.ARRAYS: wire.encode_state(_wire()),
+                                  wire.CONFIG: ConfigRecord({wire.SERVER_ROUND: 1})}))
     node = {"data-path": "synthetic:target", "cache-dir": str(tmp_path), "device": "cpu"}
     with caplog.at_level(logging.ERROR, logger="moma.client"):
         reply = site_app.evaluate(msg, _context(node))
@@ -361,16 +367,16 @@ def test_site_withholds_a_reply_outside_the_protocol(monkeypatch, tmp_path, capl
 
 
 def test_teacher_status_omits_a_site_name_that_is_not_an_identifier(tmp_path):
-    msg = instruction(P.TEACHER_STATUS,
-                      RecordDict({P.CONFIG: ConfigRecord({P.TEACHER_SHA: "0" * 64})}))
+    msg = instruction(wire.TEACHER_STATUS,
+                      RecordDict({wire.CONFIG: ConfigRecord({wire.TEACHER_SHA: "0" * 64})}))
     node = {"data-path": "synthetic:target", "cache-dir": str(tmp_path)}
     reply = site_app.teacher_status(msg, _context({**node, "site-name": SECRET}))
-    assert not reply.has_error() and P.CONFIG not in reply.content
-    assert dict(reply.content[P.METRICS]) == {P.HAS_TEACHER: 0}
+    assert not reply.has_error() and wire.CONFIG not in reply.content
+    assert dict(reply.content[wire.METRICS]) == {wire.HAS_TEACHER: 0}
     reply = site_app.teacher_status(msg, _context({**node, "site-name": "site-a"}))
-    assert dict(reply.content[P.CONFIG]) == {P.SITE_NAME: "site-a"}
-    malformed = instruction(P.TEACHER_STATUS,
-                            RecordDict({P.CONFIG: ConfigRecord({P.TEACHER_SHA: SECRET})}))
+    assert dict(reply.content[wire.CONFIG]) == {wire.SITE_NAME: "site-a"}
+    malformed = instruction(wire.TEACHER_STATUS,
+                            RecordDict({wire.CONFIG: ConfigRecord({wire.TEACHER_SHA: SECRET})}))
     reply = site_app.teacher_status(malformed, _context(node))
     assert reply.error.reason == "teacher-rejected" and SECRET not in _every_text(reply)
 
@@ -387,7 +393,8 @@ def _check(replies, nodes):
 
 def test_coordinator_rejects_a_student_file_cut_short():
     cut = _train_reply()
-    cut[P.ARRAYS] = P.blob_record(P.encode_blob(_wire())[:-100])  # header intact, data short
+    # header intact, data short
+    cut[wire.ARRAYS] = wire.blob_record(wire.encode_blob(_wire())[:-100])
     _, sites, updates, _ = _check([(1, Message(cut, reply_to=instruction()))], [1])
     assert updates == [] and (sites[1].status, sites[1].reason) == (
         "rejected", "protocol: student file is not a safetensors file")
@@ -398,14 +405,14 @@ def test_coordinator_rejects_replies_outside_the_protocol_without_echoing_them()
 
     leaky = _train_reply(**{f"logit-{i}": 0.1 for i in range(3392)})
     renamed = _train_reply()
-    renamed[P.ARRAYS] = P.encode_state({**_wire(), f"{SECRET}.weight": torch.zeros(2)})
+    renamed[wire.ARRAYS] = wire.encode_state({**_wire(), f"{SECRET}.weight": torch.zeros(2)})
     replies = [
         (1, Message(_train_reply(), reply_to=instruction())),
         (2, Message(leaky, reply_to=instruction())),
         (3, Message(renamed, reply_to=instruction())),
         (4, Message(Error(code=2, reason=f"DataError: cannot read image {SECRET}"),
                     reply_to=instruction())),
-        (5, P.category_reply(instruction(), "data-error")),
+        (5, wire.category_reply(instruction(), "data-error")),
     ]
     from dataclasses import asdict
 
@@ -415,7 +422,7 @@ def test_coordinator_rejects_replies_outside_the_protocol_without_echoing_them()
         "rejected", "protocol: metric name outside the allow-list")
     assert sites[2].metrics == {}
     assert sites[3].status == "rejected" and sites[3].reason.startswith("protocol: ")
-    assert (sites[4].status, sites[4].reason) == ("failed", P.UNKNOWN_ERROR)
+    assert (sites[4].status, sites[4].reason) == ("failed", wire.UNKNOWN_ERROR)
     assert (sites[5].status, sites[5].reason) == ("failed", "data-error")
     recorded = json.dumps([asdict(s) for s in sites.values()], default=str)
     for private in (SECRET, "logit", "DataError"):
@@ -425,18 +432,18 @@ def test_coordinator_rejects_replies_outside_the_protocol_without_echoing_them()
 def test_coordinator_checks_evaluation_replies():
     import json
 
-    honest = RecordDict({P.METRICS: MetricRecord(
-        {"loss": 0.9, "accuracy": 0.5, "macro-f1": 0.4, "kappa": 0.3, P.NUM_EXAMPLES: 12})})
-    leaky = RecordDict({P.METRICS: MetricRecord(
-        {"accuracy": 0.5, "feature-3": 0.2, P.NUM_EXAMPLES: 12})})
-    replies = [(1, Message(honest, reply_to=instruction(P.EVALUATE))),
-               (2, Message(leaky, reply_to=instruction(P.EVALUATE))),
-               (3, Message(Error(code=0, reason=SECRET), reply_to=instruction(P.EVALUATE)))]
+    honest = RecordDict({wire.METRICS: MetricRecord(
+        {"loss": 0.9, "accuracy": 0.5, "macro-f1": 0.4, "kappa": 0.3, wire.NUM_EXAMPLES: 12})})
+    leaky = RecordDict({wire.METRICS: MetricRecord(
+        {"accuracy": 0.5, "feature-3": 0.2, wire.NUM_EXAMPLES: 12})})
+    replies = [(1, Message(honest, reply_to=instruction(wire.EVALUATE))),
+               (2, Message(leaky, reply_to=instruction(wire.EVALUATE))),
+               (3, Message(Error(code=0, reason=SECRET), reply_to=instruction(wire.EVALUATE)))]
     coordinator, _, _, _ = _check([], [])
     result, per_site, _ = coordinator.check_evaluations(replies)
     assert per_site["1"]["accuracy"] == 0.5 and result["accuracy"] == 0.5
     assert per_site["2"]["status"] == "rejected" and per_site["2"]["reason"].startswith("protocol:")
-    assert per_site["3"] == {"status": "failed", "reason": P.UNKNOWN_ERROR, "site-name": "3"}
+    assert per_site["3"] == {"status": "failed", "reason": wire.UNKNOWN_ERROR, "site-name": "3"}
     recorded = json.dumps(per_site, default=str)
     assert SECRET not in recorded and "feature" not in recorded
 

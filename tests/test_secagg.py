@@ -20,14 +20,13 @@ from flwr.common.secure_aggregation.secaggplus_constants import Key, Stage
 from client import client_app, secagg_site
 from client.site_errors import PrivacyRefused
 from moma_core.models import build_model
-from moma_protocol import secagg as S
-from moma_protocol import wire as P
+from moma_protocol import secagg, wire
 from moma_protocol.settings import ConfigError
 from server.round import Coordinator
 from tests.helpers import InProcessGrid, synthetic_sites, tiny_run
 
-HANDLERS = {P.TRAIN: client_app.train, P.TEACHER_STATUS: client_app.teacher_status,
-            P.EVALUATE: client_app.evaluate}
+HANDLERS = {wire.TRAIN: client_app.train, wire.TEACHER_STATUS: client_app.teacher_status,
+            wire.EVALUATE: client_app.evaluate}
 
 
 class SiteGrid(InProcessGrid):
@@ -49,7 +48,7 @@ class SiteGrid(InProcessGrid):
         return list(self.contexts)
 
     def answer(self, node: int, msg: Message) -> Message | None:
-        stage = S.stage_of(msg.content) if S.is_secagg(msg.content) else None
+        stage = secagg.stage_of(msg.content) if secagg.is_secagg(msg.content) else None
         if stage:
             self.stages[node].append(stage)
         stages = list(Stage.all())
@@ -61,11 +60,11 @@ class SiteGrid(InProcessGrid):
         if stage == Stage.COLLECT_MASKED_VECTORS and node in self.tamper:
             self.tamper[node](reply.content)  # a site that lies, after its own checks
         if stage == Stage.COLLECT_MASKED_VECTORS and not reply.has_error() and \
-                Key.MASKED_PARAMETERS in reply.content.config_records[S.CONFIGS]:
+                Key.MASKED_PARAMETERS in reply.content.config_records[secagg.CONFIGS]:
             from flwr.common import bytes_to_ndarray
 
             self.masked[node] = [bytes_to_ndarray(b) for b in
-                                 reply.content.config_records[S.CONFIGS][
+                                 reply.content.config_records[secagg.CONFIGS][
                                      Key.MASKED_PARAMETERS]]
         return reply
 
@@ -99,7 +98,7 @@ def _federation(tmp_path, sites: int, **overrides):
     nodes = {10 + i: cfg for i, cfg in enumerate(synthetic_sites(tmp_path, sites, n=24))}
     grid = SiteGrid(nodes, run.to_flat())
     torch.manual_seed(0)
-    start = P.wire_state(build_model(run.student_architecture()).state_dict())
+    start = wire.wire_state(build_model(run.student_architecture()).state_dict())
     return run, grid, Coordinator(grid, run, None), start  # type: ignore[arg-type]
 
 
@@ -118,7 +117,7 @@ def test_the_coordinator_sees_masked_updates_and_gets_their_weighted_mean(
     assert nodes == [10, 11, 12]
     for node in nodes:  # every site went through the four stages, in order
         assert grid.stages[node] == list(Stage.all())
-    keys = S.tensor_order(start)
+    keys = secagg.tensor_order(start)
     # what the coordinator received from each site is not that site's update: masked with
     # uniformly random values, it shares (almost) no coordinate with the quantised update
     for node in nodes:
@@ -139,8 +138,8 @@ def test_the_coordinator_sees_masked_updates_and_gets_their_weighted_mean(
     # both ends masked with the project's generator (a mix would give no usable sum)
     import sys
 
-    assert all(sys.modules[m].pseudo_rand_gen is S.secure_mask_generator
-               for m in S.MASK_MODULES)
+    assert all(sys.modules[m].pseudo_rand_gen is secagg.secure_mask_generator
+               for m in secagg.MASK_MODULES)
     assert all(s.bytes_up > 0 and s.bytes_down > 0 for s in report.sites)
 
 
@@ -156,7 +155,7 @@ def test_a_site_that_drops_out_is_left_out_and_the_round_survives(
     assert status[11] == ("no reply", "no reply")
     assert [status[n][0] for n in (10, 12, 13, 14)] == ["ok"] * 4
     mean = _weighted_mean(true_updates, [10, 12, 13, 14])
-    for k, expected in zip(S.tensor_order(start), mean, strict=True):
+    for k, expected in zip(secagg.tensor_order(start), mean, strict=True):
         assert np.allclose((new[k] - start[k]).numpy(), expected, atol=2e-5), k
 
 
@@ -168,14 +167,14 @@ def test_a_site_whose_masked_reply_breaks_the_protocol_is_left_out(
     from flwr.app import ConfigRecord as Config
 
     def other_shapes(content):
-        masked = content.config_records[S.CONFIGS][Key.MASKED_PARAMETERS]
-        content.config_records[S.CONFIGS][Key.MASKED_PARAMETERS] = masked[:-1]
+        masked = content.config_records[secagg.CONFIGS][Key.MASKED_PARAMETERS]
+        content.config_records[secagg.CONFIGS][Key.MASKED_PARAMETERS] = masked[:-1]
 
     def extra_record(content):
         content.config_records["images"] = Config({"x": b"pixels"})
 
     def no_vector(content):
-        del content.config_records[S.CONFIGS][Key.MASKED_PARAMETERS]
+        del content.config_records[secagg.CONFIGS][Key.MASKED_PARAMETERS]
 
     # seven sites, 4 of 7 shares to unmask: three sites may fall out
     run, grid, coordinator, start = _federation(tmp_path, 7, secagg_threshold=0.55)
@@ -187,7 +186,7 @@ def test_a_site_whose_masked_reply_breaks_the_protocol_is_left_out(
     assert status[13][0] == "failed" and "values missing" in status[13][1]
     assert [status[n][0] for n in (10, 14, 15, 16)] == ["ok"] * 4
     mean = _weighted_mean(true_updates, [10, 14, 15, 16])
-    for k, expected in zip(S.tensor_order(start), mean, strict=True):
+    for k, expected in zip(secagg.tensor_order(start), mean, strict=True):
         assert np.allclose((new[k] - start[k]).numpy(), expected, atol=2e-5), k
 
 
@@ -205,12 +204,12 @@ def test_a_masked_vector_of_other_shapes_is_refused_even_with_as_many_arrays(tas
 
     def problem(shapes) -> str | None:
         content = RecordDict({
-            S.CONFIGS: ConfigRecord({Key.MASKED_PARAMETERS: [
+            secagg.CONFIGS: ConfigRecord({Key.MASKED_PARAMETERS: [
                 ndarray_to_bytes(np.zeros(s, dtype=np.int64)) for s in shapes]}),
             "fitres.metrics": ConfigRecord({"train-loss": 1.0}),
             "fitres.num_examples": MetricRecord({"num_examples": 3}),
             "fitres.status": ConfigRecord({"code": 0, "message": ""})})
-        reply = Message(content, dst_node_id=10, message_type=P.TRAIN)
+        reply = Message(content, dst_node_id=10, message_type=wire.TRAIN)
         return grid._problem(reply, Stage.COLLECT_MASKED_VECTORS)
 
     assert problem(sent) is None
@@ -243,7 +242,7 @@ def test_client_level_dp_noises_the_secure_mean(tmp_path, task_identity, true_up
             <= 0.05 * (1 + 1e-3)
     mean = _weighted_mean(true_updates, sorted(true_updates))
     noise = np.concatenate([((new[k] - start[k]).numpy() - m).ravel()
-                            for k, m in zip(S.tensor_order(start), mean, strict=True)])
+                            for k, m in zip(secagg.tensor_order(start), mean, strict=True)])
     assert noise.std() == pytest.approx(0.5 * 0.05 / 3, rel=0.05)
     assert coordinator.aggregator.client_dp.releases[-1].sites == 3
 
@@ -259,24 +258,25 @@ def test_masks_come_from_the_whole_key():
     assert all(np.array_equal(x, y) for x, y in zip(pseudo_rand_gen(a, 1 << 32, dims),
                                                     pseudo_rand_gen(b, 1 << 32, dims),
                                                     strict=True))
-    ma, mb = S.secure_mask_generator(a, 1 << 32, dims), S.secure_mask_generator(b, 1 << 32, dims)
+    ma = secagg.secure_mask_generator(a, 1 << 32, dims)
+    mb = secagg.secure_mask_generator(b, 1 << 32, dims)
     assert not np.array_equal(ma[0], mb[0])
     assert [m.shape for m in ma] == [(3, 4), (5,), ()]
     assert all(m.dtype == np.int64 and (m >= 0).all() and (m < 1 << 32).all() for m in ma)
-    again = S.secure_mask_generator(a, 1 << 32, dims)
+    again = secagg.secure_mask_generator(a, 1 << 32, dims)
     assert all(np.array_equal(x, y) for x, y in zip(ma, again, strict=True))
-    big = S.secure_mask_generator(a, 1 << 32, [(200_000,)])[0]
+    big = secagg.secure_mask_generator(a, 1 << 32, [(200_000,)])[0]
     assert abs(big.mean() / (1 << 31) - 1) < 0.01  # uniform over the range
     with pytest.raises(ValueError):
-        S.secure_mask_generator(a, 1000, dims)
+        secagg.secure_mask_generator(a, 1000, dims)
 
 
 # -- what a site refuses -------------------------------------------------------------------
 def _stage_message(stage: str, **values) -> Message:
     from tests.test_protocol import instruction
 
-    return instruction(P.TRAIN, RecordDict({S.CONFIGS: ConfigRecord({Key.STAGE: stage,
-                                                                     **values})}))
+    return instruction(wire.TRAIN, RecordDict({secagg.CONFIGS: ConfigRecord({Key.STAGE: stage,
+                                                                             **values})}))
 
 
 def test_a_site_refuses_a_setup_or_unmask_that_would_expose_it(tmp_path):
@@ -293,35 +293,35 @@ def test_a_site_refuses_a_setup_or_unmask_that_would_expose_it(tmp_path):
     assert bad.has_error() and bad.error.reason == "config-error"
     ok = client_app.train(_stage_message(Stage.SETUP, threshold=3, **setup), context)
     assert not ok.has_error()
-    assert set(ok.content.config_records[S.CONFIGS]) == {Key.PUBLIC_KEY_1, Key.PUBLIC_KEY_2}
+    assert set(ok.content.config_records[secagg.CONFIGS]) == {Key.PUBLIC_KEY_1, Key.PUBLIC_KEY_2}
     with pytest.raises(PrivacyRefused, match="both alive and dropped"):
         secagg_site.secure_stage(_stage_message(Stage.UNMASK, active_nids=[1, 2, 3],
                                                 dead_nids=[3]), context)
-    assert S.check_unmask(ConfigRecord({Key.ACTIVE_NODE_ID_LIST: [1, 2],
-                                        Key.DEAD_NODE_ID_LIST: [3]})) is None
+    assert secagg.check_unmask(ConfigRecord({Key.ACTIVE_NODE_ID_LIST: [1, 2],
+                                             Key.DEAD_NODE_ID_LIST: [3]})) is None
 
 
 def test_a_reply_that_carries_the_update_in_the_clear_is_caught():
     from flwr.app import ArrayRecord, MetricRecord
 
-    masked = RecordDict({S.CONFIGS: ConfigRecord({Key.MASKED_PARAMETERS: [b"x"]}),
+    masked = RecordDict({secagg.CONFIGS: ConfigRecord({Key.MASKED_PARAMETERS: [b"x"]}),
                          "fitres.metrics": ConfigRecord({"train-loss": 1.0}),
                          "fitres.num_examples": MetricRecord({"num_examples": 3}),
                          "fitres.status": ConfigRecord({"code": 0, "message": ""})})
-    assert S.check_secagg_reply(masked, Stage.COLLECT_MASKED_VECTORS) == []
+    assert secagg.check_secagg_reply(masked, Stage.COLLECT_MASKED_VECTORS) == []
     weightless = RecordDict({k: v for k, v in masked.items() if k != "fitres.num_examples"})
-    assert any("records missing" in p for p in S.check_secagg_reply(
+    assert any("records missing" in p for p in secagg.check_secagg_reply(
         weightless, Stage.COLLECT_MASKED_VECTORS))
     clear = RecordDict({**masked, "fitres.parameters": ArrayRecord(
         {"0": __import__("flwr.app", fromlist=["Array"]).Array(np.ones(3))})})
-    assert "the update left the site unmasked" in S.check_secagg_reply(
+    assert "the update left the site unmasked" in secagg.check_secagg_reply(
         clear, Stage.COLLECT_MASKED_VECTORS)
     chatty = RecordDict({**masked, "fitres.metrics": ConfigRecord({"path": 1.0})})
-    assert any("metrics not allowed" in p for p in S.check_secagg_reply(
+    assert any("metrics not allowed" in p for p in secagg.check_secagg_reply(
         chatty, Stage.COLLECT_MASKED_VECTORS))
-    extra = RecordDict({S.CONFIGS: ConfigRecord({Key.PUBLIC_KEY_1: b"k", "images": b"x"})})
-    assert any("values not allowed" in p for p in S.check_secagg_reply(extra, Stage.SETUP))
-    assert any("records not allowed" in p for p in S.check_secagg_reply(masked, Stage.SETUP))
+    extra = RecordDict({secagg.CONFIGS: ConfigRecord({Key.PUBLIC_KEY_1: b"k", "images": b"x"})})
+    assert any("values not allowed" in p for p in secagg.check_secagg_reply(extra, Stage.SETUP))
+    assert any("records not allowed" in p for p in secagg.check_secagg_reply(masked, Stage.SETUP))
 
 
 def test_secagg_settings_are_checked_up_front():

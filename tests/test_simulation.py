@@ -26,8 +26,7 @@ from safetensors.torch import load_file
 
 import client.client_app as product
 from moma_core.models import Architecture, build_model
-from moma_protocol import secagg as S
-from moma_protocol import wire as P
+from moma_protocol import secagg, wire
 from server.simulate import run_simulated
 from tests.helpers import IMAGE_SIZE, synthetic_sites, tiny_run, tiny_teacher
 from tests.test_protocol import bad_image_site
@@ -45,19 +44,19 @@ def _app(*mods) -> ClientApp:
 
 def _recorder(folder: str):
     def record(msg, context, call_next):
-        stage = S.stage_of(msg.content) if msg.metadata.message_type == "train" and \
-            S.is_secagg(msg.content) else None  # read before the protocol consumes it
+        stage = secagg.stage_of(msg.content) if msg.metadata.message_type == "train" and \
+            secagg.is_secagg(msg.content) else None  # read before the protocol consumes it
         reply = call_next(msg, context)
         kind = msg.metadata.message_type
         summary = {"type": kind, "records": {}, "site": context.node_config.get("partition-id")}
         if reply.has_error():
             summary["error"] = {"code": reply.error.code, "reason": reply.error.reason}
-            summary["problems"] = P.check_error_reply(reply)
+            summary["problems"] = wire.check_error_reply(reply)
             Path(folder, f"{uuid.uuid4().hex}.json").write_text(json.dumps(summary))
             return reply
         if stage is not None:  # a SecAgg+ stage: masked values, keys and shares only
-            configs = reply.content.config_records.get(S.CONFIGS, {})
-            summary.update(secagg=stage, problems=S.check_secagg_reply(reply.content, stage),
+            configs = reply.content.config_records.get(secagg.CONFIGS, {})
+            summary.update(secagg=stage, problems=secagg.check_secagg_reply(reply.content, stage),
                            records={name: sorted(rec.keys())
                                     for name, rec in reply.content.items()})
             if Key.MASKED_PARAMETERS in configs:
@@ -65,15 +64,15 @@ def _recorder(folder: str):
                                             for b in configs[Key.MASKED_PARAMETERS]]
             Path(folder, f"{uuid.uuid4().hex}.json").write_text(json.dumps(summary))
             return reply
-        sent = set(P.state_header(P.state_blob(msg.content[P.ARRAYS]))) \
-            if P.ARRAYS in msg.content else set()
-        summary["problems"] = P.check_site_reply(reply.content, kind, sent)
+        sent = set(wire.state_header(wire.state_blob(msg.content[wire.ARRAYS]))) \
+            if wire.ARRAYS in msg.content else set()
+        summary["problems"] = wire.check_site_reply(reply.content, kind, sent)
         for name, rec in reply.content.items():
             if isinstance(rec, ArrayRecord):
                 summary["records"][name] = {
                     "kind": "arrays", "files": list(rec.keys()),
                     "arrays": {k: [shape, dtype] for k, (dtype, shape)
-                               in P.state_header(P.state_blob(rec)).items()}}
+                               in wire.state_header(wire.state_blob(rec)).items()}}
             elif isinstance(rec, MetricRecord):
                 summary["records"][name] = {"kind": "metrics", "values": dict(rec)}
             elif isinstance(rec, ConfigRecord):
@@ -88,10 +87,10 @@ def _recorder(folder: str):
 def _poison_site_0(msg, context, call_next):
     reply = call_next(msg, context)
     if msg.metadata.message_type == "train" and context.node_config["partition-id"] == 0:
-        state = P.decode_state(P.state_blob(reply.content[P.ARRAYS]))
+        state = wire.decode_state(wire.state_blob(reply.content[wire.ARRAYS]))
         for v in state.values():
             v.fill_(float("nan"))
-        reply.content[P.ARRAYS] = P.encode_state(state)
+        reply.content[wire.ARRAYS] = wire.encode_state(state)
     return reply
 
 
@@ -156,31 +155,31 @@ def _check_audit(audit: Path, run) -> None:
     for s in summaries:
         assert s["problems"] == [], s  # the protocol's own checks, on what was really sent
         if "error" in s:
-            assert s["error"]["reason"] in P.ERROR_CODES, s
-            assert s["error"]["code"] == P.ERROR_CODES[s["error"]["reason"]], s
+            assert s["error"]["reason"] in wire.ERROR_CODES, s
+            assert s["error"]["code"] == wire.ERROR_CODES[s["error"]["reason"]], s
             continue
         if "secagg" in s:  # masked: the weight factor, then one array per student tensor
             assert s["records"].get("fitres.parameters", []) == [], s  # emptied: masked only
             if s["secagg"] == Stage.COLLECT_MASKED_VECTORS:
                 assert s["masked_shapes"] == [[1]] + [allowed[k][0] for k in
-                                                      S.tensor_order(allowed)], s
+                                                      secagg.tensor_order(allowed)], s
             continue
         for name, rec in s["records"].items():
             assert rec["kind"] in ("arrays", "metrics", "config"), rec
             if rec["kind"] == "arrays":
                 assert name == "arrays" and s["type"] == "train"
-                assert rec["files"] == [P.STUDENT_FILE]  # one file: the student, nothing else
+                assert rec["files"] == [wire.STUDENT_FILE]  # one file: the student, nothing else
                 assert set(rec["arrays"]) == set(allowed)  # the student's tensors, nothing else
                 for k, (shape, dtype) in rec["arrays"].items():
                     assert [shape, dtype] == allowed[k], k
             elif rec["kind"] == "metrics":
-                assert len(rec["values"]) <= P.MAX_METRIC_VALUES
+                assert len(rec["values"]) <= wire.MAX_METRIC_VALUES
                 for k, v in rec["values"].items():
-                    assert k in P.METRIC_NAMES, k  # aggregate names only, none per sample
+                    assert k in wire.METRIC_NAMES, k  # aggregate names only, none per sample
                     assert isinstance(v, int | float), (k, v)  # scalars: no per-sample lists
             else:
                 assert set(rec["values"]) == {"site-name"}
-                assert P.valid_site_name(rec["values"]["site-name"])  # no path leaves the site
+                assert wire.valid_site_name(rec["values"]["site-name"])  # no path leaves the site
 
 
 def test_nan_update_is_rejected_and_a_data_error_is_reported_by_category(tmp_path):

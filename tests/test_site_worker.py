@@ -16,7 +16,7 @@ from flwr.app import ConfigRecord, Context, RecordDict
 
 import client.client_app as site_app
 from client import site_worker
-from moma_protocol import wire as P
+from moma_protocol import wire
 from server.teacher_package import TeacherPackage, package_teacher
 from tests.helpers import tiny_run, tiny_teacher
 from tests.test_protocol import _wire, instruction
@@ -88,10 +88,10 @@ def _node(cache: Path, **extra) -> dict:
 
 
 def _first_train_message(teacher: TeacherPackage):
-    config = ConfigRecord({P.SERVER_ROUND: 1, P.TEACHER_SHA: teacher.sha256,
-                           P.EVALUATE_FLAG: True})
-    return instruction(P.TRAIN, RecordDict({P.ARRAYS: P.encode_state(_wire()), P.CONFIG: config,
-                                            **teacher.records()}))
+    config = ConfigRecord({wire.SERVER_ROUND: 1, wire.TEACHER_SHA: teacher.sha256,
+                           wire.EVALUATE_FLAG: True})
+    return instruction(wire.TRAIN, RecordDict({wire.ARRAYS: wire.encode_state(_wire()),
+                                               wire.CONFIG: config, **teacher.records()}))
 
 
 def test_a_round_on_the_worker_equals_the_round_in_process(worker, tmp_path):
@@ -103,26 +103,26 @@ def test_a_round_on_the_worker_equals_the_round_in_process(worker, tmp_path):
     local = site_app.train(msg, _context(_node(tmp_path / "p"), run))
     assert not remote.has_error() and not local.has_error()
     assert "train handled" in worker.log_since_mark()  # the worker did it, not this process
-    a, b = (P.decode_state(P.state_blob(r.content[P.ARRAYS])) for r in (remote, local))
+    a, b = (wire.decode_state(wire.state_blob(r.content[wire.ARRAYS])) for r in (remote, local))
     assert list(a) == list(b)  # same names, same order
     for k in a:
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
-    ma, mb = dict(remote.content[P.METRICS]), dict(local.content[P.METRICS])
+    ma, mb = dict(remote.content[wire.METRICS]), dict(local.content[wire.METRICS])
     for m, reply in ((ma, remote), (mb, local)):  # timings differ; each is reported
         assert m.pop("train-time-s") > 0
         # the time spent scoring the incoming student, when the site scored it
-        assert (P.EVAL_TIME in m) == (P.EVAL_METRICS in reply.content)
-        assert m.pop(P.EVAL_TIME, 0.0) >= 0
+        assert (wire.EVAL_TIME in m) == (wire.EVAL_METRICS in reply.content)
+        assert m.pop(wire.EVAL_TIME, 0.0) >= 0
     assert ma == mb
-    assert dict(remote.content[P.EVAL_METRICS]) == dict(local.content[P.EVAL_METRICS])
+    assert dict(remote.content[wire.EVAL_METRICS]) == dict(local.content[wire.EVAL_METRICS])
     # the teacher it carried is in the worker's site cache, as it would be in-process
     assert (tmp_path / "w" / "teachers" / f"{teacher.sha256}.safetensors").is_file()
     # final evaluation goes the same way
-    ev = instruction(P.EVALUATE, RecordDict({P.ARRAYS: P.encode_state(_wire())}))
+    ev = instruction(wire.EVALUATE, RecordDict({wire.ARRAYS: wire.encode_state(_wire())}))
     ra = site_app.evaluate(ev, _context(_node(tmp_path / "w", **{
         site_worker.NODE_KEY: str(worker.socket)}), run))
     rb = site_app.evaluate(ev, _context(_node(tmp_path / "p"), run))
-    assert dict(ra.content[P.METRICS]) == dict(rb.content[P.METRICS])
+    assert dict(ra.content[wire.METRICS]) == dict(rb.content[wire.METRICS])
     assert worker.log_since_mark().count("evaluate handled") == 1
 
 
@@ -130,7 +130,7 @@ def test_a_failure_on_the_worker_is_answered_by_category_only(worker, tmp_path):
     secret = str(tmp_path / "slides-of-patient-0042")
     node = _node(tmp_path / "w", **{"data-path": secret,
                                     site_worker.NODE_KEY: str(worker.socket)})
-    ev = instruction(P.EVALUATE, RecordDict({P.ARRAYS: P.encode_state(_wire())}))
+    ev = instruction(wire.EVALUATE, RecordDict({wire.ARRAYS: wire.encode_state(_wire())}))
     reply = site_app.evaluate(ev, _context(node, tiny_run().to_flat()))
     assert reply.has_error() and reply.error.reason == "data-error"
     assert secret not in str(reply.error.reason)
@@ -142,13 +142,14 @@ def test_a_failure_on_the_worker_is_answered_by_category_only(worker, tmp_path):
 
 def test_without_a_reachable_worker_the_site_does_the_work_itself(tmp_path, caplog):
     run = tiny_run(objective="ce").to_flat()
-    config = ConfigRecord({P.SERVER_ROUND: 1, P.TEACHER_SHA: "", P.EVALUATE_FLAG: False})
-    msg = instruction(P.TRAIN, RecordDict({P.ARRAYS: P.encode_state(_wire()), P.CONFIG: config}))
+    config = ConfigRecord({wire.SERVER_ROUND: 1, wire.TEACHER_SHA: "", wire.EVALUATE_FLAG: False})
+    msg = instruction(wire.TRAIN, RecordDict({wire.ARRAYS: wire.encode_state(_wire()),
+                                              wire.CONFIG: config}))
     node = _node(tmp_path / "c", **{site_worker.NODE_KEY: str(tmp_path / "gone.sock")})
     with caplog.at_level("WARNING", logger="moma.client"):
         reply = site_app.train(msg, _context(node, run))
     assert not reply.has_error(), reply.error
-    assert reply.content[P.METRICS][P.NUM_EXAMPLES] > 0
+    assert reply.content[wire.METRICS][wire.NUM_EXAMPLES] > 0
     assert any("doing the work in this process" in r.getMessage() for r in caplog.records)
 
 
@@ -212,27 +213,27 @@ def test_a_socket_path_too_long_is_refused(tmp_path):
 
 def test_a_fresh_clientapp_process_without_a_worker_trains(tmp_path):
     """As Flower runs it: a new process that has not loaded torch handles a train message."""
-    (tmp_path / "student.safetensors").write_bytes(P.encode_blob(_wire()))
+    (tmp_path / "student.safetensors").write_bytes(wire.encode_blob(_wire()))
     (tmp_path / "run.json").write_text(json.dumps(tiny_run(objective="ce").to_flat()))
     script = f"""
 import json, sys, time
 from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 import client.client_app as site_app
-from moma_protocol import wire as P
+from moma_protocol import wire
 assert "torch" not in sys.modules, "the ClientApp module loads torch"
-arrays = P.blob_record(open({str(tmp_path / "student.safetensors")!r}, "rb").read())
-config = ConfigRecord({{P.SERVER_ROUND: 1, P.TEACHER_SHA: "", P.EVALUATE_FLAG: True}})
+arrays = wire.blob_record(open({str(tmp_path / "student.safetensors")!r}, "rb").read())
+config = ConfigRecord({{wire.SERVER_ROUND: 1, wire.TEACHER_SHA: "", wire.EVALUATE_FLAG: True}})
 meta = Metadata(run_id=1, message_id="m-1", src_node_id=0, dst_node_id=7,
                 reply_to_message_id="", group_id="", created_at=time.time(), ttl=3600.0,
-                message_type=P.TRAIN)
-msg = Message(RecordDict({{P.ARRAYS: arrays, P.CONFIG: config}}), metadata=meta)
+                message_type=wire.TRAIN)
+msg = Message(RecordDict({{wire.ARRAYS: arrays, wire.CONFIG: config}}), metadata=meta)
 node = {{"data-path": "synthetic:target", "cache-dir": {str(tmp_path / "c")!r}, "n": 32,
         "device": "cpu"}}
 run = json.loads(open({str(tmp_path / "run.json")!r}).read())
 ctx = Context(run_id=1, node_id=7, node_config=node, state=RecordDict(), run_config=run)
 reply = site_app.train(msg, ctx)
 assert not reply.has_error(), reply.error
-print("examples", reply.content[P.METRICS][P.NUM_EXAMPLES])
+print("examples", reply.content[wire.METRICS][wire.NUM_EXAMPLES])
 """
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
                          text=True, timeout=CEILING)
@@ -277,9 +278,9 @@ def test_the_worker_answers_no_peer_of_another_user(monkeypatch):
 def test_a_student_file_cut_short_from_the_coordinator_is_a_config_error(tmp_path):
     """A lying coordinator: the header is intact, the data is not. The site refuses it by
     category (and would not train on garbage)."""
-    config = ConfigRecord({P.SERVER_ROUND: 1, P.TEACHER_SHA: "", P.EVALUATE_FLAG: False})
-    cut = P.blob_record(P.encode_blob(_wire())[:-100])
-    msg = instruction(P.TRAIN, RecordDict({P.ARRAYS: cut, P.CONFIG: config}))
+    config = ConfigRecord({wire.SERVER_ROUND: 1, wire.TEACHER_SHA: "", wire.EVALUATE_FLAG: False})
+    cut = wire.blob_record(wire.encode_blob(_wire())[:-100])
+    msg = instruction(wire.TRAIN, RecordDict({wire.ARRAYS: cut, wire.CONFIG: config}))
     reply = site_app.train(msg, _context(_node(tmp_path / "c"), tiny_run(objective="ce")
                                          .to_flat()))
     assert reply.has_error() and reply.error.reason == "config-error"
