@@ -30,8 +30,9 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
 
 from moma_core.models import build_model
 from moma_protocol import wire
@@ -158,10 +159,39 @@ def weighted_means(rows: Iterable[dict[str, float]], weight_key: str = wire.NUM_
     return out
 
 
-class Coordinator:
-    """Runs rounds of one federation run (see module docstring)."""
+@dataclass
+class _Exchange:
+    """Messages sent by ``configure_train`` / ``configure_evaluate``, kept until their
+    ``aggregate_*`` call: the replies are matched to sites by the id of the message they
+    answer (the grid sets it on the message when it pushes it)."""
 
-    def __init__(self, grid: Grid, run: RunConfig, teacher: TeacherPackage | None,
+    round: int
+    messages: list[Message]
+    state: dict[str, torch.Tensor] = field(default_factory=dict)  # the round's global student
+    sites: dict[int, SiteReport] = field(default_factory=dict)
+
+    def by_node(self, replies: Iterable[Message]) -> list[tuple[int, Message]]:
+        """(node, reply) for each reply to one of :attr:`messages`; others are dropped."""
+        node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in self.messages}
+        return [(node_of[r.metadata.reply_to_message_id], r) for r in replies
+                if r.metadata.reply_to_message_id in node_of]
+
+
+class Coordinator(Strategy):
+    """The run's Flower strategy (see module docstring): a :class:`flwr.serverapp.strategy
+    .Strategy` whose ``configure_train`` samples, settles the teacher and builds each site's
+    message, whose ``aggregate_train`` checks the replies and hands the accepted updates to
+    Flower's own strategy of the run's ``aggregation`` (:class:`server.aggregation.Aggregator`,
+    with Flower's DP wrapper under client-level DP), and whose ``configure_evaluate`` /
+    ``aggregate_evaluate`` score the final student at the sites that trained the last round.
+
+    Flower's ``Strategy.start`` runs it as it is; the ServerApp drives the same methods
+    through :meth:`run_round` instead, to start at a resumed run's next round, wait for sites
+    and replies within ``round-timeout`` (Flower's sampling waits forever) with live.json and
+    progress lines, and run SecAgg+'s several exchanges (:meth:`run_round`'s secure branch).
+    """
+
+    def __init__(self, grid: Grid | None, run: RunConfig, teacher: TeacherPackage | None,
                  names: dict[int, str] | None = None, live: LiveStatus | None = None) -> None:
         self.grid, self.run, self.teacher = grid, run, teacher
         # live.json (server.live); its ``registered`` names are the run's site registry
@@ -174,6 +204,10 @@ class Coordinator:
         self.aggregator = Aggregator(run.federation, run.privacy)
         self.connected = 0  # sites connected when the last round was sampled
         self.local_keys: set[str] = set()  # what sites keep to themselves (FedBN)
+        self.report: RoundReport | None = None  # the last round's, once aggregated
+        self.evaluation: tuple[dict[str, dict], int] = ({}, 0)  # per site, bytes up
+        self._train: _Exchange | None = None
+        self._evaluate: _Exchange | None = None
         fed = run.federation
         if fed.fedbn:
             arch = run.student_architecture()
@@ -277,7 +311,11 @@ class Coordinator:
 
     # -- one round -------------------------------------------------------------------------
     def train_messages(self, rnd: int, nodes: list[int], arrays: ArrayRecord,
-                       sites: dict[int, SiteReport]) -> list[Message]:
+                       sites: dict[int, SiteReport],
+                       config: ConfigRecord | None = None) -> list[Message]:
+        """One train message per node: ``config``'s entries, then the round's own (round,
+        teacher hash, whether to score the incoming student, the clipping norm under
+        client-level DP), the global student and, where a site lacks it, the teacher."""
         fed = self.run.federation
         n_eval = math.ceil(len(nodes) * fed.fraction_evaluate)
         if self.run.privacy.secagg != "off":
@@ -287,11 +325,12 @@ class Coordinator:
         clip = dp.round_norm() if dp is not None else None
         messages = []
         for node in nodes:
-            config = ConfigRecord({wire.SERVER_ROUND: rnd, wire.TEACHER_SHA: self.teacher_sha,
-                                   wire.EVALUATE_FLAG: node in scorers})
+            own = ConfigRecord(dict(config or {}))
+            own.update({wire.SERVER_ROUND: rnd, wire.TEACHER_SHA: self.teacher_sha,
+                        wire.EVALUATE_FLAG: node in scorers})
             if clip is not None:
-                config[wire.CLIPPING_NORM] = clip
-            records = {wire.ARRAYS: arrays, wire.CONFIG: config}
+                own[wire.CLIPPING_NORM] = clip
+            records = {wire.ARRAYS: arrays, wire.CONFIG: own}
             if self.teacher is not None and node not in self.confirmed:
                 package = self.teacher.records()
                 records.update(package)
@@ -302,9 +341,84 @@ class Coordinator:
             messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
         return messages
 
-    def run_round(self, rnd: int, state: dict[str, torch.Tensor]
-                  ) -> tuple[dict[str, torch.Tensor], RoundReport]:
-        """Train one round from ``state``; returns the new global state and the report."""
+    # -- Flower's Strategy -----------------------------------------------------------------
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> list[Message]:
+        """Round ``server_round``'s train messages from the global student ``arrays``: sample
+        the connected sites (waiting up to ``round-timeout`` for ``min-available-nodes``),
+        ask the sites met for the first time whether they hold the teacher, one message per
+        sampled site (:meth:`train_messages`). A run under SecAgg+ is refused (ValueError): its
+        round is several exchanges, which :meth:`run_round` runs."""
+        if self.run.privacy.secagg != "off":
+            raise ValueError("a secure-aggregation round is several exchanges: run it with "
+                             "Coordinator.run_round, not Strategy.start")
+        self.grid = grid
+        return self._start_round(server_round, arrays.to_torch_state_dict(), config).messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Check every reply to this round's train messages and aggregate the accepted
+        updates (:mod:`server.aggregation`): the new global student and the example-weighted
+        means of the sites' train metrics. With fewer than ``min-train-nodes`` accepted the
+        round failed: no arrays (the global student stays). The round's
+        :class:`RoundReport` is :attr:`report`."""
+        pending = self._train
+        if pending is None or pending.round != server_round:
+            raise ValueError(f"round {server_round} was not configured by this strategy")
+        self._train = None
+        updates, weights = self._check_replies(pending.by_node(replies), pending.state,
+                                               pending.sites)
+        report = RoundReport(server_round, [pending.sites[n] for n in sorted(pending.sites)],
+                             self.run.federation.min_train_nodes)
+        self.report = report
+        self._live_sites(report)
+        aggregated = report.finish()
+        metrics = MetricRecord(report.train) if report.train else None
+        if not aggregated:
+            return None, metrics
+        new = self.aggregator(server_round, updates, weights, pending.state, self.connected)
+        return ArrayRecord(new), metrics
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> list[Message]:
+        """After the last round only (``num-rounds``), with ``fraction-evaluate`` > 0: the
+        final student to the sites whose update counted in it, to score on their validation
+        split. Every other round: no message (a round's incoming student is scored within its
+        train exchange)."""
+        report = self.report
+        if server_round != self.run.federation.num_rounds or report is None \
+                or report.round != server_round or self.run.federation.fraction_evaluate <= 0:
+            return []
+        self.grid = grid
+        nodes = [s.node_id for s in report.ok_sites] if not report.failed else []
+        return self.evaluate_messages(server_round, arrays.to_torch_state_dict(), nodes,
+                                      config)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
+                           ) -> MetricRecord | None:
+        """The example-weighted evaluation metrics of the checked replies; per site (or its
+        failure) and bytes up in :attr:`evaluation`."""
+        pending, self._evaluate = self._evaluate, None
+        if pending is None or pending.round != server_round:
+            return None
+        metrics, per_site, up = self.check_evaluations(pending.by_node(replies))
+        self.evaluation = (per_site, up)
+        return MetricRecord(metrics) if metrics else None
+
+    def summary(self) -> None:
+        """What the run's strategy does, in the log."""
+        fed, privacy = self.run.federation, self.run.privacy
+        log.info("strategy: %s over %s sites a round (fraction-train %g, at least %d), "
+                 "objective %s, client-level DP %s, secure aggregation %s%s",
+                 fed.aggregation, "all" if fed.fraction_train >= 1 else "sampled",
+                 fed.fraction_train, fed.min_train_nodes, self.run.objective.objective,
+                 privacy.client_dp, privacy.secagg, ", FedBN" if fed.fedbn else "")
+
+    # -- the ServerApp's round -------------------------------------------------------------
+    def _start_round(self, rnd: int, state: dict[str, torch.Tensor],
+                     config: ConfigRecord | None = None) -> _Exchange:
+        """Sample, first contact, train messages; the round's exchange, kept until its
+        replies are aggregated."""
         nodes = self.sample(rnd)
         sites = {n: SiteReport(n, self.name(n)) for n in nodes}
         self.live.round_sampled(rnd, {n: s.site_name for n, s in sites.items()})
@@ -316,29 +430,41 @@ class Coordinator:
             self._ask_teacher_status(ask, sites)
         dtype = self.run.federation.transfer_dtype
         arrays = wire.encode_state(wire.pack_global(state, dtype))
-        msgs = self.train_messages(rnd, nodes, arrays, sites)
+        msgs = self.train_messages(rnd, nodes, arrays, sites, config)
         log.info("round %d: training on %d sites (teacher sent to %d)", rnd, len(nodes),
                  sum(s.teacher_sent for s in sites.values()))
         if ask:  # the first-contact query may have told a site's name
             self.live.round_sampled(rnd, {n: s.site_name for n, s in sites.items()})
-        timeout = self.run.federation.round_timeout
-        self.live.update(deadline=time.time() + timeout)
+        self.live.update(deadline=time.time() + self.run.federation.round_timeout)
+        self._train = _Exchange(rnd, msgs, state, sites)
+        return self._train
+
+    def run_round(self, rnd: int, state: dict[str, torch.Tensor]
+                  ) -> tuple[dict[str, torch.Tensor], RoundReport]:
+        """Train one round from ``state``, as the ServerApp does: :meth:`configure_train`'s
+        work, the exchange within ``round-timeout`` (live.json follows each reply), then
+        :meth:`aggregate_train` — or, under SecAgg+, its exchanges
+        (:mod:`server.secagg`). Returns the new global state and the round's report."""
+        pending = self._start_round(rnd, state)
         if self.run.privacy.secagg != "off":
-            new_state, report = self._secure_round(rnd, state, msgs, sites)
+            self._train = None
+            new_state, report = self._secure_round(rnd, state, pending.messages,
+                                                   pending.sites)
+            self.report = report
             self._live_sites(report)
             return new_state, report
 
         def arrived(node: int, reply: Message) -> None:
             self.live.site(node, FAILED if reply.has_error() else OK)
 
-        replies = exchange(self.grid, msgs, timeout, on_reply=arrived, name=self.name,
-                           label=f"round {rnd}")
-        updates, weights = self._check_replies(replies, state, sites)
-        report = RoundReport(rnd, [sites[n] for n in nodes], self.run.federation.min_train_nodes)
-        self._live_sites(report)
-        if not report.finish():
-            return state, report
-        return self.aggregator(rnd, updates, weights, state, self.connected), report
+        replies = exchange(self.grid, pending.messages, self.run.federation.round_timeout,
+                           on_reply=arrived, name=self.name, label=f"round {rnd}")
+        arrays, _ = self.aggregate_train(rnd, [reply for _, reply in replies])
+        assert self.report is not None
+        if arrays is None:
+            return state, self.report
+        new = arrays.to_torch_state_dict()
+        return {k: new[k] for k in state}, self.report
 
     def _live_sites(self, report: RoundReport) -> None:
         """live.json: every sampled site's final status of the round."""
@@ -421,20 +547,30 @@ class Coordinator:
         return updates, weights
 
     # -- final evaluation ------------------------------------------------------------------
+    def evaluate_messages(self, rnd: int, state: dict[str, torch.Tensor], nodes: list[int],
+                          config: ConfigRecord | None = None) -> list[Message]:
+        """One evaluate message of ``state`` per node (kept for :meth:`aggregate_evaluate`)."""
+        arrays = wire.pack_global(state, self.run.federation.transfer_dtype)
+        own = ConfigRecord(dict(config or {}))
+        own[wire.SERVER_ROUND] = rnd
+        content = RecordDict({wire.ARRAYS: wire.encode_state(arrays), wire.CONFIG: own})
+        msgs = to_nodes(content, nodes, MessageType.EVALUATE)
+        self._evaluate = _Exchange(rnd, msgs)
+        return msgs
+
     def evaluate(self, rnd: int, state: dict[str, torch.Tensor], nodes: list[int]
                  ) -> tuple[dict[str, float] | None, dict[str, dict], int, int]:
-        """Score ``state`` on the validation split of ``nodes`` (after the last round).
-
-        Returns the weighted metrics, per-site metrics (or failure), bytes down and up.
-        """
-        arrays = wire.pack_global(state, self.run.federation.transfer_dtype)
-        content = RecordDict({wire.ARRAYS: wire.encode_state(arrays),
-                              wire.CONFIG: ConfigRecord({wire.SERVER_ROUND: rnd})})
-        msgs = to_nodes(content, nodes, MessageType.EVALUATE)
+        """Score ``state`` on the validation split of ``nodes`` (after the last round), as
+        :meth:`configure_evaluate` and :meth:`aggregate_evaluate` do, within
+        ``round-timeout``. Returns the weighted metrics, per-site metrics (or failure), bytes
+        down and up."""
+        msgs = self.evaluate_messages(rnd, state, nodes)
         replies = exchange(self.grid, msgs, self.run.federation.round_timeout, name=self.name,
                            label="final evaluation")
-        metrics, per_site, up = self.check_evaluations(replies)
-        return metrics, per_site, record_nbytes(content) * len(msgs), up
+        metrics = self.aggregate_evaluate(rnd, [reply for _, reply in replies])
+        per_site, up = self.evaluation
+        down = sum(record_nbytes(m.content) for m in msgs)
+        return (dict(metrics) if metrics is not None else None), per_site, down, up
 
     def check_evaluations(self, replies: list[tuple[int, Message]]
                           ) -> tuple[dict[str, float] | None, dict[str, dict], int]:

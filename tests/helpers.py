@@ -89,3 +89,37 @@ class InProcessGrid:
 
     def pull_messages(self, ids) -> list:
         return [self.replies.pop(i) for i in list(ids) if i in self.replies]
+
+    def send_and_receive(self, messages, *, timeout=None) -> list:
+        """Flower's ``Grid.send_and_receive`` (what ``Strategy.start`` calls)."""
+        return self.pull_messages(self.push_messages(list(messages)))
+
+
+class SiteGrid(InProcessGrid):
+    """A Flower grid whose sites are this process: each message goes to the real ClientApp
+    handler of its type (``client.client_app``) with the site's node config; ``nodes`` maps
+    node ids to node configs."""
+
+    def __init__(self, nodes: dict[int, dict], run_config: dict) -> None:
+        super().__init__()
+        self.nodes, self.run_config = nodes, run_config
+        self.train_metrics: list[dict] = []
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)
+
+    def answer(self, node: int, msg):
+        from flwr.app import Context, RecordDict
+
+        import client.client_app as site_app
+        from moma_protocol import wire
+
+        handlers = {wire.TRAIN: site_app.train, wire.EVALUATE: site_app.evaluate,
+                    wire.TEACHER_STATUS: site_app.teacher_status}
+        kind = msg.metadata.message_type
+        ctx = Context(run_id=1, node_id=node, node_config=self.nodes[node],
+                      state=RecordDict(), run_config=self.run_config)
+        reply = handlers[kind](msg, ctx)
+        if kind == wire.TRAIN and not reply.has_error():
+            self.train_metrics.append(dict(reply.content[wire.METRICS]))
+        return reply

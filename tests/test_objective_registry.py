@@ -17,17 +17,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from flwr.app import Context, Message, RecordDict
 from torch import nn
 
-import client.client_app as site_app
 from moma_core import objective_registry
 from moma_core.method_config import DP_OBJECTIVES, OBJECTIVES, ObjectiveConfig
 from moma_core.models import features_and_logits
 from moma_core.objectives import BuildInputs, TeacherObjective, build_objective
 from moma_protocol import wire
 from moma_protocol.settings import ConfigError
-from tests.helpers import InProcessGrid, synthetic_sites, tiny_run, tiny_teacher
+from tests.helpers import SiteGrid, synthetic_sites, tiny_run, tiny_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = "feature-l2"
@@ -171,31 +169,6 @@ def test_settings_and_protocol_list_objectives_without_torch():
 
 
 # -- a federated round with the toy objective -----------------------------------------------
-class SiteGrid(InProcessGrid):
-    """A Flower grid whose sites are this process: each message goes to the real ClientApp
-    handler of its type (``client.client_app``) with the site's node config."""
-
-    HANDLERS = {wire.TRAIN: site_app.train, wire.EVALUATE: site_app.evaluate,
-                wire.TEACHER_STATUS: site_app.teacher_status}
-
-    def __init__(self, nodes: dict[int, dict], run_config: dict) -> None:
-        super().__init__()
-        self.nodes, self.run_config = nodes, run_config
-        self.train_metrics: list[dict] = []
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.nodes)
-
-    def answer(self, node: int, msg: Message) -> Message:
-        kind = msg.metadata.message_type
-        ctx = Context(run_id=1, node_id=node, node_config=self.nodes[node],
-                      state=RecordDict(), run_config=self.run_config)
-        reply = self.HANDLERS[kind](msg, ctx)
-        if kind == wire.TRAIN and not reply.has_error():
-            self.train_metrics.append(dict(reply.content[wire.METRICS]))
-        return reply
-
-
 def test_a_registered_toy_objective_runs_a_federated_round(toy, tmp_path, task_identity):
     from server.server_app import run_federation
 
