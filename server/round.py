@@ -1,5 +1,5 @@
-"""One federation round as an object: :class:`Coordinator` runs it, :class:`RoundReport` says
-what happened.
+"""One federation round as an object: :class:`Coordinator`, the run's Flower ``Strategy``,
+runs it, :class:`RoundReport` says what happened.
 
 A round, in order (one exchange per site once it has confirmed the teacher):
 
