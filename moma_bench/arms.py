@@ -328,7 +328,8 @@ def personalise(models: list[nn.Module], s: Setup, epochs: int) -> list[nn.Modul
     """Each site's own copy of the final global student, fine-tuned on the site's training
     split for ``epochs`` epochs with cross-entropy at a tenth of the round-1 learning rate (the
     model the site then uses, scored on its own held-out images). At the full round-1 rate a
-    fresh AdamW's first steps undid the federation (different task, seed 0: 0.754 → 0.630)."""
+    fresh AdamW's first steps undid the federation (docs/benchmarks.md, the personalised
+    arm)."""
     fed = s.run.federation
     out = []
     for i, (model, site) in enumerate(zip(models, s.sites, strict=True)):

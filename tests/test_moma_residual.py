@@ -209,3 +209,19 @@ def test_the_health_check_catches_the_reference_terms_shortcut(trained_teacher):
     problems = _carries_per_image_knowledge(_distil(trained_teacher, "reference"))
     assert any("close to) 0" in p for p in problems)
     assert any("no per-image signal" in p for p in problems)
+
+
+def test_a_smaller_queue_is_said_once_per_process_not_every_round(caplog):
+    """A site (or a baseline) builds its objective every round: the queue's size is logged
+    the first time only, and again for other settings."""
+    import logging
+
+    from moma_core.objectives import moma
+
+    moma._QUEUE_SIZES_SAID.clear()
+    with caplog.at_level(logging.INFO, logger="moma.objectives"):
+        for _ in range(3):
+            assert queue_size_for(4096, 400, 32) == 368
+        assert queue_size_for(4096, 500, 32) == 468
+    said = [r.getMessage() for r in caplog.records if "instead of queue-size" in r.getMessage()]
+    assert len(said) == 2 and "368 keys" in said[0] and "468 keys" in said[1]

@@ -241,11 +241,17 @@ def queue_size_for(queue_size: int, n_data: int | None, batch_size: int | None) 
         raise ValueError(f"MoMA's queue needs more training images than one batch: {n_data} "
                          f"images, batch size {batch_size}; lower batch-size")
     if queue_size > room:
-        log.info("MoMA queue: %d keys instead of queue-size %d (%d training images - batch "
-                 "%d), so the queue cannot fill with earlier keys of the site's own images",
-                 room, queue_size, n_data, batch_size)
+        if (queue_size, n_data, batch_size) not in _QUEUE_SIZES_SAID:  # once, not each round
+            _QUEUE_SIZES_SAID.add((queue_size, n_data, batch_size))
+            log.info("MoMA queue: %d keys instead of queue-size %d (%d training images - "
+                     "batch %d), so the queue cannot fill with earlier keys of the site's own "
+                     "images", room, queue_size, n_data, batch_size)
         return room
     return queue_size
+
+
+#: (queue-size, images, batch) whose smaller queue this process has already logged
+_QUEUE_SIZES_SAID: set[tuple[int, int, int]] = set()
 
 
 @torch.no_grad()
