@@ -155,6 +155,7 @@ def _federate(grid: Grid, run: RunConfig, live: LiveStatus) -> dict:
     results = RunResults(Path(co.output_dir) / fed.run_name)
     first = results.start(run.to_flat(), teacher.sha256 if teacher else None, co.resume)
     coordinator = Coordinator(grid, run, teacher, _site_names(run, live), live)
+    coordinator.summary()
     state = _start_state(run, arch, package, results, coordinator, first)
     eval_set = server_eval_set(co.eval_source, run, co.eval_sites)
     board = RoundBoard(results.dir, first)

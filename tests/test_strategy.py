@@ -8,6 +8,7 @@ The sites are the real ClientApp handlers in this process behind an in-process g
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -39,7 +40,7 @@ def _federation(root: Path, teacher: Path, **overrides):
 
 
 def test_flower_runs_the_coordinator_as_its_strategy_and_so_does_the_server_app(
-        tmp_path, task_identity):
+        tmp_path, task_identity, caplog):
     teacher = tiny_teacher(tmp_path / "teacher.safetensors")
     package = package_teacher(teacher)
 
@@ -47,7 +48,9 @@ def test_flower_runs_the_coordinator_as_its_strategy_and_so_does_the_server_app(
     start, _ = initial_student(run, run.student_architecture(), package)
     strategy = Coordinator(grid, run, package, names)
     assert isinstance(strategy, Strategy)
-    result = strategy.start(grid, ArrayRecord(start), num_rounds=ROUNDS, timeout=60)
+    with caplog.at_level(logging.INFO, logger="moma.server"):
+        result = strategy.start(grid, ArrayRecord(start), num_rounds=ROUNDS, timeout=60)
+    assert any("strategy: fedavg" in r.getMessage() for r in caplog.records)  # summary()
 
     assert len(grid.train_metrics) == 2 * ROUNDS  # both sites trained in both rounds
     assert sorted(result.train_metrics_clientapp) == [1, 2]
