@@ -163,7 +163,9 @@ def weighted_means(rows: Iterable[dict[str, float]], weight_key: str = wire.NUM_
 class _Exchange:
     """Messages sent by ``configure_train`` / ``configure_evaluate``, kept until their
     ``aggregate_*`` call: the replies are matched to sites by the id of the message they
-    answer (the grid sets it on the message when it pushes it)."""
+    answer. Flower's grids (the SuperLink's and the simulation's) write that id into the
+    message they push; the deployment and simulation tests fail if one stops doing so (every
+    site would be "no reply")."""
 
     round: int
     messages: list[Message]
