@@ -44,7 +44,9 @@ def _run(script: str) -> tuple[SupernodeExit, str, float]:
 def test_a_supernode_left_hanging_after_a_401_is_ended_and_counts_as_let_go(monkeypatch):
     monkeypatch.setattr(supernode, "GRACE", 2.0)
     end, text, took = _run(HANGS_AFTER_401)
-    assert end.unauthorised and end.graceful and end.left_on_its_own()
+    # the 401 line alone ends it: the site may stop the SuperNode before it prints "terminated
+    # gracefully" (on a busy machine it often does)
+    assert end.unauthorised and end.left_on_its_own() and end.rc != 0
     assert "401" in end.reason()
     assert "SuperNode ID" in text  # its output is shown as it comes
     assert took < 120  # ended by the site, not left retrying forever
