@@ -240,12 +240,15 @@ class AcceptedReply:
     public aggregation of arrays and weights: ``aggregate_arrayrecords`` (FedAvg's weighted
     mean) is in ``flwr.serverapp.strategy.strategy_utils``, not exported, and FedMedian's,
     FedTrimmedAvg's, FedAdam's and FedAvgM's arithmetic exists only inside their
-    ``aggregate_train(server_round, replies)``, which takes messages. A real Message can be
-    made only inside a run (``Message(content, dst_node_id=…, message_type=…)`` reads
-    :data:`TaskIdentity`) or with ``metadata=``, which Flower marks "for internal use only";
-    the replies the sites sent carry the student as one safetensors file, not the per-tensor
-    ArrayRecord the strategies average. The public replacement would be Flower exporting its
-    aggregation functions (arrays and weights in, arrays out) or a strategy API on records.
+    ``aggregate_train(server_round, replies)``, which takes messages. The replies the sites
+    sent carry the student as one safetensors file, not the per-tensor ArrayRecord the
+    strategies average, so what is aggregated is a checked, decoded update in any case. A
+    real reply could be rebuilt from the round's instruction (``Message(content,
+    reply_to=instruction)``, public), but the aggregator is handed updates and weights (by
+    :meth:`server.round.Coordinator.aggregate_train` and the aggregation tests), and an
+    instruction cannot be made outside a run without :data:`TaskIdentity` or Flower's
+    internal ``metadata=``. The public replacement would be Flower exporting its aggregation
+    functions (arrays and weights in, arrays out) or a strategy API on records.
     """
 
     def __init__(self, content: RecordDict) -> None:
