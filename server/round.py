@@ -173,10 +173,18 @@ class _Exchange:
     sites: dict[int, SiteReport] = field(default_factory=dict)
 
     def by_node(self, replies: Iterable[Message]) -> list[tuple[int, Message]]:
-        """(node, reply) for each reply to one of :attr:`messages`; others are dropped."""
+        """(node, reply) for each reply to one of :attr:`messages`; others are dropped, and
+        so is a reply with content from a node other than the one its message went to (the
+        SuperLink refuses those already; an error reply may come from the SuperLink itself,
+        for a node that vanished)."""
         node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in self.messages}
-        return [(node_of[r.metadata.reply_to_message_id], r) for r in replies
-                if r.metadata.reply_to_message_id in node_of]
+        out = []
+        for r in replies:
+            node = node_of.get(r.metadata.reply_to_message_id)
+            if node is None or (not r.has_error() and r.metadata.src_node_id != node):
+                continue
+            out.append((node, r))
+        return out
 
 
 class Coordinator(Strategy):

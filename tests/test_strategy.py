@@ -128,3 +128,24 @@ def test_a_secure_aggregation_run_is_not_handed_to_flowers_loop(tmp_path, task_i
         coordinator.configure_train(1, ArrayRecord({"w": torch.zeros(2)}), ConfigRecord(),
                                     grid)
     assert grid.train_metrics == []  # nothing was sent
+
+
+def test_a_reply_in_another_sites_name_is_not_counted(tmp_path, task_identity):
+    """A site that answers another site's message (its reply names the other message, but
+    comes from itself) does not train for that site: the SuperLink refuses such a reply, and
+    so does the strategy, should one reach it."""
+    teacher = tiny_teacher(tmp_path / "teacher.safetensors")
+    package = package_teacher(teacher)
+    run, grid, names = _federation(tmp_path, teacher)
+    start, _ = initial_student(run, run.student_architecture(), package)
+    coordinator = Coordinator(grid, run, package, names)
+    messages = coordinator.configure_train(1, ArrayRecord(start), ConfigRecord(), grid)
+    to_10, to_11 = sorted(messages, key=lambda m: m.metadata.dst_node_id)
+    (reply_11,) = grid.send_and_receive([to_11])  # site 11 trains and answers its own message
+    grid.push_messages([to_10])  # site 10's message gets an id; its own reply is thrown away
+    grid.replies.clear()
+    reply_11.metadata.__dict__["_reply_to_message_id"] = to_10.metadata.message_id
+    arrays, _ = coordinator.aggregate_train(1, [reply_11])
+    assert arrays is None
+    assert {s.site_name: s.status for s in coordinator.report.sites} == \
+        {"site-0": NO_REPLY, "site-1": NO_REPLY}
