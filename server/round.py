@@ -392,15 +392,15 @@ class Coordinator(Strategy):
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> list[Message]:
         """After the last round only (``num-rounds``), with ``fraction-evaluate`` > 0: the
-        final student to the sites whose update counted in it, to score on their validation
-        split. Every other round: no message (a round's incoming student is scored within its
-        train exchange)."""
+        final student to the sites that trained in it (as the ServerApp's final evaluation),
+        to score on their validation split. Every other round: no message (a round's incoming
+        student is scored within its train exchange)."""
         report = self.report
         if server_round != self.run.federation.num_rounds or report is None \
                 or report.round != server_round or self.run.federation.fraction_evaluate <= 0:
             return []
         self.grid = grid
-        nodes = [s.node_id for s in report.ok_sites] if not report.failed else []
+        nodes = [s.node_id for s in report.ok_sites]  # as the ServerApp's final evaluation
         return self.evaluate_messages(server_round, arrays.to_torch_state_dict(), nodes,
                                       config)
 
@@ -418,11 +418,12 @@ class Coordinator(Strategy):
     def summary(self) -> None:
         """What the run's strategy does, in the log."""
         fed, privacy = self.run.federation, self.run.privacy
-        log.info("strategy: %s over %s sites a round (fraction-train %g, at least %d), "
-                 "objective %s, client-level DP %s, secure aggregation %s%s",
-                 fed.aggregation, "all" if fed.fraction_train >= 1 else "sampled",
-                 fed.fraction_train, fed.min_train_nodes, self.run.objective.objective,
-                 privacy.client_dp, privacy.secagg, ", FedBN" if fed.fedbn else "")
+        share = "every connected site" if fed.fraction_train >= 1 else \
+            f"{fed.fraction_train:g} of the connected sites"
+        log.info("strategy: %s%s; %s each round, at least %d; objective %s; client-level DP "
+                 "%s; secure aggregation %s", fed.aggregation, " + FedBN" if fed.fedbn else "",
+                 share, fed.min_train_nodes, self.run.objective.objective, privacy.client_dp,
+                 privacy.secagg)
 
     # -- the ServerApp's round -------------------------------------------------------------
     def _start_round(self, rnd: int, state: dict[str, torch.Tensor],
