@@ -120,7 +120,10 @@ def test_killed_site_and_killed_coordinator_lose_nothing(federation, tmp_path):
         federation.site(i, 3, n=600 if i == 2 else 48)
     cached = tmp_path / "site-2" / "teachers"
     # a generous ceiling: three sites and a SuperLink start slowly on a busy 2-core machine
-    _wait(lambda: cached.exists() and any(cached.glob("*.safetensors")),
+    # the teacher is in the cache once its sidecar is written too (the file comes first: a
+    # site killed between the two has no teacher, and is sent it again)
+    _wait(lambda: cached.exists() and any(p.with_suffix(".json").exists()
+                                          for p in cached.glob("*.safetensors")),
           "site-2 to cache the teacher", timeout=1200, federation=federation)
     federation.kill("site-2")  # dies mid-round: it received the train message
     federation.site(2, 3)  # and comes back, with its cache, for the next round
