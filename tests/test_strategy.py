@@ -39,6 +39,16 @@ def _federation(root: Path, teacher: Path, **overrides):
     return run, SiteGrid(nodes, run.to_flat()), names
 
 
+def _round_one(root: Path):
+    """A fresh two-site federation with its teacher, the coordinator and the round-1
+    student."""
+    teacher = tiny_teacher(root / "teacher.safetensors")
+    package = package_teacher(teacher)
+    run, grid, names = _federation(root, teacher)
+    start, _ = initial_student(run, run.student_architecture(), package)
+    return run, grid, Coordinator(grid, run, package, names), start
+
+
 def test_flower_runs_the_coordinator_as_its_strategy_and_so_does_the_server_app(
         tmp_path, task_identity, caplog):
     teacher = tiny_teacher(tmp_path / "teacher.safetensors")
@@ -81,11 +91,7 @@ def test_flower_runs_the_coordinator_as_its_strategy_and_so_does_the_server_app(
 def test_a_failed_round_gives_flower_no_arrays_and_keeps_the_report(tmp_path, task_identity):
     """No reply (a site that never answers) is a failed round: ``aggregate_train`` returns no
     arrays, so Flower's loop keeps the global student; the report says why per site."""
-    teacher = tiny_teacher(tmp_path / "teacher.safetensors")
-    package = package_teacher(teacher)
-    run, grid, names = _federation(tmp_path, teacher)
-    start, _ = initial_student(run, run.student_architecture(), package)
-    coordinator = Coordinator(grid, run, package, names)
+    run, grid, coordinator, start = _round_one(tmp_path)
     messages = coordinator.configure_train(1, ArrayRecord(start), ConfigRecord(), grid)
     assert sorted(m.metadata.dst_node_id for m in messages) == [10, 11]
     replies = grid.send_and_receive(messages[:1])  # the second site's reply never comes
@@ -99,11 +105,7 @@ def test_a_failed_round_gives_flower_no_arrays_and_keeps_the_report(tmp_path, ta
 
 def test_replies_are_matched_to_the_messages_of_the_round_that_sent_them(tmp_path,
                                                                         task_identity):
-    teacher = tiny_teacher(tmp_path / "teacher.safetensors")
-    package = package_teacher(teacher)
-    run, grid, names = _federation(tmp_path, teacher)
-    start, _ = initial_student(run, run.student_architecture(), package)
-    coordinator = Coordinator(grid, run, package, names)
+    run, grid, coordinator, start = _round_one(tmp_path)
     with pytest.raises(ValueError, match="round 1 was not configured"):
         coordinator.aggregate_train(1, [])
     stale = grid.send_and_receive(
@@ -134,11 +136,7 @@ def test_a_reply_in_another_sites_name_is_not_counted(tmp_path, task_identity):
     """A site that answers another site's message (its reply names the other message, but
     comes from itself) does not train for that site: the SuperLink refuses such a reply, and
     so does the strategy, should one reach it."""
-    teacher = tiny_teacher(tmp_path / "teacher.safetensors")
-    package = package_teacher(teacher)
-    run, grid, names = _federation(tmp_path, teacher)
-    start, _ = initial_student(run, run.student_architecture(), package)
-    coordinator = Coordinator(grid, run, package, names)
+    run, grid, coordinator, start = _round_one(tmp_path)
     messages = coordinator.configure_train(1, ArrayRecord(start), ConfigRecord(), grid)
     to_10, to_11 = sorted(messages, key=lambda m: m.metadata.dst_node_id)
     (reply_11,) = grid.send_and_receive([to_11])  # site 11 trains and answers its own message
